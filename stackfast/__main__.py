@@ -1,0 +1,3 @@
+from stackfast.cli import main
+
+raise SystemExit(main())

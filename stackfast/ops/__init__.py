@@ -1,0 +1,5 @@
+"""stackfast kernels, importable by any project: `from stackfast.ops import ...`.
+
+Each module holds the Triton (or C++/CUDA) kernel, its launcher, the autograd
+function, the pure-PyTorch `*_ref` reference and the public function.
+"""
