@@ -1,0 +1,14 @@
+"""Test-wide environment, set before any stackfast kernel module is imported.
+
+Without a GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1 must be
+set before `triton.jit` functions are defined). HF_HUB_OFFLINE stops transformers
+from retrying hub lookups on this offline machine.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
