@@ -12,3 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stackfast_cache(tmp_path_factory):
+    """A fresh cache per test session, so the built-in corpus is built from scratch as on a
+    new machine (about 10 s) and the user's own cache is never touched."""
+    path = tmp_path_factory.mktemp("stackfast-cache")
+    os.environ["STACKFAST_CACHE"] = str(path)
+    return path

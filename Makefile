@@ -1,0 +1,31 @@
+# Two entry points (README): `make demo` and `make test`. Both create or reuse .venv.
+# GPU users who already have a CUDA torch: `make install TORCH_SPEC=` keeps it
+# (an empty TORCH_SPEC installs no torch; the CPU wheel pin is only the default).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC) $(TRITON_SPEC) numpy pybind11 ninja
+	# --no-build-isolation: the extension builds against the torch installed above.
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test,hf,bench]"
+
+demo: install
+	$(BIN)/stackfast demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/bench_train.py
+
+clean:
+	rm -rf build *.egg-info stackfast/*.so

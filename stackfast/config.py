@@ -1,0 +1,437 @@
+"""The run configuration: one typed dataclass tree, loaded from TOML, overridable from the CLI.
+
+A config file has one TOML table per section (`[model]`, `[data]`, `[optim]`,
+`[schedule]`, `[growth]`, `[parallel]`, `[checkpoint]`, `[logging]`, `[train]`); every
+field has a default, so an empty file is a valid (toy) run. `--set section.key=value`
+overrides a field after the file is read. `[model] preset = "7b"` starts the model
+section from a named preset (PRESETS) and lets the other keys in the table override it.
+
+Every field carries its documentation in `field(metadata={"doc": ...})`, printed by
+`describe()`. Anything wrong (unknown key, wrong type, inconsistent shape, a
+non-positive length or rate) raises ConfigError with one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class StackfastError(Exception):
+    """An error caused by the user's input; the CLI prints it as one line and exits 2."""
+
+
+class ConfigError(StackfastError, ValueError):
+    """A configuration value or file is invalid."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
+    """A dataclass field with its documentation attached (shown by `describe()`)."""
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """Shape of the Llama decoder (RMSNorm, RoPE, SwiGLU, GQA, untied LM head)."""
+    preset: str = doc("Named preset the other model keys start from ('' = none); see PRESETS.", "")
+    vocab_size: int = doc("Vocabulary size (rows of the embedding and the LM head).", 4096)
+    n_layers: int = doc("Number of transformer blocks.", 8)
+    hidden_size: int = doc("Model width d.", 256)
+    n_heads: int = doc("Attention (query) heads; must divide hidden_size.", 4)
+    n_kv_heads: int = doc("Key/value heads for grouped-query attention; must divide n_heads.", 4)
+    ffn_size: int = doc("Hidden size of the SwiGLU feed-forward block.", 688)
+    max_seq_len: int = doc("Longest sequence the RoPE tables cover.", 2048)
+    rope_theta: float = doc("RoPE base frequency.", 10000.0)
+    norm_eps: float = doc("RMSNorm epsilon.", 1e-5)
+    init_std: float = doc("Std of the normal init (TinyLlama: 0.02); output projections get "
+                          "init_std / sqrt(2 * n_layers).", 0.02)
+    kernels: str = doc("'auto' (Triton ops on GPU, PyTorch on CPU), 'triton' or 'torch'.", "auto")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """The model of a named preset (e.g. '7b', '7b-small', 'toy'), with overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {name!r}{_suggest(name, PRESETS)}; "
+                              f"known: {', '.join(PRESETS)}")
+        cfg = cls(preset=name, **{**PRESETS[name], **overrides})
+        cfg.validate()
+        return cfg
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count (analytic, equals the built model's)."""
+        d, f, L = self.hidden_size, self.ffn_size, self.n_layers
+        kv = self.n_kv_heads * self.head_dim
+        per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+        head = self.vocab_size * d
+        return L * per_layer + d + head + (self.vocab_size * d if embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward).
+
+        Convention (anchors.md): 6 * (non-embedding weights + LM head) plus
+        6 * n_layers * hidden * seq_len for attention scores and values, which is the
+        12*L*d*S of full attention counted at half because the mask is causal.
+        """
+        return 6.0 * self.num_params(embeddings=False) + 6.0 * self.n_layers * self.hidden_size * seq_len
+
+    def validate(self) -> None:
+        _positive(self, "model", ["vocab_size", "n_layers", "hidden_size", "n_heads", "n_kv_heads",
+                                  "ffn_size", "max_seq_len", "rope_theta", "norm_eps", "init_std"])
+        if self.hidden_size % self.n_heads:
+            raise ConfigError(f"model.n_heads: {self.n_heads} heads do not divide hidden_size "
+                              f"{self.hidden_size}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_kv_heads: {self.n_kv_heads} kv heads do not divide "
+                              f"n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.n_heads: head_dim {self.head_dim} must be even for RoPE")
+        _choice(self, "model", "kernels", ("auto", "triton", "torch"))
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from."""
+    path: str = doc("A folder written by `stackfast tokenize`, or 'builtin:python-stdlib' "
+                    "(the running Python's standard library source, BPE vocab 4096, cached).",
+                    "builtin:python-stdlib")
+    tokenizer: str = doc("Expected tokenizer: '' accepts the data's own; 'bytes', a tokenizer.json "
+                         "or a SentencePiece .model must match the one the shards were made with.", "")
+    seq_len: int = doc("Tokens per training sequence.", 256)
+    val_fraction: float = doc("Fraction of the built-in corpus held out for validation "
+                              "(tokenized folders carry their own split).", 0.01)
+
+    def validate(self) -> None:
+        _positive(self, "data", ["seq_len"])
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (fused on CUDA) with decoupled weight decay and gradient clipping."""
+    lr: float = doc("Peak learning rate.", 1e-3)
+    weight_decay: float = doc("AdamW weight decay on matrices (norm weights are not decayed).", 0.1)
+    beta1: float = doc("AdamW beta1.", 0.9)
+    beta2: float = doc("AdamW beta2.", 0.95)
+    eps: float = doc("AdamW epsilon.", 1e-8)
+    grad_clip: float = doc("Clip the global gradient norm to this (0 = no clipping).", 1.0)
+
+    def validate(self) -> None:
+        _positive(self, "optim", ["lr", "eps"])
+        _non_negative(self, "optim", ["weight_decay", "grad_clip"])
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}: must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then cosine decay to a floor."""
+    warmup_steps: int = doc("Linear warmup steps from 0 to optim.lr.", 20)
+    min_lr_ratio: float = doc("The cosine ends at optim.lr * min_lr_ratio (paper: 0.1).", 0.1)
+
+    def validate(self) -> None:
+        _non_negative(self, "schedule", ["warmup_steps"])
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """Budget, batch and device of the run."""
+    total_tokens: int = doc("Training budget in tokens; steps = ceil(total_tokens / tokens per step).",
+                            2_000_000)
+    max_steps: int = doc("If > 0, the number of optimizer steps (overrides total_tokens).", 0)
+    micro_batch_size: int = doc("Sequences per forward/backward on each process.", 16)
+    grad_accum_steps: int = doc("Micro-batches accumulated per optimizer step.", 1)
+    seed: int = doc("Seed of the model init and the data order.", 1234)
+    device: str = doc("'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.", "auto")
+    dtype: str = doc("Compute dtype: 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'. "
+                     "Master weights and optimizer state stay fp32.", "auto")
+    eval_every: int = doc("Validate every this many steps (and at the end); 0 = only at the end.", 100)
+    eval_batches: int = doc("Micro-batches of held-out data per validation.", 8)
+    peak_tflops: float = doc("Peak dense TFLOP/s for MFU; 0 = known GPU's bf16 peak, MFU null on CPU.", 0.0)
+
+    def validate(self) -> None:
+        _positive(self, "train", ["total_tokens", "micro_batch_size", "grad_accum_steps", "eval_batches"])
+        _non_negative(self, "train", ["max_steps", "eval_every", "peak_tflops"])
+        _choice(self, "train", "dtype", ("auto", "bf16", "fp32"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is wrapped for speed and memory."""
+    compile: bool = doc("torch.compile each transformer block.", False)
+    activation_checkpointing: str = doc("'none' or 'full' (recompute each block in backward).", "none")
+
+    def validate(self) -> None:
+        _choice(self, "parallel", "activation_checkpointing", ("none", "full"))
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+    every_steps: int = doc("Save every this many steps (and at the end); 0 = only at the end.", 0)
+    keep_last: int = doc("Keep this many newest checkpoints; older ones are deleted.", 2)
+    resume: str = doc("'' (fresh run), 'auto' (newest complete checkpoint in the run dir, if any) "
+                      "or a checkpoint folder.", "")
+    init_from: str = doc("Start from these weights (a checkpoint folder) with a fresh optimizer.", "")
+
+    def validate(self) -> None:
+        _positive(self, "checkpoint", ["keep_last"])
+        _non_negative(self, "checkpoint", ["every_steps"])
+
+
+@dataclass
+class LoggingConfig:
+    """Where logs go and how often."""
+    run_dir: str = doc("Run folder: metrics.jsonl, config.toml, checkpoints/.", "runs/toy")
+    log_every: int = doc("Write metrics (one host sync) every this many steps.", 10)
+    tensorboard: bool = doc("Also write TensorBoard events when tensorboard is installed.", True)
+    progress: bool = doc("Show a live progress line.", True)
+
+    def validate(self) -> None:
+        _positive(self, "logging", ["log_every"])
+        if not self.run_dir:
+            raise ConfigError("logging.run_dir: must not be empty")
+
+
+@dataclass
+class Config:
+    """A whole run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len "
+                              f"{self.model.max_seq_len}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        t = self.train
+        return t.micro_batch_size * t.grad_accum_steps * self.data.seq_len * world_size
+
+    def total_steps(self, world_size: int = 1) -> int:
+        if self.train.max_steps > 0:
+            return self.train.max_steps
+        return max(1, math.ceil(self.train.total_tokens / self.tokens_per_step(world_size)))
+
+
+# --------------------------------------------------------------------------------------
+# Presets: the paper's sizes (paper.md "Settings"), their g = 4 small models, toy sizes
+# --------------------------------------------------------------------------------------
+
+_LLAMA = dict(vocab_size=32000, max_seq_len=2048, norm_eps=1e-5)
+PRESETS: dict[str, dict] = {
+    "410m": dict(_LLAMA, n_layers=24, hidden_size=1024, n_heads=16, n_kv_heads=1, ffn_size=4096),
+    "410m-small": dict(_LLAMA, n_layers=6, hidden_size=1024, n_heads=16, n_kv_heads=1, ffn_size=4096),
+    "1.1b": dict(_LLAMA, n_layers=24, hidden_size=2048, n_heads=32, n_kv_heads=32, ffn_size=5632),
+    "1.1b-small": dict(_LLAMA, n_layers=6, hidden_size=2048, n_heads=32, n_kv_heads=32, ffn_size=5632),
+    "3b": dict(_LLAMA, n_layers=32, hidden_size=2560, n_heads=20, n_kv_heads=4, ffn_size=7040),
+    "3b-small": dict(_LLAMA, n_layers=8, hidden_size=2560, n_heads=20, n_kv_heads=4, ffn_size=7040),
+    "7b": dict(_LLAMA, n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=11008),
+    "7b-small": dict(_LLAMA, n_layers=8, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=11008),
+    # TinyLlama's shape, the throughput benchmark's 1.1B (issue 7, anchors.md).
+    "tinyllama-1.1b": dict(_LLAMA, n_layers=22, hidden_size=2048, n_heads=32, n_kv_heads=4, ffn_size=5632),
+    # CPU sizes: the pilot of paper.md (2 -> 8 layers, hidden 256, vocab 4096).
+    "toy": dict(vocab_size=4096, n_layers=8, hidden_size=256, n_heads=4, n_kv_heads=4, ffn_size=688,
+                max_seq_len=1024),
+    "toy-small": dict(vocab_size=4096, n_layers=2, hidden_size=256, n_heads=4, n_kv_heads=4, ffn_size=688,
+                      max_seq_len=1024),
+    "tiny": dict(vocab_size=4096, n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=176,
+                 max_seq_len=256),
+}
+
+# Peak learning rates of the paper's targets (paper.md); used by the shipped configs.
+PAPER_LR = {"410m": 6e-4, "1.1b": 3e-4, "3b": 1.6e-4, "7b": 1e-4}
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config from nested dicts (unknown keys and wrong types are errors)."""
+    sections = {}
+    hints = get_type_hints(Config)
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{name}: unknown config section{_suggest(name, SECTIONS)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a table of keys, got {type(value).__name__}")
+        sections[name] = value
+    built = {}
+    for name, cls in hints.items():
+        values = dict(sections.get(name, {}))
+        base = {}
+        if cls is ModelConfig and values.get("preset"):
+            preset = values["preset"]
+            if not isinstance(preset, str) or preset not in PRESETS:
+                raise ConfigError(f"model.preset: unknown preset {preset!r}"
+                                  f"{_suggest(str(preset), PRESETS)}; known: {', '.join(PRESETS)}")
+            base = dict(PRESETS[preset])
+        built[name] = _build_section(name, cls, {**base, **values})
+    return Config(**built).validate()
+
+
+def _build_section(section: str, cls: type, values: dict):
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{section}.{key}: unknown key{_suggest(key, hints)}")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, typ: type, value: Any):
+    # TOML gives int/float/bool/str; accept an int where a float is expected (lr = 1),
+    # never a bool where a number is expected (bool is a subclass of int in Python).
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 2e6 written in float notation
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must look like section.key")
+    section, key = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"{section}: unknown config section{_suggest(section, SECTIONS)}")
+    raw.setdefault(section, {})[key] = parse_value(text.strip())
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value (`4`, `1e-3`, `true`, `"x"`); anything else is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _positive(obj, section: str, names: list[str]) -> None:
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise ConfigError(f"{section}.{name}: must be positive, got {getattr(obj, name)}")
+
+
+def _non_negative(obj, section: str, names: list[str]) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{section}.{name}: must be >= 0, got {getattr(obj, name)}")
+
+
+def _choice(obj, section: str, name: str, choices: tuple) -> None:
+    if getattr(obj, name) not in choices:
+        raise ConfigError(f"{section}.{name}: expected one of {', '.join(map(repr, choices))}, "
+                          f"got {getattr(obj, name)!r}")
+
+
+def dumps_toml(tree: dict) -> str:
+    """Write a two-level dict of scalars (and lists of scalars) as TOML."""
+    lines = []
+    for section, values in tree.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def describe() -> str:
+    """Every section and field with its type, default and documentation (for `--help-config`)."""
+    out = []
+    for section, cls in get_type_hints(Config).items():
+        out.append(f"[{section}]  {cls.__doc__}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"  {f.name} = {_toml_value(default)}    # {f.metadata['doc']}")
+    return "\n".join(out)

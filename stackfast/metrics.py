@@ -1,0 +1,147 @@
+"""Throughput and MFU, the metrics log (metrics.jsonl, TensorBoard) and the progress line.
+
+MFU convention (the one anchors.md uses, stated wherever an MFU is printed):
+model FLOPs per token = 6 * (non-embedding weights + LM head) + 6 * n_layers * hidden *
+seq_len (causal attention counted at half), divided by the device's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MFU_CONVENTION = ("MFU = tokens/s * (6 * (non-embedding weights + LM head) + 6 * layers * hidden * seq_len) "
+                  "/ peak dense bf16 FLOP/s")
+
+# Dense bf16 peak FLOP/s by GPU name (datasheet values, no sparsity).
+PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
+             ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
+             ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12)]
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """Peak dense FLOP/s for MFU: the override when given, a known GPU's bf16 peak, else None."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+class MetricsLog:
+    """Appends JSON rows to <run_dir>/metrics.jsonl and mirrors numbers to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step` (a resumed run rewrites them)."""
+        if self.enabled and self.path.is_file():
+            rows = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All rows of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Throughput:
+    """Tokens/s and MFU over the interval since the last call."""
+
+    def __init__(self, flops_per_token: float, peak: float | None):
+        self.flops_per_token, self.peak = flops_per_token, peak
+        self.last_time, self.last_tokens = time.perf_counter(), 0
+
+    def update(self, tokens: int) -> tuple[float, float | None]:
+        now = time.perf_counter()
+        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, tokens
+        mfu = rate * self.flops_per_token / self.peak if self.peak else None
+        return rate, mfu
+
+
+class Progress:
+    """One live line on a terminal (step, loss, tokens/s, MFU, ETA); plain log lines otherwise."""
+
+    def __init__(self, total_steps: int, enabled: bool = True):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.live = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step, 1) * (self.total_steps - step)
+        mfu_text = f" | MFU {100 * mfu:4.1f}%" if mfu is not None else ""
+        line = (f"step {step:>6}/{self.total_steps} | loss {loss:7.4f} | {format_count(tokens_per_s)} tok/s"
+                f"{mfu_text} | ETA {format_duration(eta)}")
+        if self.live:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(("\n" if self.live else "") + text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.live:
+            print(file=sys.stderr)
+
+
+def format_count(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """A one-line text plot of a curve (for terminal summaries)."""
+    if not values:
+        return ""
+    step = max(1, math.ceil(len(values) / width))
+    points = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
+    lo, hi = min(points), max(points)
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join(bars[int((p - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for p in points)

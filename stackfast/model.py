@@ -1,0 +1,164 @@
+"""The Llama decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied LM head.
+
+Parameter names follow Hugging Face's LlamaForCausalLM with the leading "model."
+dropped (`embed_tokens`, `layers.{i}.self_attn.q_proj`, ..., `norm`, `lm_head`), and RoPE
+uses the same rotate-half convention, so converting to or from a Hugging Face
+checkpoint is a rename. No sharding code lives here (see parallel.py).
+
+`ModelConfig.kernels` picks the implementation of attention and RMSNorm at run time:
+'triton' calls stackfast.ops (the Triton kernels), 'torch' calls PyTorch (SDPA and
+F.rms_norm), 'auto' the ops on CUDA tensors and PyTorch elsewhere.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stackfast.config import ModelConfig
+
+
+def use_triton(kernels: str, device: torch.device) -> bool:
+    """Whether the Triton ops run for this `kernels` setting on this device."""
+    return kernels == "triton" or (kernels == "auto" and device.type == "cuda")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, kernels: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x) * weight; with `residual`, returns (rms_norm(x + residual), x + residual)."""
+        if use_triton(self.kernels, x.device):
+            from stackfast.ops import rms_norm
+            return rms_norm(x, self.weight, self.eps, residual=residual)
+        if residual is not None:
+            x = x + residual
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps), x
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim), in the rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (S, head_dim): frequencies repeated for both halves
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, seq, heads, head_dim) by position; cos/sin are (seq, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (S, 1, D) broadcasts over heads
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, kv = cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.kernels = cfg.kernels
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if use_triton(self.kernels, x.device):
+            from stackfast.ops import attention
+            out = attention(q, k, v, causal=True)  # flash-attn layout (B, S, H, D) in and out
+        else:
+            # SDPA wants (B, H, S, D); enable_gqa shares each kv head across its query group.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+            out = out.transpose(1, 2)
+        return self.o_proj(out.reshape(B, S, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin)
+        # The residual add is fused into the second norm: h = x + attn_out, normed = norm(h).
+        normed, h = self.post_attention_layernorm(attn_out, residual=x)
+        return h + self.mlp(normed)
+
+
+class Transformer(nn.Module):
+    """Llama-style causal language model built from a ModelConfig."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Buffers, not parameters: derived from the config, never trained or checkpointed.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """TinyLlama-style init: N(0, std) everywhere, output projections std / sqrt(2 * n_layers)."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) or, with `targets`, the mean cross-entropy loss (fp32)."""
+        S = input_ids.shape[1]
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        logits = self.lm_head(self.norm(h))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

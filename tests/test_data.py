@@ -1,0 +1,153 @@
+"""Tokenizing, the dataset format, the built-in corpus and the deterministic loader."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stackfast.config import DataConfig
+from stackfast.data import (BUILTIN_STDLIB, DataError, TokenData, TokenLoader, Tokenizer, builtin_dataset,
+                            open_data, tokenize, train_bpe)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "text"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("hello world\n" * 50)
+    (folder / "sub" / "b.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    (folder / "c.jsonl").write_text(json.dumps({"text": "first document"}) + "\n\n"
+                                    + json.dumps({"text": "second one"}) + "\n")
+    return folder
+
+
+def test_bytes_tokenize_writes_exact_tokens_and_split(corpus, tmp_path):
+    out = tmp_path / "ds"
+    index = tokenize([corpus], "bytes", out, val_fraction=0.1, shard_tokens=500)
+    # Folder order is sorted by path: a.txt, c.jsonl, sub/b.txt.
+    expected = (corpus / "a.txt").read_bytes() + b"first documentsecond one" + (corpus / "sub" / "b.txt").read_bytes()
+    data = TokenData(out)
+    stream = np.concatenate([s.tokens for s in data.train + data.val])
+    assert bytes(stream.astype(np.uint8)) == expected
+    assert index["dtype"] == "uint16" and index["vocab_size"] == 256
+    assert len(index["train"]) > 1 and all(s["tokens"] <= 500 for s in index["train"])
+    assert sum(s.tokens.size for s in data.val) == round(len(expected) * 0.1)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folders left
+
+
+def test_hf_tokenizer_appends_end_of_text_and_copies_tokenizer(corpus, tmp_path):
+    tok_path = tmp_path / "tokenizer.json"
+    train_bpe(["hello world def return first second document"] * 20, 300, tok_path)
+    tok = Tokenizer(str(tok_path))
+    index = tokenize([corpus / "c.jsonl"], str(tok_path), tmp_path / "ds", val_fraction=0.2)
+    data = TokenData(tmp_path / "ds", tokenizer=str(tok_path))
+    stream = np.concatenate([s.tokens for s in data.train + data.val]).tolist()
+    assert stream.count(tok.eos_id) == 2 and stream[-1] == tok.eos_id
+    assert index["tokenizer"]["fingerprint"] == tok.fingerprint
+    assert (tmp_path / "ds" / "tokenizer.json").read_bytes() == tok_path.read_bytes()
+
+
+def test_sentencepiece_model(corpus, tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    text = tmp_path / "spm.txt"
+    text.write_text("".join(f"line {i} hello world of tokens\n" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                   model_type="bpe", minloglevel=2)
+    index = tokenize([corpus / "a.txt"], str(tmp_path / "sp.model"), tmp_path / "ds")
+    assert index["vocab_size"] == 60 and index["tokenizer"]["file"] == "tokenizer.model"
+    data = TokenData(tmp_path / "ds")
+    assert max(int(s.tokens.max()) for s in data.train) < 60
+
+
+def test_input_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty corpus"):
+        tokenize([tmp_path / "empty.txt"], "bytes", tmp_path / "o1")
+    with pytest.raises(DataError, match="input not found: .*nope.txt"):
+        tokenize([tmp_path / "nope.txt"], "bytes", tmp_path / "o2")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with a string 'text'"):
+        tokenize([tmp_path / "bad.jsonl"], "bytes", tmp_path / "o3")
+    with pytest.raises(DataError, match="tokenizer not found"):
+        tokenize([tmp_path / "empty.txt"], "missing.json", tmp_path / "o4")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_existing_output_is_refused_then_replaced_with_force(corpus, tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="already exists and is not empty"):
+        tokenize([corpus], "bytes", out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    tokenize([corpus], "bytes", out, force=True)
+    assert (out / "index.json").is_file() and not (out / "precious.txt").exists()
+
+
+def test_truncated_shard_and_bad_ids_name_the_file(corpus, tmp_path):
+    out = tmp_path / "ds"
+    tokenize([corpus], "bytes", out)
+    shard = out / "train_00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    with pytest.raises(DataError, match="train_00000.bin: truncated or corrupt shard"):
+        TokenData(out)
+    # A shard holding an id beyond the index's vocabulary is caught when a window is read.
+    tokenize([corpus], "bytes", out, force=True)
+    np.full(2000, 300, dtype=np.uint16).tofile(shard)
+    index = json.loads((out / "index.json").read_text())
+    index["train"] = [{"file": "train_00000.bin", "tokens": 2000}]
+    (out / "index.json").write_text(json.dumps(index))
+    loader = TokenLoader(TokenData(out), 16, 2)
+    with pytest.raises(DataError, match="train_00000.bin: token id 300 >= vocab size 256"):
+        loader.batch(0)
+
+
+def test_vocab_and_tokenizer_mismatch_with_config(corpus, tmp_path):
+    tokenize([corpus], "bytes", tmp_path / "ds")
+    with pytest.raises(DataError, match="vocab size 256 exceeds model.vocab_size 100"):
+        TokenData(tmp_path / "ds", vocab_size=100)
+    tok_path = tmp_path / "t.json"
+    train_bpe(["abc"] * 5, 270, tok_path)
+    with pytest.raises(DataError, match="shards were made with tokenizer bytes"):
+        open_data(DataConfig(path=str(tmp_path / "ds"), tokenizer=str(tok_path)), 4096)
+    with pytest.raises(DataError, match="not a dataset folder"):
+        TokenData(tmp_path)
+
+
+def test_loader_is_deterministic_resumable_and_rank_aware(corpus, tmp_path):
+    tokenize([corpus], "bytes", tmp_path / "ds")
+    data = TokenData(tmp_path / "ds")
+    one = TokenLoader(data, 32, 4, seed=7)
+    x, y = one.batch(3, 1)
+    assert x.shape == (4, 32) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    # Exact resume: a batch depends only on (seed, step, micro_step), not on history.
+    fresh = TokenLoader(data, 32, 4, seed=7)
+    assert torch.equal(fresh.batch(3, 1)[0], x)
+    assert not torch.equal(one.batch(4, 1)[0], x)
+    assert not torch.equal(TokenLoader(data, 32, 4, seed=8).batch(3, 1)[0], x)
+    # Two ranks of batch 2 together hold the one-process global batch of 4.
+    ranks = [TokenLoader(data, 32, 2, seed=7, rank=r, world_size=2).batch(3, 1)[0] for r in range(2)]
+    assert torch.equal(torch.cat(ranks), x)
+
+
+def test_validation_batches_are_fixed_and_held_out(corpus, tmp_path):
+    tokenize([corpus], "bytes", tmp_path / "ds", val_fraction=0.3)
+    loader = TokenLoader(TokenData(tmp_path / "ds"), 16, 2)
+    first = [x for x, _ in loader.val_batches(3)]
+    again = [x for x, _ in loader.val_batches(3)]
+    assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
+    val_stream = torch.from_numpy(np.concatenate([s.tokens for s in loader.data.val]).astype(np.int64))
+    assert torch.equal(first[0][0], val_stream[:16]) and torch.equal(first[0][1], val_stream[17:33])
+
+
+def test_builtin_corpus_is_built_once_and_cached(stackfast_cache):
+    folder = builtin_dataset()
+    assert folder.parent == stackfast_cache
+    data = open_data(DataConfig(path=BUILTIN_STDLIB), 4096)
+    assert data.vocab_size == 4096 and data.index["total_tokens"] > 1_000_000
+    assert (folder / "tokenizer.json").is_file()
+    mtime = (folder / "index.json").stat().st_mtime_ns
+    assert builtin_dataset() == folder and (folder / "index.json").stat().st_mtime_ns == mtime
+    with pytest.raises(DataError, match="unknown built-in corpus"):
+        open_data(DataConfig(path="builtin:wikipedia"), 4096)

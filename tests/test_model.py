@@ -1,0 +1,96 @@
+"""The Llama decoder: shapes, parameter count, causality, GQA, init, Hugging Face equivalence."""
+import math
+
+import pytest
+import torch
+
+from stackfast.checkpoint import hf_llama_config, to_hf_state_dict
+from stackfast.config import ModelConfig
+from stackfast.model import Transformer, apply_rope, rope_tables
+
+
+def tiny(**overrides):
+    return ModelConfig.from_preset("tiny", kernels="torch", **overrides)
+
+
+def test_shapes_and_parameter_count():
+    cfg = tiny()
+    model = Transformer(cfg)
+    x = torch.randint(0, cfg.vocab_size, (3, 11))
+    assert model(x).shape == (3, 11, cfg.vocab_size)
+    assert model.num_params() == cfg.num_params()
+    loss = model(x, x)
+    assert loss.ndim == 0 and loss.dtype == torch.float32
+    # A fresh model predicts close to uniform: loss near ln(vocab).
+    assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.1
+
+
+def test_future_tokens_never_change_earlier_logits():
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    x = torch.randint(0, 4096, (2, 24))
+    y = x.clone()
+    y[:, 13:] = torch.randint(0, 4096, (2, 11))  # change the future only
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.equal(a[:, :13], b[:, :13])
+    assert not torch.allclose(a[:, 13:], b[:, 13:])
+
+
+def test_gqa_equals_full_attention_with_repeated_kv_heads():
+    torch.manual_seed(0)
+    gqa = Transformer(tiny(n_heads=4, n_kv_heads=2)).eval()
+    mha = Transformer(tiny(n_heads=4, n_kv_heads=4)).eval()
+    state = gqa.state_dict()
+    hd = gqa.config.head_dim
+    for name, tensor in list(state.items()):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            # (kv_heads*hd, d) -> each kv head's rows repeated for the 2 query heads of its group
+            state[name] = tensor.view(2, hd, -1).repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+    mha.load_state_dict(state)
+    x = torch.randint(0, 4096, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_preserves_norm_and_depends_on_relative_position():
+    cos, sin = rope_tables(8, 64, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def rotated(x, pos):
+        return apply_rope(x, cos[pos:pos + 1], sin[pos:pos + 1])
+
+    torch.testing.assert_close(rotated(q, 5).norm(), q.norm())
+    dot_a = (rotated(q, 7) * rotated(k, 3)).sum()
+    dot_b = (rotated(q, 30) * rotated(k, 26)).sum()
+    torch.testing.assert_close(dot_a, dot_b, rtol=1e-5, atol=1e-5)
+
+
+def test_init_std_and_scaled_output_projections():
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("toy", kernels="torch")
+    model = Transformer(cfg)
+    assert abs(model.layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 1e-3
+    out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+    assert abs(model.layers[0].mlp.down_proj.weight.std().item() - out_std) < 2e-4
+    assert torch.all(model.norm.weight == 1)
+
+
+def test_sequence_longer_than_rope_tables_is_refused():
+    model = Transformer(tiny(max_seq_len=16))
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_weights_load_into_hugging_face_llama_by_rename():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tiny()
+    ours = Transformer(cfg).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config(cfg))).eval()
+    renamed = to_hf_state_dict(ours.state_dict())
+    missing, unexpected = hf.load_state_dict(renamed, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing)
+    x = torch.randint(0, cfg.vocab_size, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-4, atol=1e-4)

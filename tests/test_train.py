@@ -1,0 +1,113 @@
+"""The training loop: loss falls, metrics rows, exact resume, checkpoints, schedule."""
+import json
+import math
+import pickle
+
+import pytest
+import torch
+
+from stackfast.checkpoint import CheckpointError, list_checkpoints, load_optimizer_state
+from stackfast.config import load_config
+from stackfast.metrics import read_metrics
+from stackfast.train import lr_at, run
+
+TINY = ['model.preset="tiny"', "model.kernels=torch", "data.seq_len=64", "train.micro_batch_size=4",
+        "schedule.warmup_steps=5", "optim.lr=3e-3", "train.eval_batches=2", "logging.progress=false",
+        "logging.tensorboard=false", "logging.log_every=3"]
+
+
+def tiny_config(run_dir, *extra):
+    return load_config(None, TINY + [f'logging.run_dir="{run_dir}"', *extra])
+
+
+def test_toy_run_loss_falls_and_logs_every_step(tmp_path):
+    summary = run(tiny_config(tmp_path, "train.max_steps=40", "train.eval_every=20"))
+    rows = read_metrics(tmp_path)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 41))
+    assert {"step", "tokens", "flops", "loss", "lr", "tokens_per_s", "mfu"} <= set(train_rows[0])
+    assert train_rows[0]["mfu"] is None  # no peak FLOP/s known on CPU
+    first, last = sum(r["loss"] for r in train_rows[:3]) / 3, sum(r["loss"] for r in train_rows[-3:]) / 3
+    assert first > math.log(4096) - 0.2 and last < first - 1.0
+    assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
+    assert summary["tokens"] == 40 * 4 * 64 and train_rows[-1]["tokens"] == summary["tokens"]
+    cfg = tiny_config(tmp_path)
+    assert train_rows[-1]["flops"] == pytest.approx(summary["tokens"] * cfg.model.flops_per_token(64))
+    assert (tmp_path / "config.toml").read_text() == cfg.to_toml().replace(
+        "max_steps = 0", "max_steps = 40").replace("eval_every = 100", "eval_every = 20")
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full = tmp_path / "full"
+    run(tiny_config(full, "train.max_steps=10", "checkpoint.every_steps=4", "checkpoint.keep_last=5"))
+    assert [p.name for p in list_checkpoints(full / "checkpoints")] == [
+        "step_00000004", "step_00000008", "step_00000010"]
+    # A second run starts from the step-4 checkpoint of the first and finishes the schedule.
+    part = tmp_path / "part"
+    run(tiny_config(part, "train.max_steps=10", f'checkpoint.resume="{full / "checkpoints" / "step_00000004"}"'))
+    a = {r["step"]: r["loss"] for r in read_metrics(full) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in read_metrics(part) if "loss" in r}
+    assert sorted(b) == list(range(5, 11))
+    assert all(a[s] == b[s] for s in b)  # bit-identical on CPU
+
+
+def test_resume_auto_continues_and_rewrites_later_rows(tmp_path):
+    run(tiny_config(tmp_path, "train.max_steps=6", "checkpoint.every_steps=3"))
+    rows_before = read_metrics(tmp_path)
+    # Make step 6's checkpoint look lost: auto-resume picks step 3 and redoes 4..6.
+    for p in list_checkpoints(tmp_path / "checkpoints"):
+        if p.name.endswith("6"):
+            for f in p.iterdir():
+                f.unlink()
+            p.rmdir()
+    run(tiny_config(tmp_path, "train.max_steps=6", 'checkpoint.resume="auto"'))
+    rows_after = read_metrics(tmp_path)
+    assert [r["step"] for r in rows_after if "loss" in r] == list(range(1, 7))
+    assert [r["loss"] for r in rows_after if "loss" in r] == [r["loss"] for r in rows_before if "loss" in r]
+
+
+def test_checkpoint_keep_last_and_no_temp_folders(tmp_path):
+    run(tiny_config(tmp_path, "train.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=2"))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000005", "step_00000006"]
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    run(tiny_config(tmp_path / "a", "train.max_steps=4"))
+    run(tiny_config(tmp_path / "b", "train.max_steps=4", 'parallel.activation_checkpointing="full"'))
+    losses = [[r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in "ab"]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_init_from_loads_weights_and_mismatch_is_refused(tmp_path):
+    run(tiny_config(tmp_path / "a", "train.max_steps=3"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000003"
+    summary = run(tiny_config(tmp_path / "b", "train.max_steps=1", f'checkpoint.init_from="{ckpt}"'))
+    first = read_metrics(tmp_path / "b")[0]["loss"]
+    assert first < math.log(4096) - 0.3 and summary["steps"] == 1  # trained weights, not a fresh init
+    with pytest.raises(CheckpointError, match="does not fit|do not fit"):
+        run(tiny_config(tmp_path / "c", "train.max_steps=1", "model.n_layers=3", f'checkpoint.init_from="{ckpt}"'))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_malicious_pickle_is_refused_without_running_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "optimizer.pt").write_bytes(pickle.dumps({"state": Exploit()}))
+    with pytest.raises(CheckpointError, match="refused or unreadable optimizer state"):
+        load_optimizer_state(folder)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    assert lr_at(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(150, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
