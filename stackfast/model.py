@@ -116,6 +116,18 @@ class Block(nn.Module):
         return h + self.mlp(normed)
 
 
+@torch.no_grad()
+def init_parameter(name: str, p: torch.Tensor, cfg: ModelConfig, generator: torch.Generator | None = None) -> None:
+    """TinyLlama-style init of one named parameter: norm weights 1, output projections
+    (o_proj, down_proj) N(0, (std / sqrt(2 * n_layers))^2), everything else N(0, std^2)."""
+    if name.endswith("layernorm.weight") or name == "norm.weight":
+        p.fill_(1.0)
+    elif name.endswith(("o_proj.weight", "down_proj.weight")):
+        p.normal_(0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers), generator=generator)
+    else:
+        p.normal_(0.0, cfg.init_std, generator=generator)
+
+
 class Transformer(nn.Module):
     """Llama-style causal language model built from a ModelConfig."""
 
@@ -135,16 +147,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """TinyLlama-style init: N(0, std) everywhere, output projections std / sqrt(2 * n_layers)."""
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, out_std)
-            else:
-                p.normal_(0.0, std)
+            init_parameter(name, p, self.config)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) or, with `targets`, the mean cross-entropy loss (fp32)."""

@@ -1,0 +1,43 @@
+"""Model growth: the eight operators of the paper, `grow()`, and the guidelines (`plan`).
+
+    from stackfast.growth import grow
+    big = grow(small, operator="stack", factor=4)      # G_stack: layers 0..n-1 repeated 4 times
+
+OPERATORS maps each name to a function (model, factor, **options) -> Growth (the grown
+model, its spec as plain data and, for the G_random operators, the fade-in ramp).
+"""
+from __future__ import annotations
+
+from stackfast.growth import depth
+from stackfast.growth.guidelines import GROWTH_FACTOR, growth_timing, plan
+from stackfast.growth.spec import Growth, GrowthError
+from stackfast.model import Transformer
+
+OPERATORS = {
+    "stack": depth.stack,
+    "depth_zero": depth.zero,
+    "depth_random": depth.random,
+}
+
+# Operators whose new parts fade in: rebuild the ramp from a saved spec (resume mid-ramp).
+RAMPS = {
+    "depth_random": depth.random_ramp,
+}
+
+
+def apply_growth(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTOR, **options) -> Growth:
+    """Grow `model` with a named operator; returns the Growth (model, spec, ramp)."""
+    if operator not in OPERATORS:
+        raise GrowthError(f"unknown growth operator {operator!r}; known: {', '.join(OPERATORS)}")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+        raise GrowthError(f"growth factor must be an integer >= 2, got {factor!r}")
+    return OPERATORS[operator](model, factor, **options)
+
+
+def grow(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTOR, **options) -> Transformer:
+    """The grown model (see apply_growth for the spec and ramp as well)."""
+    return apply_growth(model, operator, factor, **options).model
+
+
+__all__ = ["GROWTH_FACTOR", "OPERATORS", "RAMPS", "Growth", "GrowthError", "apply_growth", "grow",
+           "growth_timing", "plan"]

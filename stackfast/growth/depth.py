@@ -1,0 +1,159 @@
+"""Depthwise growth: G_stack (`stack`), `depth_zero` and `depth_random` (paper.md).
+
+All three build the grown model from a *layer map*: entry i says which small-model layer
+block i of the grown model copies (-1: a freshly initialised block). Embedding, final
+norm and LM head are copied unchanged. The copy reads each source tensor once and
+writes all its copies (stackfast.ops.replicate_).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from stackfast.growth.ramp import Ramp
+from stackfast.growth.spec import Growth, GrowthError
+from stackfast.model import Transformer, init_parameter
+
+PARTIAL = ("all", "front", "middle", "back")
+
+
+def layer_map(n_layers: int, factor: int, layers: str | list[int] = "all", order: str = "stack") -> list[int]:
+    """The grown model's layer map.
+
+    layers: 'all' repeats the whole stack (the paper's best); 'front', 'middle', 'back'
+    repeat only that half of the layers (the partial-stacking ablation) so that the
+    grown depth is still n_layers * factor; an explicit list is the map itself.
+    order: 'stack' repeats the block of layers as a whole (0 1 2 0 1 2 ...),
+    'interpolate' repeats each layer in place (0 0 1 1 2 2 ...).
+    """
+    if isinstance(layers, (list, tuple)):
+        bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < n_layers)]
+        if bad or not layers:
+            raise GrowthError(f"layer map index {bad[0] if bad else 'list'} out of range for a "
+                              f"{n_layers}-layer model" if bad else "layer map is empty")
+        return list(layers)
+    if layers not in PARTIAL:
+        raise GrowthError(f"layers: expected one of {', '.join(PARTIAL)} or a list of indices, got {layers!r}")
+    if order not in ("stack", "interpolate"):
+        raise GrowthError(f"order: expected 'stack' or 'interpolate', got {order!r}")
+    half = max(1, n_layers // 2)
+    start = {"all": 0, "front": 0, "middle": (n_layers - half) // 2, "back": n_layers - half}[layers]
+    chosen = list(range(n_layers)) if layers == "all" else list(range(start, start + half))
+    # The chosen layers appear `repeat` times, the others once, for n_layers * factor in all.
+    extra = n_layers * factor - n_layers
+    if extra % len(chosen):
+        raise GrowthError(f"layers={layers!r}: {len(chosen)} repeated layers cannot fill "
+                          f"{n_layers * factor} layers exactly")
+    repeat = 1 + extra // len(chosen)
+    if order == "interpolate":
+        return [i for i in range(n_layers) for _ in range(repeat if i in chosen else 1)]
+    return list(range(start)) + chosen * repeat + list(range(start + len(chosen), n_layers))
+
+
+def build_from_map(model: Transformer, mapping: list[int]) -> Transformer:
+    """A model with len(mapping) blocks, block i a copy of model.layers[mapping[i]] (fresh if -1)."""
+    cfg = dataclasses.replace(model.config, n_layers=len(mapping))
+    device = next(model.parameters()).device
+    with torch.device(device):
+        grown = Transformer(cfg)  # fresh init on the target device; copies overwrite it below
+    sources, copies = [], []
+    for name, src in model.named_parameters():
+        if not name.startswith("layers."):
+            sources.append(src.detach())
+            copies.append([grown.get_parameter(name).detach()])
+    for j, block in enumerate(model.layers):
+        dests = [grown.layers[i] for i, m in enumerate(mapping) if m == j]
+        if not dests:
+            continue
+        for name, src in block.named_parameters():
+            sources.append(src.detach())
+            copies.append([d.get_parameter(name).detach() for d in dests])
+    _replicate_grouped(sources, copies)
+    return grown
+
+
+def _replicate_grouped(sources: list[torch.Tensor], copies: list[list[torch.Tensor]]) -> None:
+    """Copy each source into all its copies. Sources are grouped by how many copies they
+    get (the same for all with whole-model stacking) so each group is one multi-tensor copy
+    per copy index."""
+    by_count: dict[int, list[int]] = {}
+    for i, dests in enumerate(copies):
+        by_count.setdefault(len(dests), []).append(i)
+    with torch.no_grad():
+        for count, idx in by_count.items():
+            for c in range(count):
+                torch._foreach_copy_([copies[i][c] for i in idx], [sources[i] for i in idx])
+
+
+def stack(model: Transformer, factor: int, *, layers: str | list[int] = "all", order: str = "stack",
+          noise: float = 0.0, seed: int = 0) -> Growth:
+    """G_stack: the grown model's blocks are copies of the small model's, by layer map.
+
+    noise = alpha > 0 mixes every block matrix with Gaussian noise, W <- (1 - alpha) W +
+    alpha * eps, eps ~ N(0, 2 / (5 d)), and N(0, 1 / (d L^2)) for the output and down
+    projections (paper.md; alpha = 0.2 was slightly better than none).
+    """
+    if not 0.0 <= noise < 1.0:
+        raise GrowthError(f"noise: alpha must be in [0, 1), got {noise}")
+    mapping = layer_map(model.config.n_layers, factor, layers, order)
+    grown = build_from_map(model, mapping)
+    if noise > 0:
+        _add_noise(grown, noise, seed)
+    spec = {"operator": "stack", "factor": factor, "layer_map": mapping,
+            "layers": layers, "order": order, "noise": noise, "seed": seed}
+    return Growth(grown, spec)
+
+
+@torch.no_grad()
+def _add_noise(model: Transformer, alpha: float, seed: int) -> None:
+    d, n_layers = model.config.hidden_size, model.config.n_layers
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.layers.named_parameters():
+        if p.ndim < 2:
+            continue
+        out_proj = name.endswith(("o_proj.weight", "down_proj.weight"))
+        std = math.sqrt(1.0 / (d * n_layers ** 2)) if out_proj else math.sqrt(2.0 / (5 * d))
+        eps = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * std
+        p.mul_(1.0 - alpha).add_(eps, alpha=alpha)
+
+
+def zero(model: Transformer, factor: int, *, order: str = "interpolate") -> Growth:
+    """depth_zero: duplicate blocks; each new copy's attention output and MLP down
+    projections are zero, so it is the identity at growth time (function preserving).
+    The reference code interleaves copies (1,1,2,2,...), the default order here."""
+    mapping = layer_map(model.config.n_layers, factor, "all", order)
+    grown = build_from_map(model, mapping)
+    seen = set()
+    with torch.no_grad():
+        for block, source in zip(grown.layers, mapping):
+            if source in seen:  # a copy, not the first occurrence of that layer
+                block.self_attn.o_proj.weight.zero_()
+                block.mlp.down_proj.weight.zero_()
+            seen.add(source)
+    return Growth(grown, {"operator": "depth_zero", "factor": factor, "layer_map": mapping, "order": order})
+
+
+def random(model: Transformer, factor: int, *, ramp_steps: int = 100, seed: int = 0) -> Growth:
+    """depth_random: each small-model layer is followed by factor-1 freshly initialised
+    blocks, faded in as y = x + c * Block(x) with c ramping 0 -> 1 over ramp_steps (MSG)."""
+    n = model.config.n_layers
+    mapping = [i if k == 0 else -1 for i in range(n) for k in range(factor)]
+    grown = build_from_map(model, mapping)
+    generator = torch.Generator(device=next(grown.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for i, source in enumerate(mapping):
+            if source == -1:
+                for name, p in grown.layers[i].named_parameters():
+                    init_parameter(f"layers.{i}.{name}", p, grown.config, generator)
+    spec = {"operator": "depth_random", "factor": factor, "layer_map": mapping, "ramp_steps": ramp_steps,
+            "seed": seed}
+    return Growth(grown, spec, random_ramp(grown, spec))
+
+
+def random_ramp(model: Transformer, spec: dict) -> Ramp:
+    """The fade-in of depth_random's new blocks (also re-created on resume)."""
+    ramp = Ramp(spec["ramp_steps"])
+    ramp.fade_blocks(model, [i for i, m in enumerate(spec["layer_map"]) if m == -1])
+    return ramp

@@ -1,0 +1,25 @@
+"""What a growth operator returns, and the error it raises on bad input."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stackfast.config import StackfastError
+from stackfast.growth.ramp import Ramp
+from stackfast.model import Transformer
+
+
+class GrowthError(StackfastError, ValueError):
+    """Growth asked for with impossible settings (factor, layer map, width target...)."""
+
+
+@dataclass
+class Growth:
+    """The grown model, its spec and, for the G_random operators, the fade-in ramp.
+
+    spec is plain data (JSON): operator, factor, layer map and options. It is saved with
+    every checkpoint after growth, so the grown architecture (and a ramp in progress) can be
+    rebuilt and audited; `stackfast grow` prints the layer map.
+    """
+    model: Transformer
+    spec: dict
+    ramp: Ramp | None = None
