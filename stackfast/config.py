@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -179,6 +180,55 @@ class TrainConfig:
             raise ConfigError(f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
 
+GROWTH_OPERATORS = ("stack", "depth_zero", "depth_random", "depth_learn",
+                    "width_direct", "width_zero", "width_random", "width_learn")
+# Operators whose grown layers are copies of small-model layers, so Adam moments can be copied too.
+COPYING_OPERATORS = ("stack", "depth_zero")
+
+
+@dataclass
+class GrowthConfig:
+    """Growth inside the running job: train the small model, grow it, train the grown one.
+
+    [model] describes the *target*; with an operator set, the job starts from the small
+    model that the operator grows into it (depth: n_layers / factor layers; width: hidden,
+    FFN and heads / sqrt(factor)).
+    """
+    operator: str = doc("'none' (train [model] from scratch) or an operator: " + ", ".join(GROWTH_OPERATORS) + ".",
+                        "none")
+    factor: int = doc("Growth factor g (paper: 4).", 4)
+    at_tokens: int | str = doc("Grow after this many tokens, or 'auto' for the paper's timing formula "
+                               "(growth_timing of the target size and the run's total FLOPs).", "auto")
+    optimizer: str = doc("'reset' (fresh AdamW, the paper's choice) or 'replicate' (copy the Adam moments "
+                         "along with the layers; stack and depth_zero only).", "reset")
+    schedule: str = doc("'restart' (warmup + cosine again over the remaining steps, as the paper) or "
+                        "'continue' (the run's schedule goes on).", "restart")
+    small_lr: float = doc("Peak LR of the small model (paper: 1e-3); 0 = optim.lr.", 0.0)
+    layers: str = doc("G_stack layers to repeat: 'all' (paper's best), 'front', 'middle', 'back'.", "all")
+    order: str = doc("G_stack order: 'stack' (0 1 .. n-1 0 1 ..) or 'interpolate' (0 0 1 1 ..).", "stack")
+    noise: float = doc("G_stack noise alpha: W <- (1 - alpha) W + alpha * eps (paper: 0.2 helps slightly).", 0.0)
+    ramp_steps: int = doc("depth_random / width_random: steps over which new parts fade in.", 100)
+    learn_steps: int = doc("depth_learn / width_learn: steps training the LiGO expansion.", 100)
+
+    def validate(self) -> None:
+        _choice(self, "growth", "operator", ("none",) + GROWTH_OPERATORS)
+        if self.factor < 2:
+            raise ConfigError(f"growth.factor: must be an integer >= 2, got {self.factor}")
+        if isinstance(self.at_tokens, str) and self.at_tokens != "auto":
+            raise ConfigError(f"growth.at_tokens: expected a token count or 'auto', got {self.at_tokens!r}")
+        if isinstance(self.at_tokens, int) and self.at_tokens < 0:
+            raise ConfigError(f"growth.at_tokens: must be >= 0, got {self.at_tokens}")
+        _choice(self, "growth", "optimizer", ("reset", "replicate"))
+        _choice(self, "growth", "schedule", ("restart", "continue"))
+        _choice(self, "growth", "layers", ("all", "front", "middle", "back"))
+        _choice(self, "growth", "order", ("stack", "interpolate"))
+        _non_negative(self, "growth", ["small_lr", "noise", "learn_steps"])
+        _positive(self, "growth", ["ramp_steps"])
+        if self.optimizer == "replicate" and self.operator not in COPYING_OPERATORS + ("none",):
+            raise ConfigError(f"growth.optimizer: 'replicate' needs a copying operator "
+                              f"({', '.join(COPYING_OPERATORS)}), not {self.operator!r}")
+
+
 @dataclass
 class ParallelConfig:
     """How the model is wrapped for speed and memory."""
@@ -225,6 +275,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -339,7 +390,14 @@ def _build_section(section: str, cls: type, values: dict):
     return cls(**kwargs)
 
 
-def _coerce(key: str, typ: type, value: Any):
+def _coerce(key: str, typ: Any, value: Any):
+    if isinstance(typ, types.UnionType):  # e.g. int | str: the first member that accepts the value
+        for member in typ.__args__:
+            try:
+                return _coerce(key, member, value)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {typ}, got {type(value).__name__} {value!r}")
     # TOML gives int/float/bool/str; accept an int where a float is expected (lr = 1),
     # never a bool where a number is expected (bool is a subclass of int in Python).
     if typ is bool:

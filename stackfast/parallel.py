@@ -24,3 +24,10 @@ def apply_block_options(model: Transformer, cfg: ParallelConfig) -> Transformer:
         model.layers[i] = block
     return model
 
+
+
+def strip_block_options(model: Transformer) -> Transformer:
+    """Undo the checkpoint wrappers in place (growth copies plain blocks), keeping weights."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = getattr(block, "_checkpoint_wrapped_module", block)
+    return model

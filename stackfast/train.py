@@ -25,9 +25,11 @@ from stackfast.checkpoint import (latest_checkpoint, load_into_model, load_optim
                                   load_state, load_weights, save_checkpoint, set_rng_state)
 from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import TokenLoader, open_data
+from stackfast.growth import RAMPS, GrowthError, apply_growth, growth_timing
+from stackfast.growth.guidelines import small_model
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer
-from stackfast.parallel import apply_block_options
+from stackfast.parallel import apply_block_options, strip_block_options
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,8 +96,80 @@ def find_resume(cfg: Config) -> Path | None:
     return path
 
 
+def growth_step(cfg: Config, total_steps: int) -> int | None:
+    """Optimizer steps of the small model before growth (None: the run does not grow)."""
+    g = cfg.growth
+    if g.operator == "none":
+        return None
+    tokens_per_step = cfg.tokens_per_step()
+    if g.at_tokens == "auto":
+        target = cfg.model.num_params()
+        d = growth_timing(target, 6.0 * target * total_steps * tokens_per_step)
+    else:
+        d = g.at_tokens
+    step = math.ceil(d / tokens_per_step)
+    if step >= total_steps:
+        raise ConfigError(f"growth.at_tokens: growing after {d:.4g} tokens leaves nothing of the run's "
+                          f"{total_steps * tokens_per_step} tokens for the grown model"
+                          + (" (the paper's formula is fitted at 410M-3B scale; set a token count)"
+                             if g.at_tokens == "auto" else ""))
+    return step
+
+
+def scheduled_lr(cfg: Config, step: int, total_steps: int, grow_at: int | None) -> float:
+    """The LR at `step`. With growth and schedule='restart', the small model gets its own
+    complete warmup + cosine over its phase and the grown model a fresh one over the rest
+    (the paper's reference code); 'continue' runs one schedule over the whole job."""
+    s = cfg.schedule
+    if grow_at is None:
+        return lr_at(step, total_steps, cfg.optim.lr, s.warmup_steps, s.min_lr_ratio)
+    small = step < grow_at
+    peak = (cfg.growth.small_lr or cfg.optim.lr) if small else cfg.optim.lr
+    if cfg.growth.schedule == "continue":
+        return lr_at(step, total_steps, peak, s.warmup_steps, s.min_lr_ratio)
+    if small:
+        return lr_at(step, grow_at, peak, s.warmup_steps, s.min_lr_ratio)
+    return lr_at(step - grow_at, total_steps - grow_at, peak, s.warmup_steps, s.min_lr_ratio)
+
+
+def growth_options(cfg: Config, batches) -> dict:
+    """The [growth] fields that the configured operator takes."""
+    g, seed = cfg.growth, cfg.train.seed
+    return {
+        "stack": dict(layers=g.layers, order=g.order, noise=g.noise, seed=seed),
+        "depth_zero": {},
+        "depth_random": dict(ramp_steps=g.ramp_steps, seed=seed),
+        "depth_learn": dict(batches=batches, steps=g.learn_steps, seed=seed),
+        "width_direct": dict(seed=seed),
+        "width_zero": dict(seed=seed),
+        "width_random": dict(ramp_steps=g.ramp_steps, seed=seed),
+        "width_learn": dict(batches=batches, steps=g.learn_steps, seed=seed),
+    }[g.operator]
+
+
+def source_name(name: str, mapping: list[int]) -> str:
+    """The small-model parameter that grown parameter `name` was copied from."""
+    if not name.startswith("layers."):
+        return name
+    _, index, rest = name.split(".", 2)
+    return f"layers.{mapping[int(index)]}.{rest}"
+
+
+def replicate_optimizer_state(old_opt, old_model, new_opt, new_model, mapping: list[int]) -> None:
+    """Give every grown parameter a copy of its source parameter's AdamW state (moments, step)."""
+    old_state = {name: old_opt.state[p] for name, p in old_model.named_parameters() if p in old_opt.state}
+    for name, p in new_model.named_parameters():
+        source = old_state.get(source_name(name, mapping))
+        if source is not None:
+            new_opt.state[p] = {k: v.clone() for k, v in source.items()}
+
+
+def shape_of(cfg) -> tuple:
+    return (cfg.vocab_size, cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size)
+
+
 def run(cfg: Config) -> dict:
-    """Train as configured; returns a summary (steps, tokens, FLOPs, losses, speed, run_dir)."""
+    """Train as configured (growing mid-run when [growth] says so); returns a summary."""
     cfg.validate()
     device = resolve_device(cfg.train.device)
     autocast = autocast_context(cfg.train.dtype, device)
@@ -108,33 +182,43 @@ def run(cfg: Config) -> dict:
 
     data = open_data(cfg.data, cfg.model.vocab_size)
     loader = TokenLoader(data, cfg.data.seq_len, cfg.train.micro_batch_size, seed=cfg.train.seed)
-    model = Transformer(cfg.model).to(device)
+    total_steps = cfg.total_steps()
+    tokens_per_step = cfg.tokens_per_step()
+    grow_at = growth_step(cfg, total_steps)
+    small_cfg = small_model(cfg.model, cfg.growth.operator, cfg.growth.factor) if grow_at is not None else None
+
     resume_from = find_resume(cfg)
-    if cfg.checkpoint.init_from and resume_from is None:
+    state = {"step": 0, "tokens": 0, "flops": 0.0, "grown": grow_at is None}
+    if resume_from is not None:
+        state.update(load_state(resume_from))
+    model = Transformer(cfg.model if state["grown"] else small_cfg).to(device)
+    ramp = None
+    if resume_from is not None:
+        load_into_model(model, load_weights(resume_from), resume_from)
+        if state.get("growth_spec", {}).get("operator") in RAMPS:
+            spec = state["growth_spec"]
+            ramp = RAMPS[spec["operator"]](model, spec)
+            ramp.set_step(state["step"] - grow_at)
+    elif cfg.checkpoint.init_from:
         load_into_model(model, load_weights(cfg.checkpoint.init_from), cfg.checkpoint.init_from)
     apply_block_options(model, cfg.parallel)
     optimizer = build_optimizer(model, cfg.optim, device)
-
-    state = {"step": 0, "tokens": 0, "flops": 0.0}
     log = MetricsLog(run_dir, cfg.logging.tensorboard)
     if resume_from is not None:
-        load_into_model(model, load_weights(resume_from), resume_from)
         optimizer.load_state_dict(load_optimizer_state(resume_from))
         set_rng_state(load_rng(resume_from))
-        state.update(load_state(resume_from))
         log.truncate_after(state["step"])
     (run_dir / "config.toml").write_text(cfg.to_toml())
 
-    total_steps = cfg.total_steps()
-    tokens_per_step = cfg.tokens_per_step()
-    flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
+    flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
     throughput = Throughput(flops_per_token, peak_flops(device, cfg.train.peak_tflops))
     throughput.last_tokens = state["tokens"]
     progress = Progress(total_steps, cfg.logging.progress)
     progress.message(f"stackfast: {model.num_params() / 1e6:.1f}M parameters, {total_steps} steps of "
                      f"{tokens_per_step} tokens on {device}; logs in {run_dir}"
+                     + (f"; grows ({cfg.growth.operator}, x{cfg.growth.factor}) after step {grow_at}"
+                        if grow_at is not None and not state["grown"] else "")
                      + (f"; resumed from {resume_from}" if resume_from else ""))
-    params = [p for p in model.parameters() if p.requires_grad]
     pending: list[tuple] = []  # per-step values still on the device, flushed at log steps
     last_loss = val_loss = None
     started = time.perf_counter()
@@ -143,7 +227,20 @@ def run(cfg: Config) -> dict:
 
     while state["step"] < total_steps:
         step = state["step"]
-        lr = lr_at(step, total_steps, cfg.optim.lr, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio)
+        if not state["grown"] and step >= grow_at:
+            if pending:
+                last_loss = _flush(pending, log, throughput, progress)
+            model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, step)
+            state.update(grown=True, growth_spec=row["spec"])
+            log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], **row})
+            progress.message(f"step {step}: grew {row['params_before'] / 1e6:.1f}M -> "
+                             f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}) in "
+                             f"{row['growth_s']:.2f} s; probe loss {row['loss_before']:.4f} -> {row['loss_after']:.4f}")
+            flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
+            throughput.flops_per_token = flops_per_token
+        if ramp is not None:
+            ramp.set_step(step - grow_at)
+        lr = scheduled_lr(cfg, step, total_steps, grow_at)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
@@ -154,7 +251,7 @@ def run(cfg: Config) -> dict:
                 loss = model(x, y)
             (loss / cfg.train.grad_accum_steps).backward()
             loss_sum += loss.detach()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                      if cfg.optim.grad_clip > 0 else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,7 +280,42 @@ def run(cfg: Config) -> dict:
     return {"steps": state["step"], "tokens": state["tokens"], "flops": state["flops"],
             "loss": last_loss, "val_loss": val_loss, "wall_s": wall, "tokens_per_s": tokens_per_s,
             "params": model.num_params(), "device": str(device), "run_dir": str(run_dir),
-            "mfu_convention": MFU_CONVENTION}
+            "growth_step": grow_at, "mfu_convention": MFU_CONVENTION}
+
+
+def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader, device: torch.device,
+                autocast, step: int):
+    """Grow the small model at `step`: new model, optimizer (fresh or with copied moments), ramp.
+
+    Returns (model, optimizer, ramp, log row). The probe loss is one fixed held-out batch,
+    before and after, to show the (small) jump that growth causes.
+    """
+    strip_block_options(model)
+    loss_before = evaluate(model, loader, 1, device, autocast)
+    started = time.perf_counter()
+
+    def batches(k):  # LiGO's training data: the run's own stream, past the micro-steps in use
+        x, y = loader.batch(step, cfg.train.grad_accum_steps + k)
+        return x.to(device), y.to(device)
+
+    growth = apply_growth(model, cfg.growth.operator, cfg.growth.factor, **growth_options(cfg, batches))
+    grown = growth.model
+    if shape_of(grown.config) != shape_of(cfg.model):
+        raise GrowthError(f"growth produced shape {shape_of(grown.config)}, not the [model] target "
+                          f"{shape_of(cfg.model)}")
+    grown.config = cfg.model
+    new_optimizer = build_optimizer(grown, cfg.optim, device)
+    if cfg.growth.optimizer == "replicate":
+        replicate_optimizer_state(optimizer, model, new_optimizer, grown, growth.spec["layer_map"])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # host sync: time the growth itself
+    growth_s = time.perf_counter() - started
+    apply_block_options(grown, cfg.parallel)
+    loss_after = evaluate(grown, loader, 1, device, autocast)
+    row = {"event": "growth", "spec": growth.spec, "loss_before": loss_before, "loss_after": loss_after,
+           "growth_s": growth_s, "params_before": model.num_params(), "params_after": grown.num_params()}
+    grown.train()
+    return grown, new_optimizer, growth.ramp, row
 
 
 def _flush(pending: list, log: MetricsLog, throughput: Throughput, progress: Progress) -> float:
