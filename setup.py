@@ -20,6 +20,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's CPU builds
 CPU_SOURCES = ["csrc/replicate.cpp", "csrc/bindings.cpp"]
+HEADERS = ["csrc/replicate.h"]  # rebuild when it changes
 
 
 class OptionalBuildExtension(BuildExtension):
@@ -38,7 +39,7 @@ class OptionalBuildExtension(BuildExtension):
 
 def extensions():
     modules = [CppExtension("stackfast._C", CPU_SOURCES, extra_compile_args=CXX_FLAGS,
-                            extra_link_args=["-fopenmp"], optional=True)]
+                            extra_link_args=["-fopenmp"], depends=HEADERS, optional=True)]
     build_cuda = os.environ.get("STACKFAST_BUILD_CUDA")
     forced = build_cuda == "1"
     if forced or (build_cuda != "0" and torch.version.cuda is not None and CUDA_HOME is not None):
@@ -47,7 +48,7 @@ def extensions():
             "stackfast._C_cuda", CPU_SOURCES + ["csrc/replicate_cuda.cu"],
             define_macros=[("STACKFAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3"]},
-            extra_link_args=["-fopenmp"], optional=not forced))
+            extra_link_args=["-fopenmp"], depends=HEADERS, optional=not forced))
     return modules
 
 

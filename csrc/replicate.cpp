@@ -68,16 +68,17 @@ void replicate_cpu(const std::vector<at::Tensor>& sources, const CopyLists& dest
     // The last source starting at or before `begin` holds it (empty sources are skipped).
     size_t i = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
     for (int64_t pos = begin; pos < end; ++i) {
-      const int64_t piece_end = std::min(end, starts[i + 1]);
-      for (int64_t offset = pos - starts[i]; offset < piece_end - starts[i];
-           offset += kBlockBytes) {
-        const int64_t bytes = std::min(kBlockBytes, piece_end - starts[i] - offset);
+      // Bytes [first, last) of sources[i] are this thread's.
+      const int64_t first = pos - starts[i];
+      const int64_t last = std::min(end, starts[i + 1]) - starts[i];
+      for (int64_t offset = first; offset < last; offset += kBlockBytes) {
+        const int64_t bytes = std::min(kBlockBytes, last - offset);
         for (const auto& copies : destinations) {
           std::memcpy(static_cast<char*>(copies[i].data_ptr()) + offset, src_ptrs[i] + offset,
                       bytes);
         }
       }
-      pos = piece_end;
+      pos = starts[i] + last;
     }
   });
 }
