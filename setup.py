@@ -4,7 +4,7 @@ Two optional extension modules carry `stackfast.ops.replicate_`:
 - `stackfast._C`: the C++ CPU kernel, built wherever a C++ compiler is found.
 - `stackfast._C_cuda`: the CPU and CUDA kernels, built when the installed torch has CUDA
   and nvcc is found. STACKFAST_BUILD_CUDA=0 skips it; STACKFAST_BUILD_CUDA=1 requires it
-  (a failure is then an error) and targets Ampere (sm_80) and Hopper (sm_90) unless
+  (a failure is then an error). It targets Ampere (sm_80) and Hopper (sm_90) unless
   TORCH_CUDA_ARCH_LIST says otherwise.
 A failed optional build is one warning: the package still installs and replicate_ uses
 its PyTorch fallback. Install with `pip install --no-build-isolation -e .` so the build
