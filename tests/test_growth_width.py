@@ -154,14 +154,18 @@ def test_random_fades_new_units_in(small, tokens):
     assert ramp.active and ramp.value == 0.0
     # At c = 0 the new residual channels are exactly zero after every block (embedding,
     # o_proj, down_proj outputs masked; new heads and neurons silenced through v_proj and
-    # up_proj), so the old channels see nothing of the new weights: the logits equal the
-    # small model's with norm_eps * D/d, as for width_zero.
-    residuals = []
-    for block in grown.layers:
-        block.register_forward_hook(lambda module, inputs, output: residuals.append(output))
+    # up_proj), and the old channels of the residual stream (the pre-norm values) after
+    # every block equal the small model's run with norm_eps * D/d; so do the logits.
+    reference = small_with_eps_times(small, 2.0)
+    residuals = {grown: [], reference: []}
+    for model in residuals:
+        for block in model.layers:
+            block.register_forward_hook(lambda module, inputs, output, seen=residuals[model]: seen.append(output))
     start = logits(grown, tokens)
-    assert all(not h[..., 64:].any() for h in residuals)
-    assert torch.allclose(start, logits(small_with_eps_times(small, 2.0), tokens), atol=ATOL)
+    assert torch.allclose(start, logits(reference, tokens), atol=ATOL)
+    for h, h_ref in zip(residuals[grown], residuals[reference], strict=True):
+        assert not h[..., 64:].any()
+        assert torch.allclose(h[..., :64], h_ref, atol=1e-6)
     ramp.set_step(5)
     assert ramp.value == 0.5 and ramp.active
     assert not torch.allclose(logits(grown, tokens), start, atol=ATOL)

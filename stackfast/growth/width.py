@@ -177,8 +177,8 @@ def _new_outputs(model: Transformer, old_hidden: int, old_ffn: int, old_kv_heads
     """(module, first new output channel) for every module whose outputs carry new units'
     contributions: silencing these outputs silences every new channel, neuron and head.
     New hidden channels come from the embedding, o_proj and down_proj; a new FFN neuron's
-    output silu(gate) * up is zero when its up output is; a new head (which reads a new kv
-    head) outputs a mix of its v rows."""
+    output silu(gate) * up is zero when its up output is; a new head reads a new kv head
+    and outputs a weighted average of its values, zero when the new v_proj outputs are."""
     kv = old_kv_heads * model.config.head_dim
     outputs = [(model.embed_tokens, old_hidden)]
     for block in model.layers:
@@ -196,8 +196,8 @@ def zero(model: Transformer, factor: int, *, hidden_size: int | None = None, ffn
     """width_zero: new units' output rows are zero, their input columns (and all other new
     entries) random as at init, so every new channel is exactly zero at growth time.
 
-    Zeroed: the new output rows of the embedding, o_proj and down_proj (hidden channels),
-    v_proj (kv heads) and up_proj (FFN neurons). The q, k and gate rows of new heads and
+    Zeroed: the weights of the new outputs of the embedding (its columns), o_proj and
+    down_proj (hidden channels), v_proj (kv heads) and up_proj (FFN neurons). The q, k and gate rows of new heads and
     neurons stay random: the unit's output is already zero, and zeroing both factors of
     silu(gate) * up would leave both with zero gradient forever (a dead neuron).
     RMSNorm: the mean square over D channels of which D - d are zero is d/D times the
