@@ -5,10 +5,11 @@
 
 OPERATORS maps each name to a function (model, factor, **options) -> Growth (the grown
 model, its spec as plain data and, for the G_random operators, the fade-in ramp).
+Width operators are in width.py, LiGO (depth_learn, width_learn) in learned.py.
 """
 from __future__ import annotations
 
-from stackfast.growth import depth
+from stackfast.growth import depth, learned, width
 from stackfast.growth.guidelines import GROWTH_FACTOR, growth_timing, plan
 from stackfast.growth.spec import Growth, GrowthError
 from stackfast.model import Transformer
@@ -17,11 +18,17 @@ OPERATORS = {
     "stack": depth.stack,
     "depth_zero": depth.zero,
     "depth_random": depth.random,
+    "depth_learn": learned.depth_learn,
+    "width_direct": width.direct,
+    "width_zero": width.zero,
+    "width_random": width.random,
+    "width_learn": learned.width_learn,
 }
 
 # Operators whose new parts fade in: rebuild the ramp from a saved spec (resume mid-ramp).
 RAMPS = {
     "depth_random": depth.random_ramp,
+    "width_random": width.random_ramp,
 }
 
 
