@@ -22,10 +22,14 @@ demo: install
 	$(BIN)/stackfast demo
 
 test: install
+	# The C++ replication kernel's own test (CTest), built with CMake against the same torch.
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')" > build-cmake.log 2>&1
+	cmake --build build/cmake -j 2 >> build-cmake.log 2>&1
+	ctest --test-dir build/cmake --output-on-failure
 	$(BIN)/python -m pytest -q tests
 
 bench: install
 	$(BIN)/python benchmarks/bench_train.py
 
 clean:
-	rm -rf build *.egg-info stackfast/*.so
+	rm -rf build build-cmake.log *.egg-info stackfast/*.so

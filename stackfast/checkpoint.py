@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stackfast.config import Config, ConfigError, StackfastError, config_from_dict, tomllib
+from stackfast.config import Config, ConfigError, ModelConfig, StackfastError, config_from_dict, tomllib
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, CONFIG_FILE = (
@@ -37,23 +37,17 @@ class CheckpointError(StackfastError):
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer, state: dict,
                     config: Config, keep_last: int) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=ckpt_root))
-    try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+    def write(tmp: Path) -> None:
         save_file(weights, str(tmp / MODEL_FILE))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
         save_file(rng_state(), str(tmp / RNG_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / CONFIG_FILE).write_text(config.to_toml())
-        if final.exists():  # re-saving the same step (e.g. at the end of a resumed run)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_folder(final, write)  # re-saving a step (end of a resumed run) replaces it
     for old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -169,3 +163,111 @@ def hf_llama_config(cfg) -> dict:
                 num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
                 rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
                 attention_bias=False, mlp_bias=False, hidden_act="silu")
+
+
+def is_hf_dir(folder: str | Path) -> bool:
+    return (Path(folder) / "config.json").is_file()
+
+
+def load_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A Hugging Face Llama folder (config.json + model.safetensors or a sharded index) as a
+    ModelConfig and stackfast-named weights. Features stackfast's model lacks are refused."""
+    folder = Path(folder)
+    try:
+        hf = json.loads(_require(folder, "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: corrupt ({e.msg})") from None
+    arch = hf.get("model_type")
+    if arch != "llama":
+        raise CheckpointError(f"{folder}: model_type {arch!r} is not supported (only 'llama')")
+    unsupported = [key for key in ("attention_bias", "mlp_bias", "tie_word_embeddings") if hf.get(key)]
+    if hf.get("rope_scaling"):
+        unsupported.append("rope_scaling")
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={hf['hidden_act']}")
+    if unsupported:
+        raise CheckpointError(f"{folder}: unsupported Llama features: {', '.join(unsupported)}")
+    try:
+        heads = hf["num_attention_heads"]
+        if hf.get("head_dim", hf["hidden_size"] // heads) != hf["hidden_size"] // heads:
+            raise CheckpointError(f"{folder}: head_dim {hf['head_dim']} != hidden_size / heads is not supported")
+        rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        cfg = ModelConfig(vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"],
+                          hidden_size=hf["hidden_size"], n_heads=heads,
+                          n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_size=hf["intermediate_size"],
+                          max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(rope_theta),
+                          norm_eps=hf.get("rms_norm_eps", 1e-5))
+    except KeyError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: missing {e.args[0]!r}") from None
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [_require(folder, "model.safetensors").name]
+    weights = {}
+    for name in files:
+        path = _require(folder, name)
+        try:
+            weights.update(load_file(str(path)))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: unreadable weights ({e})") from None
+    # HF names -> stackfast names; rotary caches some versions store are derived, not weights.
+    ours = {(k[len("model."):] if k.startswith("model.") else k): v.float() for k, v in weights.items()
+            if "rotary_emb" not in k}
+    return cfg, ours
+
+
+def save_hf(folder: Path, model: torch.nn.Module, tokenizer_file: Path | None = None) -> None:
+    """Write model as a LlamaForCausalLM folder (config.json, model.safetensors, tokenizer).
+
+    `folder` must not exist yet (callers refuse or clear it); written atomically."""
+    cfg = model.config
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
+              "bos_token_id": None, "eos_token_id": None, **hf_llama_config(cfg)}
+    weights = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(model.state_dict()).items()}
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / tokenizer_file.name)
+    _write_folder(folder, write)
+
+
+def _write_folder(folder: Path, write) -> None:
+    """Run write(tmp) in a temporary sibling folder, then rename it to `folder`."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_weights_folder(folder: Path, model: torch.nn.Module, config: Config, state: dict) -> None:
+    """A weights-only stackfast checkpoint (no optimizer): usable as checkpoint.init_from."""
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        save_file(weights, str(tmp / MODEL_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        (tmp / CONFIG_FILE).write_text(config.to_toml())
+    _write_folder(folder, write)
+
+
+def load_model_source(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and weights of a stackfast checkpoint folder or a Hugging Face Llama folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    if is_hf_dir(folder):
+        return load_hf(folder)
+    return load_config_of(folder).model, load_weights(folder)

@@ -66,10 +66,127 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from stackfast.config import PAPER_LR, config_from_dict, dumps_toml
+    from stackfast.growth import plan
+    p = plan(args.params, tokens=args.tokens, flops=args.flops)
+    small, target = p["small"], p["target"]
+    print(f"target        {p['target_params'] / 1e9:.3g}B parameters (preset {p['preset']}: {target['n_layers']} layers, "
+          f"hidden {target['hidden_size']})")
+    print(f"budget        {p['tokens'] / 1e9:.4g}B tokens, {p['flops']:.3g} FLOPs "
+          f"({p['tokens_per_param']:.1f} tokens per parameter)")
+    print(f"grow at       d = {p['growth_tokens'] / 1e9:.4g}B tokens (paper's timing formula), factor g = {p['factor']}")
+    print(f"small model   {small['n_layers']} layers x hidden {small['hidden_size']} "
+          f"({p['small_params'] / 1e9:.3g}B parameters), stacked {p['factor']}x into the target")
+    print(f"compute       small {p['small_flops']:.3g} + grown {p['grown_flops']:.3g} FLOPs "
+          f"({100 * p['small_flop_share']:.1f}% on the small model)")
+    if p["tokens_per_param"] < 10:
+        print("warning       far below ~20 tokens per parameter: a smaller model may beat any grown one here")
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not args.force:
+            raise StackfastError(f"{out} already exists (use --force to replace it)")
+        cfg = config_from_dict({
+            "model": {"preset": p["preset"]},
+            "data": {"path": "data/tokens", "seq_len": 2048},
+            "optim": {"lr": PAPER_LR[p["preset"]]},
+            "schedule": {"warmup_steps": 3000, "min_lr_ratio": 0.1},
+            "train": {"total_tokens": int(p["tokens"]), "micro_batch_size": 4, "grad_accum_steps": 32},
+            "growth": {"operator": "stack", "factor": p["factor"], "at_tokens": int(p["growth_tokens"]),
+                       "small_lr": 1e-3},
+            "parallel": {"activation_checkpointing": "full"},
+            "checkpoint": {"every_steps": 1000, "resume": "auto"},
+            "logging": {"run_dir": f"runs/{p['preset']}-stack"},
+        })
+        out.write_text("# Written by `stackfast plan`; set data.path to your tokenized corpus.\n"
+                       + dumps_toml(cfg.to_dict()))
+        print(f"config        {out}")
+    return 0
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise StackfastError(f"{out} already exists and is not empty (use --force to replace it)")
+
+
+def _learning_batches(data_path: str, seq_len: int, vocab_size: int):
+    """LiGO's training batches from a dataset (the built-in corpus by default)."""
+    from stackfast.config import DataConfig
+    from stackfast.data import TokenLoader, open_data
+    loader = TokenLoader(open_data(DataConfig(path=data_path, seq_len=seq_len), vocab_size), seq_len, 8)
+    return lambda step: loader.batch(step)
+
+
+def cmd_grow(args) -> int:
+    import dataclasses
+    from stackfast.checkpoint import is_hf_dir, load_config_of, load_into_model, load_model_source, save_hf, \
+        save_weights_folder
+    from stackfast.config import Config, parse_value
+    from stackfast.growth import RAMPS, apply_growth
+    from stackfast.model import Transformer
+    source, out = Path(args.checkpoint), Path(args.out)
+    if out.resolve() == source.resolve():
+        raise StackfastError("--out must differ from --checkpoint (the input is never overwritten)")
+    _refuse_existing(out, args.force)
+    model_cfg, weights = load_model_source(source)
+    model = Transformer(dataclasses.replace(model_cfg, kernels="torch"))
+    load_into_model(model, weights, source)
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        if not key or not _:
+            raise StackfastError(f"--option {item!r}: expected key=value")
+        options[key.strip()] = parse_value(value.strip())
+    if args.operator in ("depth_learn", "width_learn"):
+        options["batches"] = _learning_batches(args.data, min(256, model_cfg.max_seq_len), model_cfg.vocab_size)
+    growth = apply_growth(model, args.operator, args.factor, **options)
+    grown = growth.model
+    grown.config = dataclasses.replace(grown.config, kernels=model_cfg.kernels)
+    fmt = args.format or ("hf" if is_hf_dir(source) else "stackfast")
+    if fmt == "hf":
+        tokenizer = next((source / n for n in ("tokenizer.json", "tokenizer.model") if (source / n).is_file()), None)
+        save_hf(out, grown, tokenizer)
+    else:
+        cfg = Config() if is_hf_dir(source) else load_config_of(source)
+        cfg.model = grown.config
+        save_weights_folder(out, grown, cfg, {"step": 0, "growth_spec": growth.spec})
+    print(f"grew {model.num_params() / 1e6:.2f}M -> {grown.num_params() / 1e6:.2f}M parameters with "
+          f"{args.operator} x{args.factor}: {grown.config.n_layers} layers, hidden {grown.config.hidden_size}")
+    if "layer_map" in growth.spec:
+        print(f"layer map     {growth.spec['layer_map']}  (grown layer i copies small layer map[i]; -1 = new)")
+    if args.operator in RAMPS:
+        print(f"note          {args.operator} fades new parts in during training; saved here at full strength. "
+              f"Use [growth] in a run to get the fade-in.")
+    print(f"wrote {out} ({fmt})")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    import dataclasses
+    from stackfast.checkpoint import load_config_of, load_into_model, load_weights, save_hf
+    from stackfast.data import TokenData, resolve_path
+    from stackfast.model import Transformer
+    source, out = Path(args.checkpoint), Path(args.out)
+    _refuse_existing(out, args.force)
+    cfg = load_config_of(source)
+    model = Transformer(dataclasses.replace(cfg.model, kernels="torch"))
+    load_into_model(model, load_weights(source), source)
+    tokenizer = None
+    try:  # the run's tokenizer goes alongside when its data folder is still there
+        tokenizer = TokenData(resolve_path(cfg.data.path, cfg.data.val_fraction)).tokenizer_file
+    except StackfastError:
+        print(f"note: the run's data ({cfg.data.path}) is not here; exported without a tokenizer", file=sys.stderr)
+    save_hf(out, model, tokenizer)
+    print(f"wrote {out}: LlamaForCausalLM, {model.num_params() / 1e6:.2f}M parameters"
+          + (f", tokenizer {tokenizer.name}" if tokenizer else ""))
+    return 0
+
+
 def info() -> dict:
     """Versions, device, kernel selection and compiled parts."""
     import torch
     from stackfast.model import use_triton
+    from stackfast.ops import extension_info
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         import triton
@@ -84,6 +201,7 @@ def info() -> dict:
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "cuda": torch.version.cuda,
         "kernels_auto": "triton" if use_triton("auto", device) else "torch",
+        "extension": extension_info(),  # which compiled parts of csrc/ import (cpu, cuda)
     }
     return out
 
@@ -130,6 +248,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("plan", help="the paper's growth timing and factor for a target size and budget")
+    p.add_argument("--params", type=float, required=True, help="target model parameters, e.g. 7e9")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--tokens", type=float, help="total training tokens, e.g. 300e9")
+    budget.add_argument("--flops", type=float, help="total training FLOPs")
+    p.add_argument("--out", help="write a ready-to-run config (TOML) here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("grow", help="grow a checkpoint (stackfast or Hugging Face) with an operator")
+    p.add_argument("--checkpoint", required=True, help="stackfast checkpoint folder or Hugging Face Llama folder")
+    p.add_argument("--operator", default="stack", help="growth operator (default stack)")
+    p.add_argument("--factor", type=int, default=4, help="growth factor g (default 4)")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
+    p.add_argument("--format", choices=("stackfast", "hf"), help="output format (default: the input's)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="operator option, e.g. layers=middle, noise=0.2, order=interpolate (repeatable)")
+    p.add_argument("--data", default="builtin:python-stdlib", help="LiGO operators' training data")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_grow)
+
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM folder")
+    p.add_argument("--checkpoint", required=True, help="stackfast checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("info", help="versions, device, kernels, compiled parts")
     p.add_argument("--json", action="store_true")

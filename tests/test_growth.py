@@ -42,7 +42,7 @@ def test_stack_copies_layers_by_map_and_keeps_embeddings_norm_head():
     ("front", "stack", [0, 1, 2] * 7 + [3, 4, 5]),
     ("middle", "stack", [0] + [1, 2, 3] * 7 + [4, 5]),
     ("back", "stack", [0, 1, 2] + [3, 4, 5] * 7),
-    ([5, 0, 0, 1], "stack", [5, 0, 0, 1]),
+    ([5, 0, 0, 1, 2, 3, 4, 5], "stack", [5, 0, 0, 1, 2, 3, 4, 5]),
 ])
 def test_layer_maps_of_the_paper_ablations(layers, order, expected):
     assert layer_map(6, 4, layers, order) == expected

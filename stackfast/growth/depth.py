@@ -15,6 +15,7 @@ import torch
 from stackfast.growth.ramp import Ramp
 from stackfast.growth.spec import Growth, GrowthError
 from stackfast.model import Transformer, init_parameter
+from stackfast.ops import replicate_
 
 PARTIAL = ("all", "front", "middle", "back")
 
@@ -30,9 +31,11 @@ def layer_map(n_layers: int, factor: int, layers: str | list[int] = "all", order
     """
     if isinstance(layers, (list, tuple)):
         bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < n_layers)]
-        if bad or not layers:
-            raise GrowthError(f"layer map index {bad[0] if bad else 'list'} out of range for a "
-                              f"{n_layers}-layer model" if bad else "layer map is empty")
+        if bad:
+            raise GrowthError(f"layer map index {bad[0]} out of range for a {n_layers}-layer model")
+        if len(layers) <= n_layers:
+            raise GrowthError(f"an explicit layer map must be longer than the model's {n_layers} layers, "
+                              f"got {len(layers)} entries")
         return list(layers)
     if layers not in PARTIAL:
         raise GrowthError(f"layers: expected one of {', '.join(PARTIAL)} or a list of indices, got {layers!r}")
@@ -75,16 +78,14 @@ def build_from_map(model: Transformer, mapping: list[int]) -> Transformer:
 
 
 def _replicate_grouped(sources: list[torch.Tensor], copies: list[list[torch.Tensor]]) -> None:
-    """Copy each source into all its copies. Sources are grouped by how many copies they
-    get (the same for all with whole-model stacking) so each group is one multi-tensor copy
-    per copy index."""
+    """Copy each source into all its copies, reading it once (replicate_ takes one destination
+    list per copy, parallel to the sources): sources are grouped by how many copies they get,
+    the same for all with whole-model stacking."""
     by_count: dict[int, list[int]] = {}
     for i, dests in enumerate(copies):
         by_count.setdefault(len(dests), []).append(i)
-    with torch.no_grad():
-        for count, idx in by_count.items():
-            for c in range(count):
-                torch._foreach_copy_([copies[i][c] for i in idx], [sources[i] for i in idx])
+    for count, idx in by_count.items():
+        replicate_([sources[i] for i in idx], [[copies[i][c] for i in idx] for c in range(count)])
 
 
 def stack(model: Transformer, factor: int, *, layers: str | list[int] = "all", order: str = "stack",

@@ -1,0 +1,103 @@
+"""`stackfast plan`, `stackfast grow` and `stackfast export-hf` as a user runs them."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stackfast.checkpoint import load_hf, load_weights
+from stackfast.config import load_config
+from stackfast.growth import growth_timing
+from stackfast.train import run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stackfast(*args):
+    return subprocess.run([sys.executable, "-m", "stackfast", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-layer tiny model trained for 3 steps (a stackfast checkpoint)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    run(load_config(None, ['model.preset="tiny"', "model.kernels=torch", "data.seq_len=32", "train.max_steps=3",
+                           "train.micro_batch_size=2", "train.eval_batches=1", "logging.progress=false",
+                           "logging.tensorboard=false", f'logging.run_dir="{run_dir}"']))
+    return run_dir / "checkpoints" / "step_00000003"
+
+
+def test_plan_prints_the_formula_and_writes_a_config(tmp_path):
+    out = stackfast("plan", "--params", "7e9", "--tokens", "300e9", "--out", tmp_path / "plan.toml")
+    assert out.returncode == 0, out.stderr
+    d = growth_timing(7e9, 6 * 7e9 * 300e9)
+    assert f"d = {d / 1e9:.4g}B tokens" in out.stdout and "factor g = 4" in out.stdout
+    cfg = load_config(tmp_path / "plan.toml")
+    assert cfg.growth.operator == "stack" and cfg.growth.at_tokens == int(d) and cfg.model.n_layers == 32
+    again = stackfast("plan", "--params", "7e9", "--tokens", "300e9", "--out", tmp_path / "plan.toml")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert stackfast("plan", "--params", "7e9").returncode == 2  # a budget is required
+
+
+def test_grow_a_stackfast_checkpoint_then_train_from_it(trained, tmp_path):
+    out = stackfast("grow", "--checkpoint", trained, "--operator", "stack", "--factor", "4", "--out", tmp_path / "g")
+    assert out.returncode == 0, out.stderr
+    assert "layer map     [0, 1, 0, 1, 0, 1, 0, 1]" in out.stdout
+    grown, small = load_weights(tmp_path / "g"), load_weights(trained)
+    assert torch.equal(grown["layers.6.mlp.up_proj.weight"], small["layers.0.mlp.up_proj.weight"])
+    assert json.loads((tmp_path / "g" / "state.json").read_text())["growth_spec"]["operator"] == "stack"
+    # The grown folder is a valid init for a run of the grown shape.
+    summary = run(load_config(None, ['model.preset="tiny"', "model.n_layers=8", "model.kernels=torch",
+                                     "data.seq_len=32", "train.max_steps=2", "train.micro_batch_size=2",
+                                     "train.eval_batches=1", "logging.progress=false", "logging.tensorboard=false",
+                                     f'logging.run_dir="{tmp_path / "r"}"',
+                                     f'checkpoint.init_from="{tmp_path / "g"}"']))
+    assert summary["steps"] == 2 and math.isfinite(summary["loss"])
+
+
+def test_grow_refuses_bad_input_and_never_overwrites(trained, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    cases = [
+        (["--factor", "1"], "growth factor must be an integer >= 2"),
+        (["--option", "layers=[0, 9, 1]"], "layer map index 9 out of range"),
+        (["--operator", "nope"], "unknown growth operator 'nope'"),
+    ]
+    for extra, message in cases:
+        out = stackfast("grow", "--checkpoint", trained, "--out", tmp_path / "o", *extra)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+    out = stackfast("grow", "--checkpoint", trained, "--out", tmp_path / "taken")
+    assert out.returncode == 2 and "already exists" in out.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    out = stackfast("grow", "--checkpoint", trained, "--out", trained)
+    assert out.returncode == 2 and "must differ" in out.stderr
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    out = stackfast("grow", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "o2")
+    assert out.returncode == 2 and "stackfast: error:" in out.stderr
+
+
+def test_export_hf_loads_in_transformers_with_equal_logits_and_grows_in_hf_format(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = stackfast("export-hf", "--checkpoint", trained, "--out", tmp_path / "hf")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    from stackfast.model import Transformer
+    cfg, weights = load_hf(tmp_path / "hf")
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict(weights)
+    x = torch.randint(0, cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+    # A grown HF checkpoint loads in transformers with g x the layers.
+    out = stackfast("grow", "--checkpoint", tmp_path / "hf", "--factor", "4", "--out", tmp_path / "hf4")
+    assert out.returncode == 0, out.stderr
+    grown = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf4")
+    assert grown.config.num_hidden_layers == 4 * cfg.n_layers
+    assert torch.equal(grown.model.layers[5].mlp.up_proj.weight, hf.model.layers[1].mlp.up_proj.weight)
+    assert stackfast("export-hf", "--checkpoint", trained, "--out", tmp_path / "hf").returncode == 2
