@@ -3,3 +3,7 @@
 Each module holds the Triton (or C++/CUDA) kernel, its launcher, the autograd
 function, the pure-PyTorch `*_ref` reference and the public function.
 """
+
+from stackfast.ops.rms_norm import rms_norm, rms_norm_ref
+
+__all__ = ["rms_norm", "rms_norm_ref"]
