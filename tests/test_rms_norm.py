@@ -14,7 +14,8 @@ def assert_within_torch_error(out, ref64, torch_out, dtype, what):
     """design.md: |kernel - ref_fp64| <= 2 |torch_lowprec - ref_fp64| + atol (inputs in dtype)."""
     err = (out.double() - ref64).abs()
     allowed = 2 * (torch_out.double() - ref64).abs() + ATOL[dtype] * ref64.abs().max()
-    assert (err <= allowed).all(), f"{what}: max error {err.max():.3g}, worst excess {(err - allowed).max():.3g}"
+    assert (err <= allowed).all(), \
+        f"{what}: max error {err.max():.3g}, worst excess {(err - allowed).max():.3g}"
 
 
 def _run(fn, x, weight, residual, d_normed, d_new_residual):

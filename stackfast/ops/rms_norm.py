@@ -151,13 +151,15 @@ _rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _validate(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
     if x.ndim < 1 or weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight must have shape (hidden,) = ({x.shape[-1] if x.ndim else '?'},),"
-                         f" got weight {tuple(weight.shape)} for x {tuple(x.shape)}")
+        raise ValueError(f"rms_norm: weight must have shape (hidden,) matching x's last dim, "
+                         f"got weight {tuple(weight.shape)} for x {tuple(x.shape)}")
     if x.shape[-1] > MAX_HIDDEN:
-        raise ValueError(f"rms_norm: hidden size {x.shape[-1]} is above the supported {MAX_HIDDEN}")
+        raise ValueError(f"rms_norm: hidden size {x.shape[-1]} is above the supported "
+                         f"{MAX_HIDDEN}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"rms_norm: residual must match x in shape and dtype, got "
-                         f"{tuple(residual.shape)} {residual.dtype} for x {tuple(x.shape)} {x.dtype}")
+                         f"{tuple(residual.shape)} {residual.dtype} for x {tuple(x.shape)} "
+                         f"{x.dtype}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"rms_norm: x must be float16, bfloat16 or float32, got {x.dtype}")
 
