@@ -4,6 +4,9 @@ Each module holds the Triton (or C++/CUDA) kernel, its launcher, the autograd
 function, the pure-PyTorch `*_ref` reference and the public function.
 """
 
+from stackfast.ops.attention import attention, attention_ref
 from stackfast.ops.replicate import extension_info, replicate_, replicate_ref
+from stackfast.ops.rms_norm import rms_norm, rms_norm_ref
 
-__all__ = ["extension_info", "replicate_", "replicate_ref"]
+__all__ = ["attention", "attention_ref", "extension_info", "replicate_", "replicate_ref", "rms_norm",
+           "rms_norm_ref"]

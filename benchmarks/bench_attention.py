@@ -1,0 +1,167 @@
+"""Attention benchmark: stackfast's Triton flash attention against every torch SDPA backend
+(flash, cuDNN, memory-efficient) and flash-attn when it imports; forward and forward+backward
+TFLOP/s, bf16, causal, with ratios to the best SDPA backend measured in the same run.
+
+    python benchmarks/bench_attention.py [--quick]
+
+Without CUDA it runs a tiny correctness check under the Triton interpreter instead.
+FLOPs: forward 4*B*H*S^2*D (half of it when causal); backward 2.5x the forward.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before stackfast.ops defines its kernels
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for scripts
+
+from benchmarks import harness  # noqa: E402
+from stackfast.ops import attention, attention_ref  # noqa: E402
+
+# (batch, heads, kv_heads, seqlen, head_dim), all causal
+CASES = [(4, 32, 32, 4096, 128), (8, 32, 32, 2048, 128), (2, 32, 32, 8192, 128),
+         (8, 16, 16, 2048, 64), (4, 32, 8, 4096, 128)]
+QUICK_CASES = CASES[:1] + CASES[-1:]
+
+
+def attention_flops(batch, heads, seqlen, head_dim, causal, backward):
+    forward = 4 * batch * heads * seqlen ** 2 * head_dim * (0.5 if causal else 1.0)
+    return forward * (3.5 if backward else 1.0)  # backward = 2.5x forward
+
+
+def _sdpa(backend):
+    """SDPA restricted to one backend, in flash-attn layout (the transposes are views)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=k.shape[2] != q.shape[2])
+        return out.transpose(1, 2)
+    return run
+
+
+def implementations() -> tuple[dict, list[str]]:
+    """name -> fn(q, k, v) in (batch, seqlen, heads, head_dim) layout, and notes on the
+    baselines that are missing."""
+    from torch.nn.attention import SDPBackend
+    impls = {"stackfast": lambda q, k, v: attention(q, k, v, causal=True)}
+    notes = []
+    for name, backend in [("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-cudnn", "CUDNN_ATTENTION"),
+                          ("sdpa-efficient", "EFFICIENT_ATTENTION")]:
+        if hasattr(SDPBackend, backend):
+            impls[name] = _sdpa(getattr(SDPBackend, backend))
+        else:
+            notes.append(f"{name}: SDPBackend.{backend} missing in torch {torch.__version__}")
+    try:
+        from flash_attn import flash_attn_func
+        impls["flash-attn"] = lambda q, k, v: flash_attn_func(q, k, v, causal=True)
+    except ImportError as error:
+        notes.append(f"flash-attn: not importable ({error})")
+    return impls, notes
+
+
+def benchmark(device: torch.device, quick: bool = False) -> list[dict]:
+    impls, notes = implementations()
+    for note in notes:
+        print("skipped", note)
+    rows = []
+    for batch, heads, kv_heads, seqlen, head_dim in (QUICK_CASES if quick else CASES):
+        shape = {"batch": batch, "heads": heads, "kv_heads": kv_heads, "seqlen": seqlen,
+                 "head_dim": head_dim, "causal": True}
+        q = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=torch.bfloat16,
+                        requires_grad=True)
+        k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=device,
+                            dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        d_out = torch.randn_like(q)
+        case_rows = []
+        for name, fn in impls.items():
+            try:
+                fn(q, k, v)  # a backend may refuse the shape (GQA, head dim): skip it
+            except RuntimeError as error:
+                print(f"skipped {name} at {shape}: {str(error).splitlines()[0]}")
+                continue
+            for backward in (False, True):
+                if backward:
+                    def step(fn=fn):
+                        return torch.autograd.grad(fn(q, k, v), (q, k, v), d_out)
+                else:
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            return fn(q, k, v)
+                timing = harness.measure(step, device=device, warmup=3, reps=10)
+                flops = attention_flops(batch, heads, seqlen, head_dim, True, backward)
+                case_rows.append({"op": "attention", "impl": name, **shape,
+                                  "pass": "fwd+bwd" if backward else "fwd", **timing,
+                                  "tflops": harness.tflops(flops, timing["median_ms"])})
+        for pass_name in ("fwd", "fwd+bwd"):
+            same_pass = [r for r in case_rows if r["pass"] == pass_name]
+            sdpa = [r for r in same_pass if r["impl"].startswith("sdpa-")]
+            best = max(sdpa, key=lambda r: r["tflops"]) if sdpa else None
+            for row in same_pass:
+                row["baseline"] = best["impl"] if best else None
+                row["ratio"] = row["tflops"] / best["tflops"] if best else None
+        rows += case_rows
+        del q, k, v, d_out
+    return rows
+
+
+# atol of the check as a fraction of max|ref64|: about one final rounding to the dtype
+CHECK_ATOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}
+
+
+def check(device: torch.device, dtype: torch.dtype, cases) -> list[dict]:
+    """Forward and gradients against the fp64 reference with design.md's rule:
+    |kernel - ref64| <= 2 |torch - ref64| + atol. cases: (batch, heads, kv_heads, seqlen,
+    head_dim, causal)."""
+    rows = []
+    for batch, heads, kv_heads, seqlen, head_dim, causal in cases:
+        q = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=dtype)
+                for _ in range(2))
+        d_out = torch.randn_like(q)
+        results = []
+        for fn, kwargs in [(attention, {}), (attention_ref, {}), (attention_ref, {"upcast": True})]:
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = fn(*inputs, causal=causal, **kwargs)
+            results.append([out.detach(), *torch.autograd.grad(out, inputs, d_out.to(out.dtype))])
+        for name, got, low, ref in zip(["out", "dq", "dk", "dv"], *results):
+            err = (got.double() - ref).abs()
+            bound = 2 * (low.double() - ref).abs() + CHECK_ATOL[dtype] * ref.abs().max()
+            rows.append({"op": "attention", "check": name, "dtype": str(dtype), "batch": batch,
+                         "heads": heads, "kv_heads": kv_heads, "seqlen": seqlen,
+                         "head_dim": head_dim, "causal": causal, "max_err": err.max().item(),
+                         "worst_excess": (err - bound).max().item(),
+                         "ok": bool((err <= bound).all())})
+    return rows
+
+
+CHECK_COLUMNS = ["op", "check", "dtype", "heads", "kv_heads", "seqlen", "head_dim", "causal",
+                 "max_err", "ok"]
+BENCH_COLUMNS = ["impl", "batch", "heads", "kv_heads", "seqlen", "head_dim", "pass",
+                 "median_ms", "tflops", "baseline", "ratio"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two shapes only")
+    args = parser.parse_args(argv)
+    device = harness.main_device()
+    if device.type != "cuda":
+        print("The attention benchmark needs CUDA; no timing here. Interpreter smoke check:")
+        rows = check(device, torch.float32, [(1, 4, 2, 40, 32, True)])
+        print(harness.markdown_table(rows, CHECK_COLUMNS))
+        return 0 if all(r["ok"] for r in rows) else 1
+    rows = benchmark(device, quick=args.quick)
+    print("wrote", harness.write_results("bench_attention", rows))
+    print(harness.markdown_table(rows, BENCH_COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

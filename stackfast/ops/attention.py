@@ -1,0 +1,456 @@
+"""Flash attention (forward and backward) in Triton, flash-attn layout, causal or not, GQA.
+
+q: (batch, seqlen, heads, head_dim); k, v: (batch, seqlen, kv_heads, head_dim), with
+heads a multiple of kv_heads: query head h reads kv head h // (heads // kv_heads).
+
+Forward: each program owns a block of query rows and streams the key/value blocks
+through an online softmax, so no seqlen x seqlen matrix is ever stored. It saves the
+log-sum-exp of each row (base 2, with the softmax scale folded in) for the backward.
+Backward (FlashAttention-2): a preprocess kernel computes delta = rowsum(dO * O); a
+dk/dv kernel where each program owns a key block of one kv head and loops over the
+query heads of its group and over the query blocks (the GQA reduction happens in
+registers, no atomics); a dq kernel where each program owns a query block.
+
+Causal blocks are split into a part fully below the diagonal (no mask computed) and
+the blocks that cross the diagonal or the end of the sequence (masked).
+
+Layers: kernels -> launchers registered as torch custom ops ("stackfast::attention_fwd",
+"stackfast::attention_bwd") with fake implementations and an autograd formula ->
+`attention`. `attention_ref` is the pure-PyTorch reference.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from stackfast.ops import _launch
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
+
+
+def _configs(gpu_configs, interpreter_config):
+    """Autotune over `gpu_configs` on a GPU; the interpreter runs one config (it cannot tune).
+
+    Each config is (BLOCK_M, BLOCK_N, num_warps, num_stages).
+    """
+    chosen = [interpreter_config] if _launch.INTERPRET else gpu_configs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in chosen]
+
+
+# Ampere (A100, 164 KB shared memory) and Hopper (228 KB) pick different winners; configs
+# that do not fit a device's shared memory are skipped by the autotuner. The causal block
+# split needs BLOCK_M % BLOCK_N == 0 (forward, dq) and BLOCK_N % BLOCK_M == 0 (dk/dv).
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+                        interpreter_config=(64, 32, 4, 1))
+_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+                         interpreter_config=(32, 64, 4, 1))
+_DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+                       interpreter_config=(64, 32, 4, 1))
+# Few configs: every new key costs one compile and one timing per config (seconds).
+_TUNE_KEY = ["seqlen", "HEAD_DIM", "CAUSAL"]
+
+
+@triton.jit
+def _tile_ptrs(base_ptr, batch, head, offs_s, seqlen, n_heads, HEAD_DIM: tl.constexpr):
+    """Pointers to rows offs_s of one head of a contiguous (batch, seqlen, n_heads, HEAD_DIM)
+    tensor: a (len(offs_s), HEAD_DIM) tile. int64 row index: the tensor may pass 2**31."""
+    rows = (batch.to(tl.int64) * seqlen + offs_s) * n_heads + head
+    return base_ptr + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _load_tile(ptrs, offs_s, seqlen, UPCAST: tl.constexpr):
+    """A tile, zero past the end of the sequence; fp32 under the interpreter (no bf16 math)."""
+    tile = tl.load(ptrs, mask=offs_s[:, None] < seqlen, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _load_tile_pair(a_ptr, b_ptr, batch, head, offs_s, seqlen, n_heads,
+                    HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """The same rows of the same head of two tensors (k and v, q and dO, o and dO)."""
+    a = _load_tile(_tile_ptrs(a_ptr, batch, head, offs_s, seqlen, n_heads, HEAD_DIM),
+                   offs_s, seqlen, UPCAST)
+    b = _load_tile(_tile_ptrs(b_ptr, batch, head, offs_s, seqlen, n_heads, HEAD_DIM),
+                   offs_s, seqlen, UPCAST)
+    return a, b
+
+
+@triton.jit
+def _load_row_stats(lse_ptr, delta_ptr, row_base, offs_m, seqlen):
+    """lse and delta of query rows offs_m; row_base indexes the (batch, heads, seqlen) layout."""
+    lse = tl.load(lse_ptr + row_base + offs_m, mask=offs_m < seqlen, other=0.0)
+    delta = tl.load(delta_ptr + row_base + offs_m, mask=offs_m < seqlen, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _keep(offs_rows, offs_cols, seqlen, CAUSAL: tl.constexpr):
+    """(rows, cols) mask of the score entries that exist: key inside the sequence and, when
+    causal, key position <= query position. offs_rows are query positions."""
+    keep = offs_cols[None, :] < seqlen
+    if CAUSAL:
+        keep = keep & (offs_rows[:, None] >= offs_cols[None, :])
+    return keep
+
+
+@triton.jit
+def _query_block(n_heads, n_kv_heads, BLOCK_M: tl.constexpr):
+    """(start_m, batch, head, kv_head) of this program in a (query blocks, batch * heads)
+    grid. The last query blocks (the heaviest when causal) are started first."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    batch = tl.program_id(1) // n_heads
+    head = tl.program_id(1) % n_heads
+    return start_m, batch, head, head // (n_heads // n_kv_heads)
+
+
+@triton.jit
+def _key_ranges(start_m, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """For the query rows start_m + [0, BLOCK_M): keys [0, full_end) need no mask, keys
+    [full_end, masked_end) cross the diagonal (causal) or the end of the sequence."""
+    if CAUSAL:
+        # keys before start_m are visible to all rows
+        full_end = start_m
+        masked_end = tl.minimum(start_m + BLOCK_M, seqlen)
+    else:
+        full_end = (seqlen // BLOCK_N) * BLOCK_N
+        masked_end = seqlen
+    return full_end, masked_end
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen, n_kv_heads,
+               qk_scale, lo, hi, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): updates acc (BLOCK_M, HEAD_DIM), the row sums
+    l_i and the row maxima m_i (base-2 units)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v = _load_tile_pair(k_ptr, v_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads,
+                              HEAD_DIM, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASK:
+            qk = tl.where(_keep(offs_m, offs_n, seqlen, CAUSAL), qk, float("-inf"))
+        # Every row has a finite maximum: key 0 is visible to every row (also to the padding
+        # rows past seqlen) and lies in the first block, so no -inf - -inf appears.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_heads, n_kv_heads, seqlen, qk_scale,
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m, batch, head, kv_head = _query_block(n_heads, n_kv_heads, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(_tile_ptrs(q_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM),
+                   offs_m, seqlen, UPCAST)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    full_end, masked_end = _key_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                               n_kv_heads, qk_scale, 0, full_end, CAUSAL, False, HEAD_DIM,
+                               BLOCK_N, UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                               n_kv_heads, qk_scale, full_end, masked_end, CAUSAL, True, HEAD_DIM,
+                               BLOCK_N, UPCAST, DOT_PRECISION)
+
+    o = acc / l_i[:, None]
+    o_ptrs = _tile_ptrs(o_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM)
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < seqlen)
+    # lse: (batch, heads, seqlen) fp32, base 2, scale folded in
+    tl.store(lse_ptr + tl.program_id(1).to(tl.int64) * seqlen + offs_m, m_i + tl.math.log2(l_i),
+             mask=offs_m < seqlen)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, n_heads, seqlen,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta[b, h, s] = sum_d o * do, the softmax-backward term shared by dq and dk.
+    batch = tl.program_id(1) // n_heads
+    head = tl.program_id(1) % n_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o, do = _load_tile_pair(o_ptr, do_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM,
+                          True)
+    tl.store(delta_ptr + tl.program_id(1).to(tl.int64) * seqlen + offs_m, tl.sum(o * do, 1),
+             mask=offs_m < seqlen)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head, offs_n,
+                seqlen, n_heads, qk_scale, lo, hi, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Accumulate into dk, dv (BLOCK_N, HEAD_DIM) the query blocks [lo, hi) of one query head.
+    Works on transposed scores (BLOCK_N, BLOCK_M) so no tile of k or v is transposed."""
+    row_base = (batch * n_heads + head).to(tl.int64) * seqlen  # into lse / delta (b, h, s)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q, do = _load_tile_pair(q_ptr, do_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM,
+                              UPCAST)
+        lse, delta = _load_row_stats(lse_ptr, delta_ptr, row_base, offs_m, seqlen)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.math.exp2(qk_t - lse[None, :])  # (BLOCK_N, BLOCK_M): P transposed
+        if MASK:
+            # rows past seqlen are padding queries here (zero q and do, but lse is 0 too)
+            keep_t = offs_m[None, :] < seqlen
+            if CAUSAL:
+                keep_t = keep_t & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep_t, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                          n_heads, n_kv_heads, seqlen, qk_scale, sm_scale,
+                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    # Grid: (key blocks, batch * kv_heads).
+    start_n = tl.program_id(0) * BLOCK_N
+    batch = tl.program_id(1) // n_kv_heads
+    kv_head = tl.program_id(1) % n_kv_heads
+    group = n_heads // n_kv_heads
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k, v = _load_tile_pair(k_ptr, v_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads,
+                          HEAD_DIM, UPCAST)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Query ranges: [full_start, full_end) needs no mask; the diagonal blocks (causal) and
+    # the last partial query block are masked.
+    full_end = (seqlen // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        full_start = start_n + BLOCK_N  # queries before start_n see none of these keys
+    else:
+        full_start = 0
+    for head in range(kv_head * group, kv_head * group + group):  # GQA: sum over the group
+        if CAUSAL:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head,
+                                 offs_n, seqlen, n_heads, qk_scale, start_n,
+                                 tl.minimum(start_n + BLOCK_N, seqlen), CAUSAL, True, HEAD_DIM,
+                                 BLOCK_M, UPCAST, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head,
+                             offs_n, seqlen, n_heads, qk_scale, full_start, full_end, CAUSAL,
+                             False, HEAD_DIM, BLOCK_M, UPCAST, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head,
+                             offs_n, seqlen, n_heads, qk_scale, tl.maximum(full_start, full_end),
+                             seqlen, CAUSAL, True, HEAD_DIM, BLOCK_M, UPCAST, DOT_PRECISION)
+
+    store_mask = offs_n[:, None] < seqlen
+    dk_ptrs = _tile_ptrs(dk_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads, HEAD_DIM)
+    tl.store(dk_ptrs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
+    dv_ptrs = _tile_ptrs(dv_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads, HEAD_DIM)
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen, n_kv_heads,
+              qk_scale, lo, hi, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Accumulate into dq (BLOCK_M, HEAD_DIM) the key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v = _load_tile_pair(k_ptr, v_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads,
+                              HEAD_DIM, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        if MASK:
+            p = tl.where(_keep(offs_m, offs_n, seqlen, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                        n_heads, n_kv_heads, seqlen, qk_scale, sm_scale,
+                        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    start_m, batch, head, kv_head = _query_block(n_heads, n_kv_heads, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q, do = _load_tile_pair(q_ptr, do_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM,
+                          UPCAST)
+    row_base = tl.program_id(1).to(tl.int64) * seqlen  # into lse / delta (b, h, s)
+    lse, delta = _load_row_stats(lse_ptr, delta_ptr, row_base, offs_m, seqlen)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    full_end, masked_end = _key_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                   n_kv_heads, qk_scale, 0, full_end, CAUSAL, False, HEAD_DIM, BLOCK_N, UPCAST,
+                   DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                   n_kv_heads, qk_scale, full_end, masked_end, CAUSAL, True, HEAD_DIM, BLOCK_N,
+                   UPCAST, DOT_PRECISION)
+    dq_ptrs = _tile_ptrs(dq_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM)
+    tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=offs_m[:, None] < seqlen)
+
+
+def _kernel_options(q: torch.Tensor) -> dict:
+    """Constexprs shared by all kernels: fp32 inputs get exact fp32 dots (tests), the others
+    the tensor-core default; the interpreter computes in fp32."""
+    return {"HEAD_DIM": q.shape[-1], "UPCAST": _launch.INTERPRET,
+            "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
+
+
+@torch.library.custom_op("stackfast::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (o like q, lse (batch, heads, seqlen) fp32 in base 2 with the scale folded in)."""
+    # The kernels index contiguous (batch, seqlen, heads, head_dim) tensors; q, k and v
+    # straight out of a projection's .view are contiguous already (no copy).
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    batch, seqlen, n_heads, _ = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((batch, n_heads, seqlen), device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return triton.cdiv(seqlen, meta["BLOCK_M"]), batch * n_heads
+
+    _attn_fwd_kernel[grid](q, k, v, o, lse, n_heads, k.shape[2], seqlen, softmax_scale * LOG2E,
+                           CAUSAL=causal, **_kernel_options(q))
+    return o, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, causal, softmax_scale):
+    batch, seqlen, n_heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, n_heads, seqlen), dtype=torch.float32)
+
+
+@torch.library.custom_op("stackfast::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   o: torch.Tensor, lse: torch.Tensor, causal: bool,
+                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv) shaped like q, k, v."""
+    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    batch, seqlen, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
+    delta = torch.empty_like(lse)  # (batch, heads, seqlen) fp32
+    preprocess_block = 64
+    _bwd_preprocess_kernel[(triton.cdiv(seqlen, preprocess_block), batch * n_heads)](
+        o, do, delta, n_heads, seqlen, HEAD_DIM=head_dim, BLOCK_M=preprocess_block)
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    options = _kernel_options(q)
+    scales = (softmax_scale * LOG2E, softmax_scale)
+
+    def dkdv_grid(meta):
+        return triton.cdiv(seqlen, meta["BLOCK_N"]), batch * n_kv_heads
+
+    _attn_bwd_dkdv_kernel[dkdv_grid](q, k, v, do, lse, delta, dk, dv, n_heads, n_kv_heads,
+                                     seqlen, *scales, CAUSAL=causal, **options)
+
+    def dq_grid(meta):
+        return triton.cdiv(seqlen, meta["BLOCK_M"]), batch * n_heads
+
+    _attn_bwd_dq_kernel[dq_grid](q, k, v, do, lse, delta, dq, n_heads, n_kv_heads, seqlen,
+                                 *scales, CAUSAL=causal, **options)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, causal, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ctx.causal, ctx.softmax_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale)
+    return dq, dk, dv, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("attention: q, k and v must be 4-D (batch, seqlen, heads, head_dim), "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    batch, seqlen, n_heads, head_dim = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (batch, seqlen, head_dim):
+        raise ValueError(f"attention: k and v must match q in batch, seqlen and head_dim, got "
+                         f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if n_heads % k.shape[2] != 0:
+        raise ValueError(f"attention: heads ({n_heads}) must be a multiple of kv_heads "
+                         f"({k.shape[2]})")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"attention: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (
+            q.dtype == k.dtype == v.dtype):
+        raise ValueError("attention: q, k and v must share one dtype among float16, bfloat16 and "
+                         f"float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale [+ causal mask]) v, in Triton, flash-attn layout.
+
+    q: (batch, seqlen, heads, head_dim); k, v: (batch, seqlen, kv_heads, head_dim) with
+    heads a multiple of kv_heads. softmax_scale defaults to 1/sqrt(head_dim). Returns q's
+    shape and dtype. fp16/bf16 compute with fp32 accumulation.
+    """
+    _validate(q, k, v)
+    _launch.check_device("attention", q, k, v)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    o, _ = _attention_fwd(q, k, v, causal, softmax_scale)
+    return o
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                  softmax_scale: float | None = None, upcast: bool = False) -> torch.Tensor:
+    """Pure-PyTorch attention with attention's signature and layout (materialises the scores).
+
+    upcast=False computes in the input dtype, op by op, like plain PyTorch code does;
+    upcast=True computes in float64 (on any device) and returns float64: the accuracy
+    reference, not cast back, since casting would hide the errors that tests measure.
+    """
+    if upcast:
+        q, k, v = q.double(), k.double(), v.double()
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    group = q.shape[2] // k.shape[2]
+    # (batch, seqlen, heads, head_dim) -> (batch, heads, seqlen, head_dim); kv heads repeated
+    q = q.transpose(1, 2)
+    k = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    v = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * softmax_scale  # (batch, heads, seqlen, seqlen)
+    if causal:
+        seqlen = q.shape[2]
+        hidden = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
