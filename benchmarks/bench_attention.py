@@ -7,7 +7,6 @@ TFLOP/s, bf16, causal, with ratios to the best SDPA backend measured in the same
 Without CUDA it runs a tiny correctness check under the Triton interpreter instead.
 FLOPs: forward 4*B*H*S^2*D (half of it when causal); backward 2.5x the forward.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -148,19 +147,8 @@ BENCH_COLUMNS = ["impl", "batch", "heads", "kv_heads", "seqlen", "head_dim", "pa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two shapes only")
-    args = parser.parse_args(argv)
-    device = harness.main_device()
-    if device.type != "cuda":
-        print("The attention benchmark needs CUDA; no timing here. Interpreter smoke check:")
-        rows = check(device, torch.float32, [(1, 4, 2, 40, 32, True)])
-        print(harness.markdown_table(rows, CHECK_COLUMNS))
-        return 0 if all(r["ok"] for r in rows) else 1
-    rows = benchmark(device, quick=args.quick)
-    print("wrote", harness.write_results("bench_attention", rows))
-    print(harness.markdown_table(rows, BENCH_COLUMNS))
-    return 0
+    return harness.op_benchmark_main("attention", __doc__.splitlines()[0], check, [(1, 4, 2, 40, 32, True)], benchmark,
+                                     CHECK_COLUMNS, BENCH_COLUMNS, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Without CUDA it runs a tiny correctness check under the Triton interpreter inste
 Bytes are the minimum traffic: forward reads x and writes y; backward reads x and dy and
 writes dx (the weight is negligible).
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -130,19 +129,8 @@ BENCH_COLUMNS = ["impl", "pass", "median_ms", "gbps", "copy_fraction", "baseline
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    args = parser.parse_args(argv)
-    device = harness.main_device()
-    if device.type != "cuda":
-        print("The rms_norm benchmark needs CUDA; no timing here. Interpreter smoke check:")
-        rows = check(device, torch.float32, [(5, 80, True), (3, 1000, False)])
-        print(harness.markdown_table(rows, CHECK_COLUMNS))
-        return 0 if all(r["ok"] for r in rows) else 1
-    rows = benchmark(device, quick=args.quick)
-    print("wrote", harness.write_results("bench_rms_norm", rows))
-    print(harness.markdown_table(rows, BENCH_COLUMNS))
-    return 0
+    return harness.op_benchmark_main("rms_norm", __doc__.splitlines()[0], check, [(5, 80, True), (3, 1000, False)], benchmark,
+                                     CHECK_COLUMNS, BENCH_COLUMNS, argv)
 
 
 if __name__ == "__main__":

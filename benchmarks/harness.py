@@ -150,3 +150,23 @@ def main_device(cpu: bool = False) -> torch.device:
 
 if __name__ == "__main__":  # pragma: no cover - manual check
     json.dump(environment(), sys.stdout, indent=1)
+
+
+def op_benchmark_main(name: str, description: str, check, smoke_cases: list, benchmark,
+                      check_columns: list[str], bench_columns: list[str], argv=None) -> int:
+    """The command line of a kernel benchmark (bench_<op>.py): on a GPU, time and write
+    results; without one, run `check` on `smoke_cases` under the interpreter and say so."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    args = parser.parse_args(argv)
+    device = main_device()
+    if device.type != "cuda":
+        print(f"The {name} benchmark needs CUDA; no timing here. Interpreter smoke check:")
+        rows = check(device, torch.float32, smoke_cases)
+        print(markdown_table(rows, check_columns))
+        return 0 if all(r["ok"] for r in rows) else 1
+    rows = benchmark(device, quick=args.quick)
+    print("wrote", write_results(f"bench_{name}", rows))
+    print(markdown_table(rows, bench_columns))
+    return 0

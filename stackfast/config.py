@@ -488,7 +488,7 @@ def describe() -> str:
     """Every section and field with its type, default and documentation (for `--help-config`)."""
     out = []
     for section, cls in get_type_hints(Config).items():
-        out.append(f"[{section}]  {cls.__doc__}")
+        out.append(f"[{section}]  {cls.__doc__.splitlines()[0]}")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append(f"  {f.name} = {_toml_value(default)}    # {f.metadata['doc']}")
