@@ -23,35 +23,23 @@ def cmd_train(args) -> int:
     return train.main(argv)
 
 
-DEMO_OVERRIDES = [
-    # The toy model (8 layers, hidden 256, vocab 4096) on the standard library's source:
-    # about 2 minutes on 2 CPU cores, a few seconds on a GPU.
-    'model.preset="toy"', "data.seq_len=128", "train.micro_batch_size=16", "train.max_steps=150",
-    "schedule.warmup_steps=15", "optim.lr=2e-3", "train.eval_every=50", "train.eval_batches=4",
-    "logging.log_every=10",
-]
-
-
 def cmd_demo(args) -> int:
-    from stackfast.metrics import read_metrics, sparkline
-    from stackfast.train import run
+    from stackfast.demo import run_demo
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     if run_dir.exists() and any(run_dir.iterdir()):
         raise StackfastError(f"{run_dir} already exists and is not empty; choose another --run-dir")
-    cfg = load_config(None, DEMO_OVERRIDES + args.set)
-    cfg.logging.run_dir = str(run_dir)
-    print("stackfast demo: training the toy Llama (8 layers, hidden 256) on the Python standard "
-          "library's source (built-in corpus, no download).", flush=True)
-    summary = run(cfg)
-    rows = read_metrics(run_dir)
-    losses = [r["loss"] for r in rows if "loss" in r]
-    vals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    print()
-    print(f"  train loss   {losses[0]:.3f} -> {losses[-1]:.3f}   {sparkline(losses)}")
-    print("  val loss     " + "  ".join(f"step {s}: {v:.3f}" for s, v in vals))
-    print(f"  throughput   {summary['tokens_per_s']:.0f} tokens/s on {summary['device']} "
-          f"({summary['tokens']} tokens in {summary['wall_s']:.0f} s, {summary['params'] / 1e6:.1f}M params)")
-    print(f"  logs         {run_dir / 'metrics.jsonl'}; checkpoint in {run_dir / 'checkpoints'}")
+    if not 0 < args.small_share < 1:
+        raise StackfastError(f"--small-share must be between 0 and 1, got {args.small_share}")
+    if not args.flops > 0:
+        raise StackfastError(f"--flops must be positive, got {args.flops}")
+    run_demo(run_dir, flops=args.flops, small_share=args.small_share, device=args.device)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from stackfast.plot import plot_runs
+    out = plot_runs(args.runs, args.out, labels=args.label or None)
+    print(f"wrote {out}")
     return 0
 
 
@@ -235,10 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'auto' or a checkpoint folder")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train the toy model on the built-in corpus and summarise")
-    p.add_argument("--run-dir", help="where logs go (default: a new runs/demo-<date>-<time>)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p = sub.add_parser("demo", help="G_stack vs scratch at equal FLOPs, toy scale, built-in corpus")
+    p.add_argument("--run-dir", help="where runs go (default: a new runs/demo-<date>-<time>)")
+    p.add_argument("--flops", type=float, default=9e12, help="FLOP budget (default 9e12: ~4 min on 2 CPU cores)")
+    p.add_argument("--small-share", type=float, default=0.2, help="share of the FLOPs on the small model")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plot", help="validation loss vs tokens and FLOPs of runs (first = baseline)")
+    p.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--label", action="append", default=[], help="a label per run, in order (repeatable)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("tokenize", help="turn text into token shards")
     p.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl files or folders of them")

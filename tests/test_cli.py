@@ -75,12 +75,29 @@ def test_train_py_runs_as_a_file(tmp_path):
 
 
 def test_demo_smoke(tmp_path):
-    # The real demo (150 steps of the toy model) is timed by `make demo`; here a short one
-    # checks the command end to end.
-    out = stackfast("demo", "--run-dir", tmp_path / "demo", "--set", 'model.preset="tiny"',
-                    "--set", "train.max_steps=6", "--set", "train.eval_every=3")
+    # The real demo (9e12 FLOPs, ~4 minutes on 2 CPU cores) runs with `make demo`; a tiny
+    # budget checks the whole command: four runs, table, JSON, plot.
+    out = stackfast("demo", "--run-dir", tmp_path / "demo", "--flops", "3e11")
     assert out.returncode == 0, out.stderr
-    assert "train loss" in out.stdout and "tokens/s" in out.stdout
-    assert (tmp_path / "demo" / "metrics.jsonl").is_file()
+    assert "| scratch (8 layers) |" in out.stdout and "G_stack" in out.stdout and "speedup" in out.stdout
+    assert "warning: far below" in out.stdout
+    result = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert set(result["runs"]) == {"scratch", "small", "stack", "stack_half"}
+    stack = result["runs"]["stack"]
+    assert stack["growth_step"] >= 1 and stack["flops"] == pytest.approx(result["runs"]["scratch"]["flops"], rel=0.3)
+    assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
     refused = stackfast("demo", "--run-dir", tmp_path / "demo")
     assert refused.returncode == 2 and "already exists" in refused.stderr
+
+
+def test_plot_command(tmp_path):
+    for name, steps in (("a", 4), ("b", 6)):
+        out = stackfast("train", *TINY, "--set", f"train.max_steps={steps}", "--set", "train.eval_every=2",
+                        "--set", f'logging.run_dir="{tmp_path / name}"')
+        assert out.returncode == 0, out.stderr
+    out = stackfast("plot", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "p.png", "--label", "scratch",
+                    "--label", "other")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    bad = stackfast("plot", tmp_path, "--out", tmp_path / "q.png")
+    assert bad.returncode == 2 and "not a run folder" in bad.stderr

@@ -204,3 +204,16 @@ def test_auto_timing_beyond_the_budget_is_a_clear_error(tmp_path):
     from stackfast.config import ConfigError
     with pytest.raises(ConfigError, match="paper's formula is fitted"):
         run(job(tmp_path, 'growth.at_tokens="auto"'))
+
+
+def test_speedup_from_complete_runs_and_curves():
+    from stackfast.demo import speedup_from_budgets
+    from stackfast.plot import flops_to_reach
+    half, full = {"val_loss": 5.0, "flops": 50.0}, {"val_loss": 4.0, "flops": 100.0}
+    sp, text = speedup_from_budgets(4.5, half, full, 100.0)
+    # loss 4.5 is halfway between the runs: budget exp((ln 50 + ln 100) / 2) = 70.71
+    assert sp == pytest.approx(100 / 70.7107 - 1, rel=1e-4) and "speedup +41.4%" in text
+    assert speedup_from_budgets(3.9, half, full, 100.0)[0] is None
+    assert speedup_from_budgets(5.5, half, full, 100.0)[0] == 1.0
+    curve = [(0, 10.0, 6.0), (0, 20.0, 5.0), (0, 30.0, 4.0)]
+    assert flops_to_reach(curve, 4.5) == pytest.approx(25.0) and flops_to_reach(curve, 3.0) is None
