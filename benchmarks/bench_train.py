@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.harness import main_device, markdown_table, measure, write_results  # noqa: E402
+from benchmarks.harness import main_device, markdown_table, measure, summarize, write_results  # noqa: E402
 from stackfast.checkpoint import hf_llama_config, to_hf_state_dict  # noqa: E402
 from stackfast.config import ModelConfig, OptimConfig  # noqa: E402
 from stackfast.metrics import MFU_CONVENTION, peak_flops  # noqa: E402
@@ -102,14 +102,25 @@ def main(argv=None) -> list[dict]:
     except ImportError:
         print("transformers is not installed: no Hugging Face baseline (pip install 'stackfast[hf]')")
 
+    # Interleaved rounds: every candidate is timed once per round, so a slow spell of a
+    # shared machine hits all of them alike instead of whichever ran during it.
+    steps = [make_step(model, loss_fn, batches, device) for _, model, loss_fn in candidates]
+    for step in steps:
+        measure(step, device=device, warmup=2, reps=1)
+    samples: list[list[float]] = [[] for _ in candidates]
+    peaks = [None] * len(candidates)
+    for _ in range(reps):
+        for i, step in enumerate(steps):
+            timing = measure(step, device=device, warmup=0, reps=1)
+            samples[i].append(timing["median_ms"])
+            peaks[i] = max(peaks[i] or 0, timing["peak_mem_bytes"] or 0) or None
     rows = []
-    for name, model, loss_fn in candidates:
-        timing = measure(make_step(model, loss_fn, batches, device), device=device, warmup=2, reps=reps)
+    for (name, _, _), times, peak_mem in zip(candidates, samples, peaks):
+        timing = summarize(times)
         tokens_per_s = tokens_per_step / (timing["median_ms"] * 1e-3)
         rows.append({"name": name, "preset": preset, "seq_len": seq_len, "batch": args.batch,
-                     "device": str(device), **timing, "tokens_per_s": tokens_per_s,
+                     "device": str(device), **timing, "peak_mem_bytes": peak_mem, "tokens_per_s": tokens_per_s,
                      "mfu": flops_per_step / (timing["median_ms"] * 1e-3) / peak if peak else None})
-        del model
     baseline = next((r for r in rows if r["name"].startswith("hf")), None)
     for row in rows:
         row["ratio_vs_hf"] = row["tokens_per_s"] / baseline["tokens_per_s"] if baseline else None

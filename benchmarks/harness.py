@@ -56,14 +56,18 @@ def measure(fn: Callable[[], object], *, device: torch.device | str = "cpu",
             t0 = time.perf_counter()
             fn()
             times_ms.append((time.perf_counter() - t0) * 1e3)
-    times_ms.sort()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {**summarize(times_ms), "peak_mem_bytes": peak}
+
+
+def summarize(times_ms: list[float]) -> dict:
+    """Median, p20 and p80 of a list of times in milliseconds."""
+    times_ms = sorted(times_ms)
     return {
         "median_ms": statistics.median(times_ms),
         "p20_ms": _quantile(times_ms, 0.2),
         "p80_ms": _quantile(times_ms, 0.8),
         "reps": len(times_ms),
-        "peak_mem_bytes": peak,
     }
 
 
