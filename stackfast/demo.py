@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from stackfast.config import ModelConfig, StackfastError, load_config
+from stackfast.growth.guidelines import small_model
 from stackfast.metrics import read_metrics
 from stackfast.plot import plot_runs, val_curve
 from stackfast.train import run
@@ -33,11 +34,13 @@ COMMON = ["data.seq_len=128", "train.micro_batch_size=16", "optim.lr=2e-3", "tra
           "logging.log_every=10", "logging.progress=false", "growth.small_lr=2e-3"]
 
 
-def _steps(flops: float, cfg: ModelConfig) -> int:
+def steps_for_flops(flops: float, cfg: ModelConfig) -> int:
+    """Optimizer steps of TOKENS_PER_STEP tokens that spend `flops` on a model of shape cfg."""
     return max(2, round(flops / (cfg.flops_per_token(SEQ_LEN) * TOKENS_PER_STEP)))
 
 
-def _run(run_dir: Path, overrides: list[str], steps: int, label: str, device: str) -> dict:
+def train_labeled(run_dir: Path, overrides: list[str], steps: int, label: str, device: str) -> dict:
+    """One run of the comparison (its own complete schedule); prints and returns its summary."""
     started = time.perf_counter()
     cfg = load_config(None, COMMON + [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 8)}",
                                       f"schedule.warmup_steps={max(1, steps // 10)}", f'train.device="{device}"']
@@ -50,6 +53,16 @@ def _run(run_dir: Path, overrides: list[str], steps: int, label: str, device: st
     return {"label": label, "run_dir": str(run_dir), "tokens": summary["tokens"], "flops": summary["flops"],
             "val_loss": curve[-1][2], "growth_step": summary["growth_step"],
             "tokens_per_s": summary["tokens_per_s"]}
+
+
+def growth_overrides(budget: float, small_share: float, operator: str) -> tuple[list[str], int]:
+    """Config overrides and total steps of a toy run that grows with `operator` after
+    spending `small_share` of `budget` FLOPs on the small model."""
+    small = small_model(ModelConfig.from_preset("toy"), operator, 4)
+    small_steps = steps_for_flops(small_share * budget, small)
+    steps = small_steps + steps_for_flops((1 - small_share) * budget, ModelConfig.from_preset("toy"))
+    return (['model.preset="toy"', f'growth.operator="{operator}"', "growth.factor=4",
+             f"growth.at_tokens={small_steps * TOKENS_PER_STEP}"], steps)
 
 
 def speedup_from_budgets(scratch_loss: float, half: dict, full: dict, budget: float) -> tuple[float | None, str]:
@@ -77,20 +90,14 @@ def run_demo(out_dir: Path, flops: float = DEFAULT_FLOPS, small_share: float = 0
         print("  warning: far below the ~20 tokens per parameter of compute-optimal training; at such budgets\n"
               "  a small model beats a big one whatever growth does (see the 'small alone' run)", flush=True)
 
-    def grown_overrides(budget: float) -> tuple[list[str], int]:
-        small_steps = _steps(small_share * budget, small)
-        steps = small_steps + _steps((1 - small_share) * budget, target)
-        return (['model.preset="toy"', "growth.operator=stack", "growth.factor=4",
-                 f"growth.at_tokens={small_steps * TOKENS_PER_STEP}"], steps)
-
-    runs = {"scratch": _run(out_dir / "scratch", ['model.preset="toy"'], _steps(flops, target),
+    runs = {"scratch": train_labeled(out_dir / "scratch", ['model.preset="toy"'], steps_for_flops(flops, target),
                             "scratch (8 layers)", device)}
-    runs["small"] = _run(out_dir / "small", ['model.preset="toy-small"'], _steps(flops, small),
+    runs["small"] = train_labeled(out_dir / "small", ['model.preset="toy-small"'], steps_for_flops(flops, small),
                          "small alone (2 layers)", device)
-    overrides, steps = grown_overrides(flops)
-    runs["stack"] = _run(out_dir / "stack", overrides, steps, "G_stack", device)
-    overrides, steps = grown_overrides(flops / 2)
-    runs["stack_half"] = _run(out_dir / "stack-half", overrides, steps, "G_stack at half budget", device)
+    overrides, steps = growth_overrides(flops, small_share, "stack")
+    runs["stack"] = train_labeled(out_dir / "stack", overrides, steps, "G_stack", device)
+    overrides, steps = growth_overrides(flops / 2, small_share, "stack")
+    runs["stack_half"] = train_labeled(out_dir / "stack-half", overrides, steps, "G_stack at half budget", device)
 
     sp, verdict = speedup_from_budgets(runs["scratch"]["val_loss"], runs["stack_half"], runs["stack"],
                                        runs["scratch"]["flops"])
