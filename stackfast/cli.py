@@ -170,6 +170,64 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import dataclasses
+    import math
+    import torch
+    from stackfast.checkpoint import is_hf_dir, load_config_of, load_into_model, load_model_source
+    from stackfast.config import DataConfig
+    from stackfast.data import TokenData, TokenLoader, resolve_path
+    from stackfast.model import Transformer
+    from stackfast.train import autocast_context, evaluate, resolve_device
+    source = Path(args.checkpoint)
+    model_cfg, weights = load_model_source(source)
+    device = resolve_device(args.device)
+    model = Transformer(dataclasses.replace(model_cfg, kernels="auto"))
+    load_into_model(model, weights, source)
+    model.to(device)
+    if args.tasks:
+        return _lm_eval(args.tasks, source, model)
+    if args.data:
+        data_path = args.data
+    elif not is_hf_dir(source):
+        data_path = load_config_of(source).data.path
+    else:
+        raise StackfastError("--data is needed for a Hugging Face checkpoint (a `stackfast tokenize` folder)")
+    seq_len = min(args.seq_len, model_cfg.max_seq_len)
+    data = TokenData(resolve_path(data_path, DataConfig().val_fraction), vocab_size=model_cfg.vocab_size)
+    loader = TokenLoader(data, seq_len, args.batch_size)
+    loss = evaluate(model, loader, args.batches, device, autocast_context("auto", device))
+    n_tokens = sum(y.numel() for _, y in loader.val_batches(args.batches))
+    result = {"checkpoint": str(source), "data": str(data.folder), "val_loss": loss, "perplexity": math.exp(loss),
+              "tokens": n_tokens, "seq_len": seq_len, "params": model.num_params(), "device": str(device),
+              "torch": torch.__version__}
+    print(json.dumps(result))
+    print(f"val_loss {loss:.4f}  perplexity {math.exp(loss):.2f}  ({n_tokens} held-out tokens, seq {seq_len})",
+          file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _lm_eval(tasks: str, source: Path, model) -> int:
+    """Run lm-evaluation-harness tasks on the checkpoint (exported to HF format if needed)."""
+    import tempfile
+    from stackfast.checkpoint import is_hf_dir, save_hf
+    try:
+        import lm_eval
+    except ImportError:
+        raise StackfastError("--tasks needs lm-evaluation-harness (pip install lm-eval) with its task data "
+                             "available locally") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = source if is_hf_dir(source) else Path(tmp) / "hf"
+        if folder != source:
+            save_hf(folder, model)
+        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder}",
+                                          tasks=tasks.split(","))
+    print(json.dumps(results["results"], indent=1, default=str))
+    return 0
+
+
 def info() -> dict:
     """Versions, device, kernel selection and compiled parts."""
     import torch
@@ -271,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint (or lm-eval tasks)")
+    p.add_argument("--checkpoint", required=True, help="stackfast checkpoint or Hugging Face Llama folder")
+    p.add_argument("--data", help="tokenized folder or builtin:python-stdlib (default: the run's data)")
+    p.add_argument("--batches", type=int, default=16, help="held-out batches (default 16)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="also write the JSON result here")
+    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="versions, device, kernels, compiled parts")
     p.add_argument("--json", action="store_true")

@@ -101,3 +101,26 @@ def test_export_hf_loads_in_transformers_with_equal_logits_and_grows_in_hf_forma
     assert grown.config.num_hidden_layers == 4 * cfg.n_layers
     assert torch.equal(grown.model.layers[5].mlp.up_proj.weight, hf.model.layers[1].mlp.up_proj.weight)
     assert stackfast("export-hf", "--checkpoint", trained, "--out", tmp_path / "hf").returncode == 2
+
+
+def test_eval_equals_a_hand_computation(trained, tmp_path):
+    from stackfast.checkpoint import load_config_of, load_into_model
+    from stackfast.data import TokenData, builtin_dataset
+    from stackfast.model import Transformer
+    out = stackfast("eval", "--checkpoint", trained, "--batches", "1", "--batch-size", "2", "--seq-len", "16",
+                    "--out", tmp_path / "eval.json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert json.loads((tmp_path / "eval.json").read_text()) == result
+    # By hand: the first two 17-token windows of the held-out split, mean next-token cross-entropy.
+    val = torch.from_numpy(TokenData(builtin_dataset()).val[0].tokens[:34].astype("int64")).view(2, 17)
+    model = Transformer(load_config_of(trained).model).eval()
+    load_into_model(model, load_weights(trained), trained)
+    with torch.no_grad():
+        logits = model(val[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[:, 1:].reshape(-1))
+    assert result["val_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected.item()), rel=1e-5)
+    assert result["tokens"] == 32
+    no_lm_eval = stackfast("eval", "--checkpoint", trained, "--tasks", "piqa")
+    assert no_lm_eval.returncode == 2 and "lm-evaluation-harness" in no_lm_eval.stderr
