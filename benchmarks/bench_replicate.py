@@ -18,6 +18,7 @@ import argparse
 
 import torch
 
+from benchmarks.harness import copy_bandwidth as harness_copy_bandwidth
 from benchmarks.harness import gbps, main_device, markdown_table, measure, write_results
 from stackfast.ops.replicate import extension_info, replicate_, replicate_ref
 
@@ -38,16 +39,18 @@ def foreach_copy(sources, destinations):
         torch._foreach_copy_(copies, sources)
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="run on CPU even with a GPU")
     parser.add_argument("--g", type=int, default=4, help="growth factor (g-1 copies)")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    args = parser.parse_args()
+    parser.add_argument("--scale", type=int, default=None, help="divide the widths by this (default 1 on GPU, 4 on CPU)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = main_device(cpu=args.cpu)
-    scale = 1 if device.type == "cuda" else 4
+    scale = args.scale or (1 if device.type == "cuda" else 4)
     shapes = layer_shapes(4096 // scale, 11008 // scale, 32, 8) * LAYERS * (1 + ADAM_MOMENTS)
 
     sources = [torch.randn(shape, device=device) for shape in shapes]
@@ -56,11 +59,7 @@ def main() -> None:
     moved_bytes = args.g * source_bytes  # one read and g-1 writes of every source
 
     # Copy bandwidth on this device: one tensor as large as all sources together.
-    big = torch.empty(source_bytes // 4, device=device)
-    big_copy = torch.empty_like(big)
-    copy_time = measure(lambda: big_copy.copy_(big), device=device)
-    copy_bandwidth = gbps(2 * big.nbytes, copy_time["median_ms"])
-    del big, big_copy
+    copy_bandwidth, copy_time = harness_copy_bandwidth(device, source_bytes)
     roofline_ms = moved_bytes / (copy_bandwidth * 1e9) * 1e3
 
     replicate_(sources, destinations)
@@ -82,12 +81,13 @@ def main() -> None:
     for row in rows[1:]:
         row["speedup_vs_copy_loop"] = loop_ms / row["median_ms"]
 
-    path = write_results(f"replicate-threads{args.threads}" if args.threads else "replicate", rows)
+    path = write_results(f"replicate-threads{args.threads}" if args.threads else "replicate", rows, args.out)
     print(f"{len(sources)} tensors, {source_bytes / 1e9:.2f} GB of sources, g = {args.g}, "
           f"{device}; copy bandwidth {copy_bandwidth:.1f} GB/s, roofline {roofline_ms:.2f} ms")
     print(markdown_table(rows, ["method", "median_ms", "p20_ms", "p80_ms", "gbps",
                                 "roofline_fraction", "speedup_vs_copy_loop"]))
     print(f"wrote {path}")
+    return rows
 
 
 if __name__ == "__main__":

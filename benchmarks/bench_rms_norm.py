@@ -53,16 +53,8 @@ def implementations(weight: torch.nn.Parameter) -> tuple[dict, list[str]]:
     return impls, notes
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """GB/s of a large device-to-device copy (bytes read + written): the roofline."""
-    src = torch.empty(2 ** 28, device=device, dtype=torch.float32)  # 1 GiB
-    dst = torch.empty_like(src)
-    timing = harness.measure(lambda: dst.copy_(src), device=device, warmup=3, reps=20)
-    return harness.gbps(2 * src.numel() * src.element_size(), timing["median_ms"])
-
-
 def benchmark(device: torch.device, quick: bool = False) -> list[dict]:
-    copy_gbps = copy_bandwidth(device)
+    copy_gbps = harness.copy_bandwidth(device)[0]
     x = torch.randn(ROWS, HIDDEN, device=device, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.nn.Parameter(torch.ones(HIDDEN, device=device, dtype=torch.bfloat16))
     impls, notes = implementations(weight)

@@ -147,6 +147,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> tuple[float, dict]:
+    """GB/s (bytes read + written) of one large device copy: the memory roofline, and its timing."""
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), device=device, warmup=3, reps=20)
+    return gbps(2 * src.nbytes, timing["median_ms"]), timing
+
+
 def main_device(cpu: bool = False) -> torch.device:
     """The device a benchmark runs on: the GPU when present unless `cpu` is asked."""
     return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")

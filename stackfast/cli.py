@@ -228,6 +228,16 @@ def _lm_eval(tasks: str, source: Path, model) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "run_all.py").is_file():
+        raise StackfastError("stackfast bench runs the benchmarks of a source checkout (benchmarks/run_all.py "
+                             "was not found next to the installed package)")
+    sys.path.insert(0, str(root))
+    from benchmarks import run_all
+    return run_all.main((["--cpu"] if args.cpu else []) + (["--quick"] if args.quick else []))
+
+
 def info() -> dict:
     """Versions, device, kernel selection and compiled parts."""
     import torch
@@ -340,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON result here")
     p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="the benchmark suite: ratios against baselines measured in the same run")
+    p.add_argument("--cpu", action="store_true", help="the CPU subset (train step vs HF, replication, loader)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the suite")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="versions, device, kernels, compiled parts")
     p.add_argument("--json", action="store_true")

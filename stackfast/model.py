@@ -150,6 +150,16 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             init_parameter(name, p, self.config)
 
+    def materialize(self, device: torch.device | str) -> "Transformer":
+        """Allocate a model built under `torch.device("meta")` on `device`, weights left
+        uninitialised (the caller fills them), RoPE tables computed. Skipping the random init
+        matters when every weight is about to be overwritten (G_stack of a 7B model)."""
+        self.to_empty(device=device)
+        cfg = self.config
+        with torch.device(device):
+            self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        return self
+
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) or, with `targets`, the mean cross-entropy loss (fp32)."""
         S = input_ids.shape[1]

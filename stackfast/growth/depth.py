@@ -55,12 +55,19 @@ def layer_map(n_layers: int, factor: int, layers: str | list[int] = "all", order
     return list(range(start)) + chosen * repeat + list(range(start + len(chosen), n_layers))
 
 
-def build_from_map(model: Transformer, mapping: list[int]) -> Transformer:
-    """A model with len(mapping) blocks, block i a copy of model.layers[mapping[i]] (fresh if -1)."""
+def build_from_map(model: Transformer, mapping: list[int], generator: torch.Generator | None = None) -> Transformer:
+    """A model with len(mapping) blocks, block i a copy of model.layers[mapping[i]]; a -1 entry
+    is a freshly initialised block (drawn from `generator`)."""
     cfg = dataclasses.replace(model.config, n_layers=len(mapping))
     device = next(model.parameters()).device
-    with torch.device(device):
-        grown = Transformer(cfg)  # fresh init on the target device; copies overwrite it below
+    with torch.device("meta"):
+        grown = Transformer(cfg)  # no init work: every weight is copied or initialised below
+    grown.materialize(device)
+    with torch.no_grad():
+        for i, source in enumerate(mapping):
+            if source == -1:
+                for name, p in grown.layers[i].named_parameters():
+                    init_parameter(f"layers.{i}.{name}", p, cfg, generator)
     sources, copies = [], []
     for name, src in model.named_parameters():
         if not name.startswith("layers."):
@@ -141,13 +148,8 @@ def random(model: Transformer, factor: int, *, ramp_steps: int = 100, seed: int 
     blocks, faded in as y = x + c * Block(x) with c ramping 0 -> 1 over ramp_steps (MSG)."""
     n = model.config.n_layers
     mapping = [i if k == 0 else -1 for i in range(n) for k in range(factor)]
-    grown = build_from_map(model, mapping)
-    generator = torch.Generator(device=next(grown.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for i, source in enumerate(mapping):
-            if source == -1:
-                for name, p in grown.layers[i].named_parameters():
-                    init_parameter(f"layers.{i}.{name}", p, grown.config, generator)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    grown = build_from_map(model, mapping, generator)
     spec = {"operator": "depth_random", "factor": factor, "layer_map": mapping, "ramp_steps": ramp_steps,
             "seed": seed}
     return Growth(grown, spec, random_ramp(grown, spec))
