@@ -90,34 +90,42 @@ class Throughput:
 
 
 class Progress:
-    """One live line on a terminal (step, loss, tokens/s, MFU, ETA); plain log lines otherwise."""
+    """A live tqdm bar on a terminal (step, loss, tokens/s, MFU, ETA); plain log lines otherwise."""
 
-    def __init__(self, total_steps: int, enabled: bool = True):
+    def __init__(self, total_steps: int, enabled: bool = True, initial: int = 0):
         self.total_steps = total_steps
         self.enabled = enabled
-        self.live = enabled and sys.stderr.isatty()
         self.start = time.perf_counter()
+        self.initial = initial
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None) -> None:
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(step, 1) * (self.total_steps - step)
         mfu_text = f" | MFU {100 * mfu:4.1f}%" if mfu is not None else ""
-        line = (f"step {step:>6}/{self.total_steps} | loss {loss:7.4f} | {format_count(tokens_per_s)} tok/s"
-                f"{mfu_text} | ETA {format_duration(eta)}")
-        if self.live:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {loss:.4f} | {format_count(tokens_per_s)} tok/s{mfu_text}")
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step - self.initial, 1) * (self.total_steps - step)
+        print(f"step {step:>6}/{self.total_steps} | loss {loss:7.4f} | {format_count(tokens_per_s)} tok/s"
+              f"{mfu_text} | ETA {format_duration(eta)}", file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            print(("\n" if self.live else "") + text, file=sys.stderr, flush=True)
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self.live:
-            print(file=sys.stderr)
+        if self.bar is not None:
+            self.bar.close()
 
 
 def format_count(x: float) -> str:

@@ -124,3 +124,47 @@ def test_eval_equals_a_hand_computation(trained, tmp_path):
     assert result["tokens"] == 32
     no_lm_eval = stackfast("eval", "--checkpoint", trained, "--tasks", "piqa")
     assert no_lm_eval.returncode == 2 and "lm-evaluation-harness" in no_lm_eval.stderr
+
+
+def test_hf_round_trip_is_exact_and_refuses_unsupported_features(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from stackfast.checkpoint import CheckpointError, hf_llama_config, save_hf
+    from stackfast.config import ModelConfig
+    from stackfast.model import Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", kernels="torch")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config(cfg)))
+    hf.save_pretrained(tmp_path / "in", safe_serialization=True)
+    loaded_cfg, weights = load_hf(tmp_path / "in")
+    model = Transformer(loaded_cfg)
+    model.load_state_dict(weights)
+    save_hf(tmp_path / "out", model)
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    # Features the stackfast model lacks are refused, not silently dropped.
+    config = json.loads((tmp_path / "in" / "config.json").read_text())
+    for key, value in (("attention_bias", True), ("tie_word_embeddings", True),
+                       ("rope_scaling", {"rope_type": "linear", "factor": 2.0}), ("model_type", "mistral")):
+        bad = tmp_path / f"bad-{key}"
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(CheckpointError, match="unsupported|not supported"):
+            load_hf(bad)
+    (tmp_path / "in" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors missing"):
+        load_hf(tmp_path / "in")
+
+
+def test_grown_toy_checkpoint_generates_text_in_transformers(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+    assert stackfast("grow", "--checkpoint", trained, "--out", tmp_path / "g").returncode == 0
+    assert stackfast("export-hf", "--checkpoint", tmp_path / "g", "--out", tmp_path / "hf").returncode == 0
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.num_hidden_layers == 8
+    tokenizer = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    prompt = torch.tensor([tokenizer.encode("def main(").ids])
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == prompt.shape[1] + 8
+    assert isinstance(tokenizer.decode(out[0].tolist()), str)
