@@ -1,10 +1,8 @@
 """The training loop: loss falls, metrics rows, exact resume, checkpoints, schedule."""
-import json
 import math
 import pickle
 
 import pytest
-import torch
 
 from stackfast.checkpoint import CheckpointError, list_checkpoints, load_optimizer_state
 from stackfast.config import load_config
