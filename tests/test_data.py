@@ -151,3 +151,26 @@ def test_builtin_corpus_is_built_once_and_cached(stackfast_cache):
     assert builtin_dataset() == folder and (folder / "index.json").stat().st_mtime_ns == mtime
     with pytest.raises(DataError, match="unknown built-in corpus"):
         open_data(DataConfig(path="builtin:wikipedia"), 4096)
+
+
+def test_prefetcher_yields_the_loaders_batches_in_order(corpus, tmp_path):
+    from stackfast.data import Prefetcher
+    tokenize([corpus], "bytes", tmp_path / "ds")
+    loader = TokenLoader(TokenData(tmp_path / "ds"), 16, 3, seed=5)
+    keys = [(s, m) for s in range(4, 9) for m in range(2)]
+    prefetcher = Prefetcher(loader, keys, depth=2)
+    for s, m in keys:
+        x, y = prefetcher.batch(s, m)
+        assert torch.equal(x, loader.batch(s, m)[0]) and torch.equal(y, loader.batch(s, m)[1])
+    prefetcher.close()
+    out_of_order = Prefetcher(loader, keys)
+    with pytest.raises(RuntimeError, match="out of order"):
+        out_of_order.batch(5, 0)
+    out_of_order.close()
+    # A loader error (here: a window past the vocabulary) reaches the training thread.
+    bad = TokenLoader(TokenData(tmp_path / "ds"), 16, 3, seed=5)
+    bad.data.vocab_size = 1
+    failing = Prefetcher(bad, keys)
+    with pytest.raises(DataError, match="token id"):
+        failing.batch(4, 0)
+    failing.close()
