@@ -1,33 +1,54 @@
 """Checkpoints: save, find, load; never unpickles arbitrary objects.
 
-A checkpoint is a folder `<run_dir>/checkpoints/step_XXXXXXXX/` with
-    model.safetensors   weights (fp32 master copy)
-    optimizer.pt        the optimizer's state dict (tensors and numbers only; loaded with
-                        torch.load(weights_only=True), so a crafted file cannot run code)
-    rng.safetensors     CPU and CUDA random generator states
-    state.json          step, tokens, FLOPs, data position and other loop state
-    config.toml         the resolved config of the run
-It is written into a hidden temporary folder and renamed into place when complete: a
-crash mid-save leaves the previous checkpoint as the newest complete one.
+A training checkpoint is a folder `<run_dir>/checkpoints/step_XXXXXXXX/` with
+    .metadata, *.distcp       model weights (fp32 master copy) and AdamW state in
+                              torch.distributed.checkpoint (DCP) format under the keys
+                              "model.<name>" and "optim.state.<name>.<moment>": every process
+                              writes its own shards, and any number of processes (one included)
+                              loads them, DCP resharding as needed
+    rng_rank<R>.safetensors   CPU and CUDA random generator states of process R
+    state.json                step, tokens, FLOPs, data position, growth spec: the loop state
+    config.toml               the resolved config of the run
+Every rank writes into the hidden folder `.step_XXXXXXXX.tmp`; rank 0 renames it into
+place after a barrier, once all of it is complete. A crash mid-save leaves the previous
+checkpoint as the newest complete one (the stale temporary folder is removed by the next
+save of that step and never listed). The checkpoint folder must be on a filesystem that
+all nodes share.
+
+Weights-only folders (`stackfast grow`'s output, and checkpoints of stackfast before DCP,
+which hold model.safetensors and optimizer.pt) are still read: `load_weights` reads either
+kind, a DCP checkpoint in one process with the shapes from its config.toml. That is
+why no rank-0 model.safetensors is written beside the shards: it would gather the whole
+model into one process's memory at every save.
+
+Loading never runs code from the files: tensors come from safetensors or DCP's raw
+shards, DCP's pickled .metadata is first read with an unpickler that builds only DCP's
+own metadata classes, torch dtypes and sizes, and anything else pickled (optimizer
+settings inside DCP, optimizer.pt) goes through torch.load(weights_only=True).
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from stackfast.config import Config, ConfigError, ModelConfig, StackfastError, config_from_dict, tomllib
+from stackfast.model import Transformer
+from stackfast.parallel import World, barrier, is_sharded
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, CONFIG_FILE = (
-    "model.safetensors", "optimizer.pt", "rng.safetensors", "state.json", "config.toml")
+MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, CONFIG_FILE, DCP_METADATA = (
+    "model.safetensors", "optimizer.pt", "rng.safetensors", "state.json", "config.toml", ".metadata")
 
 
 class CheckpointError(StackfastError):
@@ -35,22 +56,55 @@ class CheckpointError(StackfastError):
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer, state: dict,
-                    config: Config, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
-    final = ckpt_root / f"step_{step:08d}"
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+                    config: Config, keep_last: int, world: World = World()) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
 
-    def write(tmp: Path) -> None:
-        save_file(weights, str(tmp / MODEL_FILE))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
-        save_file(rng_state(), str(tmp / RNG_FILE))
+    Collective: every rank calls it (each writes its own shards and RNG state)."""
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".{final.name}.tmp"
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash during an earlier save
+        tmp.mkdir(parents=True)
+    barrier(world)
+    # Plain tensors for a single process, DTensor shards under FSDP; keys are parameter names.
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp,
+             no_dist=not world.distributed)  # collective under torchrun
+    save_file(rng_state(), str(tmp / f"rng_rank{world.rank}.safetensors"))
+    if world.main:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / CONFIG_FILE).write_text(config.to_toml())
-    _write_folder(final, write)  # re-saving a step (end of a resumed run) replaces it
-    for old in list_checkpoints(ckpt_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    barrier(world)  # every rank's files are complete: only now may the folder get its final name
+    if world.main:
+        if final.exists():  # re-saving a step (the end of a resumed run) replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, world: World = World()) -> None:
+    """Restore weights, optimizer state and this rank's RNG into the (possibly sharded) model.
+
+    Collective under FSDP: every rank calls it. The checkpoint may come from any number of
+    processes. A checkpoint of stackfast before DCP (optimizer.pt) resumes in one process."""
+    if (folder / OPTIM_FILE).is_file():
+        if is_sharded(model):
+            raise CheckpointError(f"{folder}: a single-process checkpoint of an earlier stackfast; resume it "
+                                  f"without torchrun (its next checkpoint can then resume anywhere)")
+        load_into_model(model, load_weights(folder), folder)
+        optimizer.load_state_dict(load_optimizer_state(folder))
+        set_rng_state(load_rng(folder / RNG_FILE))
+        return
+    # get_state_dict gives the model's own (sharded) tensors and, for an optimizer that has not
+    # stepped yet, freshly created moments: DCP reads every rank's part into them in place.
+    model_state, optim_state = get_state_dict(model, optimizer)
+    _dcp_load({"model": model_state, "optim": optim_state}, folder, no_dist=not world.distributed)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    rng = folder / f"rng_rank{world.rank}.safetensors"
+    if rng.is_file():  # absent when resuming on more processes than saved: keep the seeded state
+        set_rng_state(load_rng(rng))
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -88,12 +142,75 @@ def _require(folder: Path, name: str) -> Path:
 
 
 def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint folder, as a state dict on the CPU."""
-    path = _require(Path(folder), MODEL_FILE)
+    """The weights of a checkpoint folder, as a state dict on the CPU (whole tensors).
+
+    Reads model.safetensors or, in a DCP checkpoint, the "model" shards (in this process
+    alone, with no collective calls, whatever number of processes wrote them)."""
+    folder = Path(folder)
+    path = folder / MODEL_FILE
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: unreadable weights ({e})") from None
+    if not (folder / DCP_METADATA).is_file():
+        raise CheckpointError(f"{folder}: not a complete checkpoint (neither {MODEL_FILE} nor {DCP_METADATA})")
+    with torch.device("meta"):  # shapes only, no memory
+        shapes = Transformer(load_config_of(folder).model).state_dict()
+    weights = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in shapes.items()}
+    _dcp_load({"model": weights}, folder, no_dist=True)
+    return weights
+
+
+def _dcp_load(state: dict, folder: Path, no_dist: bool = False) -> None:
+    """DCP-load `state` in place from folder (collective unless no_dist), after checking that
+    .metadata is safe to unpickle and every shard it names is there and long enough."""
+    for path, size in _shard_sizes(folder).items():
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing shard of checkpoint {folder}")
+        if path.stat().st_size < size:
+            raise CheckpointError(f"{path}: truncated shard ({path.stat().st_size} bytes, the checkpoint "
+                                  f"index needs {size})")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: unreadable weights ({e})") from None
+        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+    except Exception as e:  # DCP wraps every rank's failure (missing key, shape, read error)
+        raise CheckpointError(f"{folder}: does not fit the model or is unreadable "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata classes, torch dtypes/sizes and paths; refuses any other global
+    (a crafted pickle's os.system, exec, ...), so reading .metadata cannot run code."""
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module: str, name: str):
+        if module in ("pathlib", "pathlib._local") and name in ("PosixPath", "PurePosixPath", "WindowsPath"):
+            return super().find_class(module, name)  # the checkpoint id DCP records (Python 3.13: _local)
+        found = super().find_class(module, name) if module == "torch" or module.startswith("torch.") else None
+        ok = ((module, name) in self.ALLOWED
+              or (module == "torch" and isinstance(found, torch.dtype))
+              or (module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)
+                  and found.__module__ == module))
+        if not ok:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in checkpoint metadata")
+        return found
+
+
+def _shard_sizes(folder: Path) -> dict[Path, int]:
+    """Each shard file that DCP's .metadata refers to, with the size it must have at least."""
+    path = _require(folder, DCP_METADATA)
+    try:
+        with path.open("rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        sizes: dict[Path, int] = {}
+        for info in metadata.storage_data.values():
+            shard = folder / info.relative_path
+            sizes[shard] = max(sizes.get(shard, 0), info.offset + info.length)
+    except Exception as e:  # refused global, truncated or corrupt pickle, unexpected content
+        raise CheckpointError(f"{path}: refused or corrupt checkpoint metadata "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    return sizes
 
 
 def load_into_model(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path | str) -> None:
@@ -130,8 +247,9 @@ def load_state(folder: Path) -> dict:
         raise CheckpointError(f"{path}: corrupt ({e.msg})") from None
 
 
-def load_rng(folder: Path) -> dict[str, torch.Tensor]:
-    path = _require(folder, RNG_FILE)
+def load_rng(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: not a complete checkpoint ({path.name} missing)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:

@@ -171,9 +171,12 @@ class TrainConfig:
     eval_every: int = doc("Validate every this many steps (and at the end); 0 = only at the end.", 100)
     eval_batches: int = doc("Micro-batches of held-out data per validation.", 8)
     peak_tflops: float = doc("Peak dense TFLOP/s for MFU; 0 = known GPU's bf16 peak, MFU null on CPU.", 0.0)
+    max_bad_steps: int = doc("A step whose loss or gradient norm is not finite is skipped (no update); "
+                             "after this many in a row the run stops with an error.", 5)
 
     def validate(self) -> None:
-        _positive(self, "train", ["total_tokens", "micro_batch_size", "grad_accum_steps", "eval_batches"])
+        _positive(self, "train", ["total_tokens", "micro_batch_size", "grad_accum_steps", "eval_batches",
+                                  "max_bad_steps"])
         _non_negative(self, "train", ["max_steps", "eval_every", "peak_tflops"])
         _choice(self, "train", "dtype", ("auto", "bf16", "fp32"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -233,10 +236,17 @@ class GrowthConfig:
 class ParallelConfig:
     """How the model is wrapped for speed and memory."""
     compile: bool = doc("torch.compile each transformer block.", False)
-    activation_checkpointing: str = doc("'none' or 'full' (recompute each block in backward).", "none")
+    activation_checkpointing: str = doc("'none', 'full' (recompute each block in backward) or 'selective' "
+                                        "(every other block: half the saving for half the recompute).", "none")
+    reshard_after_forward: bool = doc("FSDP (under torchrun): free each block's gathered parameters after its "
+                                      "forward and gather them again for backward (less memory, more "
+                                      "communication); false keeps them until backward.", True)
+    defer_grad_sync: bool = doc("FSDP with grad_accum_steps > 1: reduce gradients only after the last "
+                                "micro-batch of a step (less communication; each process holds unsharded "
+                                "gradients meanwhile); false reduces after every micro-batch.", True)
 
     def validate(self) -> None:
-        _choice(self, "parallel", "activation_checkpointing", ("none", "full"))
+        _choice(self, "parallel", "activation_checkpointing", ("none", "full", "selective"))
 
 
 @dataclass

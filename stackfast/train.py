@@ -1,10 +1,21 @@
 """The training loop; an entry point for `python stackfast/train.py`, `python -m stackfast.train`,
-`stackfast train` (and torchrun).
+`stackfast train` and `torchrun [...] stackfast/train.py`.
 
 One optimizer step: grad_accum_steps micro-batches forward/backward (bf16 autocast on
 GPU, fp32 on CPU), global-norm clipping, AdamW (fused on CUDA) at the scheduled LR.
-The host synchronises with the device only at logging, validation and checkpoint
-steps: per-step losses stay on the device until a logging interval flushes them.
+Under torchrun every process trains an FSDP2-sharded copy of the model on its rows of
+the global batch (micro_batch_size rows each); rank 0 writes logs and metrics.
+
+Host syncs: one small one per step (was the loss or gradient norm non-finite anywhere,
+has a stop been requested: both decide whether to step, so they cannot wait), and the
+logging, validation and checkpoint steps. Per-step losses stay on the device until a
+logging interval flushes them with one transfer.
+
+Faults: SIGTERM or SIGINT finishes the current step, writes a checkpoint and returns
+(exit status 0); a step with a non-finite loss or gradient norm is skipped (no update)
+and logged, and train.max_bad_steps of them in a row stop the run with an error, the
+last checkpoint untouched. With checkpoint.resume = "auto" a restarted job (torchrun
+--max-restarts, or the same command again) continues from the newest checkpoint.
 """
 from __future__ import annotations
 
@@ -16,20 +27,30 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
 
 import argparse
 import contextlib
+import functools
 import math
+import signal
+import threading
 import time
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from stackfast.checkpoint import (latest_checkpoint, load_into_model, load_optimizer_state, load_rng,
-                                  load_state, load_weights, save_checkpoint, set_rng_state)
-from stackfast.config import Config, ConfigError, StackfastError, load_config
+from stackfast.checkpoint import (latest_checkpoint, load_checkpoint, load_into_model, load_state, load_weights,
+                                  save_checkpoint)
+from stackfast.config import COPYING_OPERATORS, Config, ConfigError, StackfastError, load_config
 from stackfast.data import TokenLoader, open_data
 from stackfast.growth import RAMPS, GrowthError, apply_growth, growth_timing
 from stackfast.growth.guidelines import small_model
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer
-from stackfast.parallel import apply_block_options, strip_block_options
+from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, set_gradient_sync, shutdown,
+                                strip_block_options, wrap_model)
+
+# Operators that grow an FSDP-sharded model by local copies (build_from_map); the others
+# change tensor shapes and would need whole weights gathered on every rank.
+SHARDED_OPERATORS = COPYING_OPERATORS + ("depth_random",)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,10 +62,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def use_bf16(dtype_name: str, device: torch.device) -> bool:
+    """bf16 compute on GPU by default; fp32 on CPU or when asked."""
+    return dtype_name == "bf16" or (dtype_name == "auto" and device.type == "cuda")
+
+
 def autocast_context(dtype_name: str, device: torch.device):
-    """bf16 autocast on GPU by default; fp32 (no autocast) on CPU or when asked."""
-    use_bf16 = dtype_name == "bf16" or (dtype_name == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not use_bf16(dtype_name, device):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -69,8 +93,8 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: TokenLoader, n_batches: int, device: torch.device,
-             autocast) -> float:
-    """Mean cross-entropy over the fixed validation batches."""
+             autocast, world: World = World()) -> float:
+    """Mean cross-entropy over the fixed validation batches (all ranks' rows of them)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
@@ -80,7 +104,11 @@ def evaluate(model: torch.nn.Module, loader: TokenLoader, n_batches: int, device
         total += loss * y.numel()
         count += y.numel()
     model.train(was_training)
-    return total.item() / count  # host sync: validation result
+    sums = torch.stack([total, total.new_tensor(count)])
+    if world.distributed:
+        dist.all_reduce(sums)  # collective: every rank's held-out rows
+    total, count = sums.tolist()  # host sync: validation result
+    return total / count
 
 
 def find_resume(cfg: Config) -> Path | None:
@@ -96,12 +124,12 @@ def find_resume(cfg: Config) -> Path | None:
     return path
 
 
-def growth_step(cfg: Config, total_steps: int) -> int | None:
+def growth_step(cfg: Config, total_steps: int, world_size: int = 1) -> int | None:
     """Optimizer steps of the small model before growth (None: the run does not grow)."""
     g = cfg.growth
     if g.operator == "none":
         return None
-    tokens_per_step = cfg.tokens_per_step()
+    tokens_per_step = cfg.tokens_per_step(world_size)
     if g.at_tokens == "auto":
         target = cfg.model.num_params()
         d = growth_timing(target, 6.0 * target * total_steps * tokens_per_step)
@@ -169,9 +197,46 @@ def shape_of(cfg) -> tuple:
 
 
 def run(cfg: Config) -> dict:
-    """Train as configured (growing mid-run when [growth] says so); returns a summary."""
+    """Train as configured (growing mid-run when [growth] says so); returns a summary.
+
+    Under torchrun this joins the process group (and leaves it at the end); every
+    process calls run() with the same config."""
     cfg.validate()
-    device = resolve_device(cfg.train.device)
+    world, device = init_distributed(resolve_device(cfg.train.device))
+    try:
+        with StopSignal() as stop:
+            return _train(cfg, world, device, stop)
+    finally:
+        shutdown(world)
+
+
+class StopSignal:
+    """SIGTERM and SIGINT set `requested` instead of ending the process, so the loop can
+    finish its step and checkpoint (a cluster's warning before pre-emption). A second
+    signal interrupts at once. Handlers can only be installed in the main thread;
+    the previous ones come back on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) -> dict:
     autocast = autocast_context(cfg.train.dtype, device)
     run_dir = Path(cfg.logging.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -179,58 +244,73 @@ def run(cfg: Config) -> dict:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)
+    if world.distributed and cfg.growth.operator not in ("none",) + SHARDED_OPERATORS:
+        raise ConfigError(f"growth.operator: {cfg.growth.operator!r} changes tensor shapes, which under torchrun "
+                          f"(FSDP) would gather the whole model on every process; it runs in a single process "
+                          f"only. Under torchrun use {', '.join(SHARDED_OPERATORS)}, or grow with `stackfast grow` "
+                          f"and continue from its output with checkpoint.init_from")
 
+    if not world.main:
+        barrier(world)  # rank 0 opens the data first: it may build the built-in corpus's cache
     data = open_data(cfg.data, cfg.model.vocab_size)
-    loader = TokenLoader(data, cfg.data.seq_len, cfg.train.micro_batch_size, seed=cfg.train.seed)
-    total_steps = cfg.total_steps()
-    tokens_per_step = cfg.tokens_per_step()
-    grow_at = growth_step(cfg, total_steps)
+    if world.main:
+        barrier(world)
+    loader = TokenLoader(data, cfg.data.seq_len, cfg.train.micro_batch_size, seed=cfg.train.seed,
+                         rank=world.rank, world_size=world.world_size)
+    total_steps = cfg.total_steps(world.world_size)
+    tokens_per_step = cfg.tokens_per_step(world.world_size)
+    grow_at = growth_step(cfg, total_steps, world.world_size)
     small_cfg = small_model(cfg.model, cfg.growth.operator, cfg.growth.factor) if grow_at is not None else None
 
     resume_from = find_resume(cfg)
-    state = {"step": 0, "tokens": 0, "flops": 0.0, "grown": grow_at is None}
+    state = {"step": 0, "tokens": 0, "flops": 0.0, "grown": grow_at is None, "skipped_steps": 0}
     if resume_from is not None:
         state.update(load_state(resume_from))
+    # The whole model is built (seeded, the same on every rank) and then sharded: each rank
+    # keeps its rows of every parameter.
     model = Transformer(cfg.model if state["grown"] else small_cfg).to(device)
+    if resume_from is None and cfg.checkpoint.init_from:
+        load_into_model(model, load_weights(cfg.checkpoint.init_from), cfg.checkpoint.init_from)
+    shard = functools.partial(wrap_model, cfg=cfg.parallel, world=world, bf16=use_bf16(cfg.train.dtype, device))
+    shard(model)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=world.main)
     ramp = None
     if resume_from is not None:
-        load_into_model(model, load_weights(resume_from), resume_from)
+        load_checkpoint(resume_from, model, optimizer, world)
         if state.get("growth_spec", {}).get("operator") in RAMPS:
             spec = state["growth_spec"]
             ramp = RAMPS[spec["operator"]](model, spec)
             ramp.set_step(state["step"] - grow_at)
-    elif cfg.checkpoint.init_from:
-        load_into_model(model, load_weights(cfg.checkpoint.init_from), cfg.checkpoint.init_from)
-    apply_block_options(model, cfg.parallel)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    log = MetricsLog(run_dir, cfg.logging.tensorboard)
-    if resume_from is not None:
-        optimizer.load_state_dict(load_optimizer_state(resume_from))
-        set_rng_state(load_rng(resume_from))
         log.truncate_after(state["step"])
-    (run_dir / "config.toml").write_text(cfg.to_toml())
+    if world.main:
+        (run_dir / "config.toml").write_text(cfg.to_toml())
 
     flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
     throughput = Throughput(flops_per_token, peak_flops(device, cfg.train.peak_tflops))
     throughput.last_tokens = state["tokens"]
-    progress = Progress(total_steps, cfg.logging.progress)
+    progress = Progress(total_steps, cfg.logging.progress and world.main)
+    where = f"{world.world_size} processes ({device.type}, FSDP)" if world.distributed else str(device)
     progress.message(f"stackfast: {model.num_params() / 1e6:.1f}M parameters, {total_steps} steps of "
-                     f"{tokens_per_step} tokens on {device}; logs in {run_dir}"
+                     f"{tokens_per_step} tokens on {where}; logs in {run_dir}"
                      + (f"; grows ({cfg.growth.operator}, x{cfg.growth.factor}) after step {grow_at}"
                         if grow_at is not None and not state["grown"] else "")
                      + (f"; resumed from {resume_from}" if resume_from else ""))
     pending: list[tuple] = []  # per-step values still on the device, flushed at log steps
     last_loss = val_loss = None
+    bad_in_row = 0
     started = time.perf_counter()
     start_tokens = state["tokens"]
+    accum = cfg.train.grad_accum_steps
     model.train()
 
     while state["step"] < total_steps:
         step = state["step"]
         if not state["grown"] and step >= grow_at:
             if pending:
-                last_loss = _flush(pending, log, throughput, progress)
-            model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, step)
+                last_loss = _flush(pending, log, throughput, progress, world)
+            model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, step,
+                                                      world, shard)
             state.update(grown=True, growth_spec=row["spec"])
             log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], **row})
             progress.message(f"step {step}: grew {row['params_before'] / 1e6:.1f}M -> "
@@ -244,34 +324,63 @@ def run(cfg: Config) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.train.grad_accum_steps):
+        for micro in range(accum):
             x, y = loader.batch(step, micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            set_gradient_sync(model, micro == accum - 1 or not cfg.parallel.defer_grad_sync)
             with autocast():
                 loss = model(x, y)
-            (loss / cfg.train.grad_accum_steps).backward()
+            (loss / accum).backward()
             loss_sum += loss.detach()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                     if cfg.optim.grad_clip > 0 else None)
-        optimizer.step()
+        loss = loss_sum / accum  # this rank's mean; FSDP averages the gradients over ranks
+        grad_norm = gradient_norm(model)
+        # Host sync (and collective) once per step: all ranks must agree to skip a step whose
+        # loss (local to each rank) or gradient norm is not finite, and to stop after this step.
+        flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).logical_not().float(),
+                             loss.new_tensor(float(stop.requested))])
+        if world.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stopping = (v > 0 for v in flags.tolist())
+        if bad:  # no update: the weights and the optimizer state stay as they were
+            bad_in_row += 1
+            state["skipped_steps"] += 1
+        else:
+            bad_in_row = 0
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.grad_clip, grad_norm)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["tokens"] += tokens_per_step
         state["flops"] += flops_per_token * tokens_per_step
-        pending.append((dict(state), loss_sum / cfg.train.grad_accum_steps, lr, grad_norm))
+        pending.append((dict(state), loss, lr, grad_norm, bad))
 
         step = state["step"]
         done = step == total_steps
-        if step % cfg.logging.log_every == 0 or done:
-            last_loss = _flush(pending, log, throughput, progress)
+        if bad:
+            progress.message(f"step {step}: non-finite loss or gradient norm; update skipped "
+                             f"({bad_in_row} in a row, train.max_bad_steps = {cfg.train.max_bad_steps})")
+        if step % cfg.logging.log_every == 0 or done or stopping or bad:
+            last_loss = _flush(pending, log, throughput, progress, world)
+        if bad_in_row >= cfg.train.max_bad_steps:
+            log.close()
+            last_good = latest_checkpoint(run_dir / "checkpoints")
+            raise StackfastError(f"{bad_in_row} steps in a row (up to step {step}) had a non-finite loss or "
+                                 f"gradient norm (train.max_bad_steps); stopped. Last checkpoint: "
+                                 f"{last_good or 'none'}; resume from it with a lower optim.lr or other data")
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or done:
-            val_loss = evaluate(model, loader, cfg.train.eval_batches, device, autocast)
+            val_loss = evaluate(model, loader, cfg.train.eval_batches, device, autocast, world)
             log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], "val_loss": val_loss})
             progress.message(f"step {step}: val_loss {val_loss:.4f}")
-        if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or done:
-            save_checkpoint(run_dir / "checkpoints", step, model, optimizer,
-                            {**state, "data": {"seed": cfg.train.seed, "next_step": step}},
-                            cfg, cfg.checkpoint.keep_last)
+        if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or done or stopping:
+            saved = save_checkpoint(run_dir / "checkpoints", step, model, optimizer,
+                                    {**state, "data": {"seed": cfg.train.seed, "next_step": step},
+                                     "world_size": world.world_size},
+                                    cfg, cfg.checkpoint.keep_last, world)
+        if stopping and not done:
+            progress.message(f"step {step}: stopped by a signal; wrote {saved}. Run the same command with "
+                             f"--resume auto to continue")
+            break
 
     progress.close()
     log.close()
@@ -280,25 +389,40 @@ def run(cfg: Config) -> dict:
     return {"steps": state["step"], "tokens": state["tokens"], "flops": state["flops"],
             "loss": last_loss, "val_loss": val_loss, "wall_s": wall, "tokens_per_s": tokens_per_s,
             "params": model.num_params(), "device": str(device), "run_dir": str(run_dir),
-            "growth_step": grow_at, "mfu_convention": MFU_CONVENTION}
+            "growth_step": grow_at, "mfu_convention": MFU_CONVENTION, "world_size": world.world_size,
+            "rank": world.rank, "stopped": state["step"] < total_steps, "skipped_steps": state["skipped_steps"]}
+
+
+def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The global L2 norm of all gradients, a plain 0-d tensor on the device."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()  # collective: combines every rank's shard norms
+    return norm
 
 
 def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader, device: torch.device,
-                autocast, step: int):
+                autocast, step: int, world: World = World(), shard=apply_block_options):
     """Grow the small model at `step`: new model, optimizer (fresh or with copied moments), ramp.
 
     Returns (model, optimizer, ramp, log row). The probe loss is one fixed held-out batch,
-    before and after, to show the (small) jump that growth causes.
+    before and after, to show the (small) jump that growth causes. `shard` wraps a model as
+    the run does (wrap_model): under FSDP the depth operators build the grown model with
+    it and copy local shards; in one process the grown model is wrapped afterwards.
     """
-    strip_block_options(model)
-    loss_before = evaluate(model, loader, 1, device, autocast)
+    if not world.distributed:
+        strip_block_options(model)  # operators copy plain blocks
+    loss_before = evaluate(model, loader, 1, device, autocast, world)
     started = time.perf_counter()
 
     def batches(k):  # LiGO's training data: the run's own stream, past the micro-steps in use
         x, y = loader.batch(step, cfg.train.grad_accum_steps + k)
         return x.to(device), y.to(device)
 
-    growth = apply_growth(model, cfg.growth.operator, cfg.growth.factor, **growth_options(cfg, batches))
+    options = growth_options(cfg, batches)
+    if world.distributed:
+        options["shard"] = shard
+    growth = apply_growth(model, cfg.growth.operator, cfg.growth.factor, **options)
     grown = growth.model
     if shape_of(grown.config) != shape_of(cfg.model):
         raise GrowthError(f"growth produced shape {shape_of(grown.config)}, not the [model] target "
@@ -310,26 +434,30 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # host sync: time the growth itself
     growth_s = time.perf_counter() - started
-    apply_block_options(grown, cfg.parallel)
-    loss_after = evaluate(grown, loader, 1, device, autocast)
+    if not world.distributed:
+        shard(grown)
+    loss_after = evaluate(grown, loader, 1, device, autocast, world)
     row = {"event": "growth", "spec": growth.spec, "loss_before": loss_before, "loss_after": loss_after,
            "growth_s": growth_s, "params_before": model.num_params(), "params_after": grown.num_params()}
     grown.train()
     return grown, new_optimizer, growth.ramp, row
 
 
-def _flush(pending: list, log: MetricsLog, throughput: Throughput, progress: Progress) -> float:
-    """Write the pending steps' rows with one host sync; returns the last loss."""
-    losses = torch.stack([p[1] for p in pending]).tolist()  # host sync: logging interval
-    clipped = pending[0][3] is not None
-    norms = torch.stack([p[3] for p in pending]).tolist() if clipped else [None] * len(pending)
+def _flush(pending: list, log: MetricsLog, throughput: Throughput, progress: Progress, world: World) -> float:
+    """Write the pending steps' rows with one host sync; returns the last loss (mean over ranks)."""
+    losses = torch.stack([p[1] for p in pending])
+    if world.distributed:
+        dist.all_reduce(losses)  # collective: sum of the ranks' losses (gloo has no average)
+        losses /= world.world_size
+    rows = torch.stack([losses, torch.stack([p[3] for p in pending])], dim=1).tolist()  # host sync: logging
     tokens_per_s, mfu = throughput.update(pending[-1][0]["tokens"])
-    for (state, _, lr, _), loss, norm in zip(pending, losses, norms):
+    for (state, _, lr, _, skipped), (loss, norm) in zip(pending, rows):
         log.write({"step": state["step"], "tokens": state["tokens"], "flops": state["flops"], "loss": loss,
-                   "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu})
-    progress.update(pending[-1][0]["step"], losses[-1], tokens_per_s, mfu)
+                   "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                   **({"skipped": True} if skipped else {})})
+    progress.update(pending[-1][0]["step"], rows[-1][0], tokens_per_s, mfu)
     pending.clear()
-    return losses[-1]
+    return rows[-1][0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     except StackfastError as e:
         print(f"stackfast: error: {e}", file=sys.stderr)
         return 2
+    if summary["rank"] != 0:
+        return 0
+    if summary["stopped"]:
+        print(f"stopped by a signal after step {summary['steps']}; checkpoint written. "
+              f"Continue with the same command and --resume auto")
+        return 0
     print(f"done: {summary['steps']} steps, {summary['tokens']} tokens, loss {summary['loss']:.4f}, "
           f"val_loss {summary['val_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s; "
           f"logs in {summary['run_dir']}")

@@ -73,8 +73,9 @@ def test_checkpoint_keep_last_and_no_temp_folders(tmp_path):
 def test_activation_checkpointing_gives_the_same_losses(tmp_path):
     run(tiny_config(tmp_path / "a", "train.max_steps=4"))
     run(tiny_config(tmp_path / "b", "train.max_steps=4", 'parallel.activation_checkpointing="full"'))
-    losses = [[r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in "ab"]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    run(tiny_config(tmp_path / "c", "train.max_steps=4", 'parallel.activation_checkpointing="selective"'))
+    losses = [[r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in "abc"]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] == pytest.approx(losses[2], rel=1e-6)
 
 
 def test_init_from_loads_weights_and_mismatch_is_refused(tmp_path):

@@ -16,6 +16,7 @@ from stackfast.growth.ramp import Ramp
 from stackfast.growth.spec import Growth, GrowthError
 from stackfast.model import Transformer, init_parameter
 from stackfast.ops import replicate_
+from stackfast.parallel import local, local_part
 
 PARTIAL = ("all", "front", "middle", "back")
 
@@ -55,31 +56,46 @@ def layer_map(n_layers: int, factor: int, layers: str | list[int] = "all", order
     return list(range(start)) + chosen * repeat + list(range(start + len(chosen), n_layers))
 
 
-def build_from_map(model: Transformer, mapping: list[int], generator: torch.Generator | None = None) -> Transformer:
+@torch.no_grad()
+def build_from_map(model: Transformer, mapping: list[int], shard=None,
+                   generator: torch.Generator | None = None) -> Transformer:
     """A model with len(mapping) blocks, block i a copy of model.layers[mapping[i]]; a -1 entry
-    is a freshly initialised block (drawn from `generator`)."""
+    is a freshly initialised block (drawn from `generator`).
+
+    The grown model is built on the meta device and materialised without random init: every
+    weight is copied or initialised below. shard: for an FSDP-sharded model, the function that
+    wrapped and sharded it (stackfast.parallel.wrap_model with the run's settings); the grown
+    model is sharded the same way before materialising, so each rank allocates only its own
+    shards. Every parameter is sharded on dim 0 and a copy has its source's shape, so a copy's
+    local shard is exactly its source's local shard: the copy is local on every rank, with no
+    communication.
+    """
     cfg = dataclasses.replace(model.config, n_layers=len(mapping))
     device = next(model.parameters()).device
     with torch.device("meta"):
-        grown = Transformer(cfg)  # no init work: every weight is copied or initialised below
+        grown = Transformer(cfg)
+        if shard is not None:
+            grown = shard(grown)
     grown.materialize(device)
-    with torch.no_grad():
-        for i, source in enumerate(mapping):
-            if source == -1:
-                for name, p in grown.layers[i].named_parameters():
-                    init_parameter(f"layers.{i}.{name}", p, cfg, generator)
+    for i, source in enumerate(mapping):
+        if source == -1:
+            for name, p in grown.layers[i].named_parameters():
+                # Drawn whole and sliced per rank: the same weights at any world size.
+                full = torch.empty(p.shape, device=device, dtype=p.dtype)
+                init_parameter(f"layers.{i}.{name}", full, cfg, generator)
+                local(p).copy_(local_part(p, full))
     sources, copies = [], []
     for name, src in model.named_parameters():
         if not name.startswith("layers."):
-            sources.append(src.detach())
-            copies.append([grown.get_parameter(name).detach()])
+            sources.append(local(src))
+            copies.append([local(grown.get_parameter(name))])
     for j, block in enumerate(model.layers):
         dests = [grown.layers[i] for i, m in enumerate(mapping) if m == j]
         if not dests:
             continue
         for name, src in block.named_parameters():
-            sources.append(src.detach())
-            copies.append([d.get_parameter(name).detach() for d in dests])
+            sources.append(local(src))
+            copies.append([local(d.get_parameter(name)) for d in dests])
     _replicate_grouped(sources, copies)
     return grown
 
@@ -96,17 +112,18 @@ def _replicate_grouped(sources: list[torch.Tensor], copies: list[list[torch.Tens
 
 
 def stack(model: Transformer, factor: int, *, layers: str | list[int] = "all", order: str = "stack",
-          noise: float = 0.0, seed: int = 0) -> Growth:
+          noise: float = 0.0, seed: int = 0, shard=None) -> Growth:
     """G_stack: the grown model's blocks are copies of the small model's, by layer map.
 
     noise = alpha > 0 mixes every block matrix with Gaussian noise, W <- (1 - alpha) W +
     alpha * eps, eps ~ N(0, 2 / (5 d)), and N(0, 1 / (d L^2)) for the output and down
     projections (paper.md; alpha = 0.2 was slightly better than none).
+    shard: see build_from_map (the depth operators take it for FSDP-sharded models).
     """
     if not 0.0 <= noise < 1.0:
         raise GrowthError(f"noise: alpha must be in [0, 1), got {noise}")
     mapping = layer_map(model.config.n_layers, factor, layers, order)
-    grown = build_from_map(model, mapping)
+    grown = build_from_map(model, mapping, shard)
     if noise > 0:
         _add_noise(grown, noise, seed)
     spec = {"operator": "stack", "factor": factor, "layer_map": mapping,
@@ -123,33 +140,34 @@ def _add_noise(model: Transformer, alpha: float, seed: int) -> None:
             continue
         out_proj = name.endswith(("o_proj.weight", "down_proj.weight"))
         std = math.sqrt(1.0 / (d * n_layers ** 2)) if out_proj else math.sqrt(2.0 / (5 * d))
+        # Drawn whole, as in one process, and each rank takes its rows: same noise at any world size.
         eps = torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * std
-        p.mul_(1.0 - alpha).add_(eps, alpha=alpha)
+        local(p).mul_(1.0 - alpha).add_(local_part(p, eps), alpha=alpha)
 
 
-def zero(model: Transformer, factor: int, *, order: str = "interpolate") -> Growth:
+def zero(model: Transformer, factor: int, *, order: str = "interpolate", shard=None) -> Growth:
     """depth_zero: duplicate blocks; each new copy's attention output and MLP down
     projections are zero, so it is the identity at growth time (function preserving).
     The reference code interleaves copies (1,1,2,2,...), the default order here."""
     mapping = layer_map(model.config.n_layers, factor, "all", order)
-    grown = build_from_map(model, mapping)
+    grown = build_from_map(model, mapping, shard)
     seen = set()
     with torch.no_grad():
         for block, source in zip(grown.layers, mapping):
             if source in seen:  # a copy, not the first occurrence of that layer
-                block.self_attn.o_proj.weight.zero_()
-                block.mlp.down_proj.weight.zero_()
+                local(block.self_attn.o_proj.weight).zero_()
+                local(block.mlp.down_proj.weight).zero_()
             seen.add(source)
     return Growth(grown, {"operator": "depth_zero", "factor": factor, "layer_map": mapping, "order": order})
 
 
-def random(model: Transformer, factor: int, *, ramp_steps: int = 100, seed: int = 0) -> Growth:
+def random(model: Transformer, factor: int, *, ramp_steps: int = 100, seed: int = 0, shard=None) -> Growth:
     """depth_random: each small-model layer is followed by factor-1 freshly initialised
     blocks, faded in as y = x + c * Block(x) with c ramping 0 -> 1 over ramp_steps (MSG)."""
     n = model.config.n_layers
     mapping = [i if k == 0 else -1 for i in range(n) for k in range(factor)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    grown = build_from_map(model, mapping, generator)
+    grown = build_from_map(model, mapping, shard, generator)
     spec = {"operator": "depth_random", "factor": factor, "layer_map": mapping, "ramp_steps": ramp_steps,
             "seed": seed}
     return Growth(grown, spec, random_ramp(grown, spec))
