@@ -34,6 +34,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,6 +46,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from stackfast.config import Config, ConfigError, ModelConfig, StackfastError, config_from_dict, tomllib
 from stackfast.model import Transformer
 from stackfast.parallel import World, barrier, is_sharded
+
+# A single-process run saves and loads the same DCP format as a sharded one; DCP's note that
+# it found no process group is expected there, not a problem to report to the user.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, CONFIG_FILE, DCP_METADATA = (

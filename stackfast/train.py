@@ -37,10 +37,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from stackfast.checkpoint import (latest_checkpoint, load_checkpoint, load_into_model, load_state, load_weights,
+from stackfast.checkpoint import (latest_checkpoint, load_checkpoint, load_into_model, load_model_source, load_state,
                                   save_checkpoint)
 from stackfast.config import COPYING_OPERATORS, Config, ConfigError, StackfastError, load_config
-from stackfast.data import TokenLoader, open_data
+from stackfast.data import Prefetcher, TokenLoader, open_data
 from stackfast.growth import RAMPS, GrowthError, apply_growth, growth_timing
 from stackfast.growth.guidelines import small_model
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
@@ -269,8 +269,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     # The whole model is built (seeded, the same on every rank) and then sharded: each rank
     # keeps its rows of every parameter.
     model = Transformer(cfg.model if state["grown"] else small_cfg).to(device)
-    if resume_from is None and cfg.checkpoint.init_from:
-        load_into_model(model, load_weights(cfg.checkpoint.init_from), cfg.checkpoint.init_from)
+    if resume_from is None and cfg.checkpoint.init_from:  # a stackfast or Hugging Face checkpoint
+        load_into_model(model, load_model_source(cfg.checkpoint.init_from)[1], cfg.checkpoint.init_from)
     shard = functools.partial(wrap_model, cfg=cfg.parallel, world=world, bf16=use_bf16(cfg.train.dtype, device))
     shard(model)
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -289,7 +289,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
     throughput = Throughput(flops_per_token, peak_flops(device, cfg.train.peak_tflops))
     throughput.last_tokens = state["tokens"]
-    progress = Progress(total_steps, cfg.logging.progress and world.main)
+    progress = Progress(total_steps, cfg.logging.progress and world.main, initial=state["step"])
     where = f"{world.world_size} processes ({device.type}, FSDP)" if world.distributed else str(device)
     progress.message(f"stackfast: {model.num_params() / 1e6:.1f}M parameters, {total_steps} steps of "
                      f"{tokens_per_step} tokens on {where}; logs in {run_dir}"
@@ -304,83 +304,87 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     accum = cfg.train.grad_accum_steps
     model.train()
 
-    while state["step"] < total_steps:
-        step = state["step"]
-        if not state["grown"] and step >= grow_at:
-            if pending:
-                last_loss = _flush(pending, log, throughput, progress, world)
-            model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, step,
-                                                      world, shard)
-            state.update(grown=True, growth_spec=row["spec"])
-            log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], **row})
-            progress.message(f"step {step}: grew {row['params_before'] / 1e6:.1f}M -> "
-                             f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}) in "
-                             f"{row['growth_s']:.2f} s; probe loss {row['loss_before']:.4f} -> {row['loss_after']:.4f}")
-            flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
-            throughput.flops_per_token = flops_per_token
-        if ramp is not None:
-            ramp.set_step(step - grow_at)
-        lr = scheduled_lr(cfg, step, total_steps, grow_at)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = loader.batch(step, micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            set_gradient_sync(model, micro == accum - 1 or not cfg.parallel.defer_grad_sync)
-            with autocast():
-                loss = model(x, y)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        loss = loss_sum / accum  # this rank's mean; FSDP averages the gradients over ranks
-        grad_norm = gradient_norm(model)
-        # Host sync (and collective) once per step: all ranks must agree to skip a step whose
-        # loss (local to each rank) or gradient norm is not finite, and to stop after this step.
-        flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).logical_not().float(),
-                             loss.new_tensor(float(stop.requested))])
-        if world.distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, stopping = (v > 0 for v in flags.tolist())
-        if bad:  # no update: the weights and the optimizer state stay as they were
-            bad_in_row += 1
-            state["skipped_steps"] += 1
-        else:
-            bad_in_row = 0
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.grad_clip, grad_norm)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["tokens"] += tokens_per_step
-        state["flops"] += flops_per_token * tokens_per_step
-        pending.append((dict(state), loss, lr, grad_norm, bad))
+    # The loader runs ahead on a background thread (pinned memory on GPU): the device never
+    # waits for data. The keys are the loop's own (step, micro-step) order.
+    keys = ((s, m) for s in range(state["step"], total_steps) for m in range(accum))
+    with contextlib.closing(Prefetcher(loader, keys, pin_memory=device.type == "cuda")) as batches:
+        while state["step"] < total_steps:
+            step = state["step"]
+            if not state["grown"] and step >= grow_at:
+                if pending:
+                    last_loss = _flush(pending, log, throughput, progress, world)
+                model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, step,
+                                                          world, shard)
+                state.update(grown=True, growth_spec=row["spec"])
+                log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], **row})
+                progress.message(f"step {step}: grew {row['params_before'] / 1e6:.1f}M -> "
+                                 f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}) in "
+                                 f"{row['growth_s']:.2f} s; probe loss {row['loss_before']:.4f} -> {row['loss_after']:.4f}")
+                flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
+                throughput.flops_per_token = flops_per_token
+            if ramp is not None:
+                ramp.set_step(step - grow_at)
+            lr = scheduled_lr(cfg, step, total_steps, grow_at)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = batches.batch(step, micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                set_gradient_sync(model, micro == accum - 1 or not cfg.parallel.defer_grad_sync)
+                with autocast():
+                    loss = model(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            loss = loss_sum / accum  # this rank's mean; FSDP averages the gradients over ranks
+            grad_norm = gradient_norm(model)
+            # Host sync (and collective) once per step: all ranks must agree to skip a step whose
+            # loss (local to each rank) or gradient norm is not finite, and to stop after this step.
+            flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).logical_not().float(),
+                                 loss.new_tensor(float(stop.requested))])
+            if world.distributed:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, stopping = (v > 0 for v in flags.tolist())
+            if bad:  # no update: the weights and the optimizer state stay as they were
+                bad_in_row += 1
+                state["skipped_steps"] += 1
+            else:
+                bad_in_row = 0
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.grad_clip, grad_norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"] += tokens_per_step
+            state["flops"] += flops_per_token * tokens_per_step
+            pending.append((dict(state), loss, lr, grad_norm, bad))
 
-        step = state["step"]
-        done = step == total_steps
-        if bad:
-            progress.message(f"step {step}: non-finite loss or gradient norm; update skipped "
-                             f"({bad_in_row} in a row, train.max_bad_steps = {cfg.train.max_bad_steps})")
-        if step % cfg.logging.log_every == 0 or done or stopping or bad:
-            last_loss = _flush(pending, log, throughput, progress, world)
-        if bad_in_row >= cfg.train.max_bad_steps:
-            log.close()
-            last_good = latest_checkpoint(run_dir / "checkpoints")
-            raise StackfastError(f"{bad_in_row} steps in a row (up to step {step}) had a non-finite loss or "
-                                 f"gradient norm (train.max_bad_steps); stopped. Last checkpoint: "
-                                 f"{last_good or 'none'}; resume from it with a lower optim.lr or other data")
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or done:
-            val_loss = evaluate(model, loader, cfg.train.eval_batches, device, autocast, world)
-            log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], "val_loss": val_loss})
-            progress.message(f"step {step}: val_loss {val_loss:.4f}")
-        if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or done or stopping:
-            saved = save_checkpoint(run_dir / "checkpoints", step, model, optimizer,
-                                    {**state, "data": {"seed": cfg.train.seed, "next_step": step},
-                                     "world_size": world.world_size},
-                                    cfg, cfg.checkpoint.keep_last, world)
-        if stopping and not done:
-            progress.message(f"step {step}: stopped by a signal; wrote {saved}. Run the same command with "
-                             f"--resume auto to continue")
-            break
+            step = state["step"]
+            done = step == total_steps
+            if bad:
+                progress.message(f"step {step}: non-finite loss or gradient norm; update skipped "
+                                 f"({bad_in_row} in a row, train.max_bad_steps = {cfg.train.max_bad_steps})")
+            if step % cfg.logging.log_every == 0 or done or stopping or bad:
+                last_loss = _flush(pending, log, throughput, progress, world)
+            if bad_in_row >= cfg.train.max_bad_steps:
+                log.close()
+                last_good = latest_checkpoint(run_dir / "checkpoints")
+                raise StackfastError(f"{bad_in_row} steps in a row (up to step {step}) had a non-finite loss or "
+                                     f"gradient norm (train.max_bad_steps); stopped. Last checkpoint: "
+                                     f"{last_good or 'none'}; resume from it with a lower optim.lr or other data")
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or done:
+                val_loss = evaluate(model, loader, cfg.train.eval_batches, device, autocast, world)
+                log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], "val_loss": val_loss})
+                progress.message(f"step {step}: val_loss {val_loss:.4f}")
+            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or done or stopping:
+                saved = save_checkpoint(run_dir / "checkpoints", step, model, optimizer,
+                                        {**state, "data": {"seed": cfg.train.seed, "next_step": step},
+                                         "world_size": world.world_size},
+                                        cfg, cfg.checkpoint.keep_last, world)
+            if stopping and not done:
+                progress.message(f"step {step}: stopped by a signal; wrote {saved}. Run the same command with "
+                                 f"--resume auto to continue")
+                break
 
     progress.close()
     log.close()
