@@ -1,7 +1,7 @@
 """Training-step throughput: stackfast against Hugging Face LlamaForCausalLM, same run.
 
 All candidates get the identical config and initial weights, the same batches and the same
-optimizer (AdamW, fused on CUDA; fp32 master weights, bf16 autocast on GPU, fp32 on CPU).
+optimizer (fused AdamW; fp32 master weights, bf16 autocast on GPU, fp32 on CPU).
 One timed call is a full optimizer step: forward, backward, clipping, AdamW.
 Candidates: stackfast (kernels 'auto': Triton on GPU), stackfast + torch.compile (GPU, or
 --compile), HF with SDPA, and HF + Liger-Kernel (RMSNorm, RoPE, SwiGLU, fused linear
@@ -41,7 +41,7 @@ from stackfast.train import autocast_context, build_optimizer  # noqa: E402
 
 def make_step(model: torch.nn.Module, loss_fn, batches, device: torch.device):
     """A closure running one optimizer step on the next batch (cycling through `batches`)."""
-    optimizer = build_optimizer(model, OptimConfig(), device)
+    optimizer = build_optimizer(model, OptimConfig())
     autocast = autocast_context("auto", device)
     params = list(model.parameters())
     counter = iter(range(1 << 62))

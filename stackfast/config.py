@@ -128,7 +128,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW (fused on CUDA) with decoupled weight decay and gradient clipping."""
+    """AdamW (fused, on CPU and GPU) with decoupled weight decay and gradient clipping."""
     lr: float = doc("Peak learning rate.", 1e-3)
     weight_decay: float = doc("AdamW weight decay on matrices (norm weights are not decayed).", 0.1)
     beta1: float = doc("AdamW beta1.", 0.9)

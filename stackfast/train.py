@@ -2,19 +2,19 @@
 `stackfast train` and `torchrun [...] stackfast/train.py`.
 
 One optimizer step: grad_accum_steps micro-batches forward/backward (bf16 autocast on
-GPU, fp32 on CPU), global-norm clipping, AdamW (fused on CUDA) at the scheduled LR.
+GPU, fp32 on CPU), global-norm clipping, fused AdamW at the scheduled LR.
 Under torchrun every process trains an FSDP2-sharded copy of the model on its rows of
 the global batch (micro_batch_size rows each); rank 0 writes logs and metrics.
 
-Host syncs: one small one per step (was the loss or gradient norm non-finite anywhere,
-has a stop been requested: both decide whether to step, so they cannot wait), and the
-logging, validation and checkpoint steps. Per-step losses stay on the device until a
-logging interval flushes them with one transfer.
+Host syncs: only at logging, validation and checkpoint steps. Per-step losses, gradient
+norms and skip flags stay on the device until such a step flushes them with one transfer;
+a non-finite step is skipped on the device (fused AdamW's found_inf).
 
-Faults: SIGTERM or SIGINT finishes the current step, writes a checkpoint and returns
-(exit status 0); a step with a non-finite loss or gradient norm is skipped (no update)
-and logged, and train.max_bad_steps of them in a row stop the run with an error, the
-last checkpoint untouched. With checkpoint.resume = "auto" a restarted job (torchrun
+Faults: SIGTERM or SIGINT finishes the current step (several processes: the next
+logging, validation or checkpoint step, where they agree), writes a checkpoint and
+returns (exit status 0); a step with a non-finite loss or gradient norm is skipped (no
+update) and logged, and train.max_bad_steps of them in a row stop the run with an error
+at the next flush, the last checkpoint untouched. With checkpoint.resume = "auto" a restarted job (torchrun
 --max-restarts, or the same command again) continues from the newest checkpoint.
 """
 from __future__ import annotations
@@ -81,14 +81,15 @@ def lr_at(step: int, total_steps: int, peak: float, warmup: int, min_ratio: floa
     return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm weights are 1-D and not decayed)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+    # Fused (one kernel for all parameters, on CPU too) and it honours `found_inf`: the loop
+    # skips a non-finite step on the device, without a host sync.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 @torch.no_grad()
@@ -273,7 +274,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
         load_into_model(model, load_model_source(cfg.checkpoint.init_from)[1], cfg.checkpoint.init_from)
     shard = functools.partial(wrap_model, cfg=cfg.parallel, world=world, bf16=use_bf16(cfg.train.dtype, device))
     shard(model)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    optimizer = build_optimizer(model, cfg.optim)
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=world.main)
     ramp = None
     if resume_from is not None:
@@ -338,21 +339,17 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
                 loss_sum += loss.detach()
             loss = loss_sum / accum  # this rank's mean; FSDP averages the gradients over ranks
             grad_norm = gradient_norm(model)
-            # Host sync (and collective) once per step: all ranks must agree to skip a step whose
-            # loss (local to each rank) or gradient norm is not finite, and to stop after this step.
-            flags = torch.stack([(torch.isfinite(loss) & torch.isfinite(grad_norm)).logical_not().float(),
-                                 loss.new_tensor(float(stop.requested))])
+            # No host sync here. A step whose loss (local to each rank) or gradient norm is not
+            # finite is skipped on the device: fused AdamW leaves weights and state untouched
+            # when `found_inf` is nonzero (the mechanism torch's AMP grad scaler uses). Under
+            # FSDP the ranks agree on it through an all-reduce, asynchronous on NCCL.
+            bad = (torch.isfinite(loss) & torch.isfinite(grad_norm)).logical_not().float()
             if world.distributed:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            bad, stopping = (v > 0 for v in flags.tolist())
-            if bad:  # no update: the weights and the optimizer state stay as they were
-                bad_in_row += 1
-                state["skipped_steps"] += 1
-            else:
-                bad_in_row = 0
-                if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.grad_clip, grad_norm)
-                optimizer.step()
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # collective
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.grad_clip, grad_norm)
+            optimizer.found_inf = bad
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["tokens"] += tokens_per_step
@@ -361,22 +358,34 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
 
             step = state["step"]
             done = step == total_steps
-            if bad:
-                progress.message(f"step {step}: non-finite loss or gradient norm; update skipped "
-                                 f"({bad_in_row} in a row, train.max_bad_steps = {cfg.train.max_bad_steps})")
-            if step % cfg.logging.log_every == 0 or done or stopping or bad:
-                last_loss = _flush(pending, log, throughput, progress, world)
-            if bad_in_row >= cfg.train.max_bad_steps:
-                log.close()
-                last_good = latest_checkpoint(run_dir / "checkpoints")
-                raise StackfastError(f"{bad_in_row} steps in a row (up to step {step}) had a non-finite loss or "
-                                     f"gradient norm (train.max_bad_steps); stopped. Last checkpoint: "
-                                     f"{last_good or 'none'}; resume from it with a lower optim.lr or other data")
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or done:
+            eval_now = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0) or done
+            save_now = bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or done
+            # A single process acts on a signal after this step; several processes must agree on
+            # the step, which they do at the next host sync (logging, validation or checkpoint).
+            stopping = stop.requested and not world.distributed
+            if step % cfg.logging.log_every == 0 or eval_now or save_now or stopping:
+                last_loss, flags = _flush(pending, log, throughput, progress, world)
+                for flushed_step, was_bad in flags:  # the steps since the last flush, in order
+                    bad_in_row = bad_in_row + 1 if was_bad else 0
+                    if not was_bad:
+                        continue
+                    state["skipped_steps"] += 1
+                    progress.message(f"step {flushed_step}: non-finite loss or gradient norm; update skipped "
+                                     f"({bad_in_row} in a row, train.max_bad_steps = {cfg.train.max_bad_steps})")
+                    if bad_in_row >= cfg.train.max_bad_steps:
+                        log.close()
+                        last_good = latest_checkpoint(run_dir / "checkpoints")
+                        raise StackfastError(
+                            f"{bad_in_row} steps in a row (up to step {flushed_step}) had a non-finite loss or "
+                            f"gradient norm (train.max_bad_steps); stopped. Last checkpoint: {last_good or 'none'}; "
+                            f"resume from it with a lower optim.lr or other data")
+                if world.distributed:
+                    stopping = agree_to_stop(stop.requested, device)
+            if eval_now:
                 val_loss = evaluate(model, loader, cfg.train.eval_batches, device, autocast, world)
                 log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], "val_loss": val_loss})
                 progress.message(f"step {step}: val_loss {val_loss:.4f}")
-            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or done or stopping:
+            if save_now or stopping:
                 saved = save_checkpoint(run_dir / "checkpoints", step, model, optimizer,
                                         {**state, "data": {"seed": cfg.train.seed, "next_step": step},
                                          "world_size": world.world_size},
@@ -432,7 +441,7 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
         raise GrowthError(f"growth produced shape {shape_of(grown.config)}, not the [model] target "
                           f"{shape_of(cfg.model)}")
     grown.config = cfg.model
-    new_optimizer = build_optimizer(grown, cfg.optim, device)
+    new_optimizer = build_optimizer(grown, cfg.optim)
     if cfg.growth.optimizer == "replicate":
         replicate_optimizer_state(optimizer, model, new_optimizer, grown, growth.spec["layer_map"])
     if device.type == "cuda":
@@ -447,21 +456,32 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
     return grown, new_optimizer, growth.ramp, row
 
 
-def _flush(pending: list, log: MetricsLog, throughput: Throughput, progress: Progress, world: World) -> float:
-    """Write the pending steps' rows with one host sync; returns the last loss (mean over ranks)."""
+def agree_to_stop(requested: bool, device: torch.device) -> bool:
+    """Whether any rank saw a stop signal (collective; called at host-sync points only)."""
+    flag = torch.tensor(float(requested), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0  # host sync: already at a logging, validation or checkpoint step
+
+
+def _flush(pending: list, log: MetricsLog, throughput: Throughput, progress: Progress,
+           world: World) -> tuple[float, list[int]]:
+    """Write the pending steps' rows with one host sync; returns the last loss (mean over
+    ranks) and the steps whose update was skipped."""
     losses = torch.stack([p[1] for p in pending])
     if world.distributed:
         dist.all_reduce(losses)  # collective: sum of the ranks' losses (gloo has no average)
         losses /= world.world_size
-    rows = torch.stack([losses, torch.stack([p[3] for p in pending])], dim=1).tolist()  # host sync: logging
+    rows = torch.stack([losses, torch.stack([p[3] for p in pending]),
+                        torch.stack([p[4] for p in pending])], dim=1).tolist()  # host sync: logging
     tokens_per_s, mfu = throughput.update(pending[-1][0]["tokens"])
-    for (state, _, lr, _, skipped), (loss, norm) in zip(pending, rows):
+    for (state, _, lr, _, _), (loss, norm, bad) in zip(pending, rows):
         log.write({"step": state["step"], "tokens": state["tokens"], "flops": state["flops"], "loss": loss,
                    "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                   **({"skipped": True} if skipped else {})})
+                   **({"skipped": True} if bad else {})})
     progress.update(pending[-1][0]["step"], rows[-1][0], tokens_per_s, mfu)
+    flags = [(p[0]["step"], bool(bad)) for p, (_, _, bad) in zip(pending, rows)]
     pending.clear()
-    return rows[-1][0]
+    return rows[-1][0], flags
 
 
 def main(argv: list[str] | None = None) -> int:
