@@ -2,8 +2,8 @@
 
 Times `stackfast.growth.apply_growth(small, "stack", 4)` (allocate the grown model, copy
 every layer 4 times with replicate_), and the same plus the two AdamW moments of every
-parameter (optimizer = "replicate": moments copied with replicate_ into the grown
-model's state). One process, no collective calls; the target is < 1 s on GPU
+parameter as a job with growth.optimizer = "replicate" copies them
+(`stackfast.growth.depth.copy_optimizer_state`, replicate_ again). One process, no collective calls; the target is < 1 s on GPU
 (design.md). On CPU a scaled-down shape keeps it quick.
 
     python benchmarks/bench_growth.py            # GPU: 7b-small -> 7b; CPU: toy-small -> toy
@@ -21,31 +21,15 @@ import torch  # noqa: E402
 from benchmarks.harness import main_device, markdown_table, measure, write_results  # noqa: E402
 from stackfast.config import ModelConfig  # noqa: E402
 from stackfast.growth import apply_growth  # noqa: E402
+from stackfast.growth.depth import copy_optimizer_state  # noqa: E402
 from stackfast.model import Transformer  # noqa: E402
-from stackfast.ops import replicate_  # noqa: E402
 
 
-def grow_with_moments(small: Transformer, moments: dict[str, list[torch.Tensor]]) -> Transformer:
-    """G_stack plus the moments: each grown parameter gets fresh moment buffers (as a new
-    AdamW state would) filled with copies of its source parameter's moments."""
+def grow_with_moments(small: Transformer, moments: dict[str, dict]) -> Transformer:
+    """G_stack plus the AdamW state, as a running job with growth.optimizer = "replicate"
+    does it: each grown parameter's moments are copies of its source's."""
     growth = apply_growth(small, "stack", 4)
-    mapping = growth.spec["layer_map"]
-    grown = dict(growth.model.named_parameters())
-    layer_sources, layer_copies = [], [[] for _ in range(4)]  # each layer moment -> 4 copies
-    other_sources, other_copies = [], []  # embedding, final norm, head -> 1 copy
-    for name, pair in moments.items():
-        for moment in pair:
-            if name.startswith("layers."):
-                _, index, rest = name.split(".", 2)
-                targets = [f"layers.{i}.{rest}" for i, m in enumerate(mapping) if m == int(index)]
-                layer_sources.append(moment)
-                for c, target in enumerate(targets):
-                    layer_copies[c].append(torch.empty_like(grown[target]))
-            else:
-                other_sources.append(moment)
-                other_copies.append(torch.empty_like(grown[name]))
-    replicate_(layer_sources, layer_copies)
-    replicate_(other_sources, [other_copies])
+    copy_optimizer_state(moments, growth.model, growth.spec["layer_map"])
     return growth.model
 
 
@@ -60,7 +44,8 @@ def main(argv=None) -> list[dict]:
     target = ModelConfig.from_preset(name, kernels="torch")
     with torch.device(device):
         small = Transformer(ModelConfig.from_preset(f"{name}-small", kernels="torch"))
-        moments = {n: [torch.randn_like(p), torch.rand_like(p)] for n, p in small.named_parameters()}
+        moments = {n: {"step": torch.tensor(100.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+                   for n, p in small.named_parameters()}
     rows = []
     for label, fn in (("G_stack weights", lambda: apply_growth(small, "stack", 4)),
                       ("G_stack weights + Adam moments", lambda: grow_with_moments(small, moments))):

@@ -42,6 +42,7 @@ from stackfast.checkpoint import (latest_checkpoint, load_checkpoint, load_into_
 from stackfast.config import COPYING_OPERATORS, Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_data
 from stackfast.growth import RAMPS, GrowthError, apply_growth, growth_timing
+from stackfast.growth.depth import copy_optimizer_state
 from stackfast.growth.guidelines import small_model
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer
@@ -176,21 +177,10 @@ def growth_options(cfg: Config, batches) -> dict:
     }[g.operator]
 
 
-def source_name(name: str, mapping: list[int]) -> str:
-    """The small-model parameter that grown parameter `name` was copied from."""
-    if not name.startswith("layers."):
-        return name
-    _, index, rest = name.split(".", 2)
-    return f"layers.{mapping[int(index)]}.{rest}"
-
-
 def replicate_optimizer_state(old_opt, old_model, new_opt, new_model, mapping: list[int]) -> None:
     """Give every grown parameter a copy of its source parameter's AdamW state (moments, step)."""
     old_state = {name: old_opt.state[p] for name, p in old_model.named_parameters() if p in old_opt.state}
-    for name, p in new_model.named_parameters():
-        source = old_state.get(source_name(name, mapping))
-        if source is not None:
-            new_opt.state[p] = {k: v.clone() for k, v in source.items()}
+    new_opt.state.update(copy_optimizer_state(old_state, new_model, mapping))
 
 
 def shape_of(cfg) -> tuple:

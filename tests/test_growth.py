@@ -182,13 +182,17 @@ def test_replicate_optimizer_copies_adam_moments(tmp_path, monkeypatch):
 
     def spy(old_opt, old_model, new_opt, new_model, mapping):
         real(old_opt, old_model, new_opt, new_model, mapping)
-        captured.update(old={n: old_opt.state[p]["exp_avg"].clone() for n, p in old_model.named_parameters()},
-                        new={n: new_opt.state[p]["exp_avg"].clone() for n, p in new_model.named_parameters()})
+        captured.update(old={n: {k: v.clone() for k, v in old_opt.state[p].items()} for n, p in old_model.named_parameters()},
+                        new={n: {k: v.clone() for k, v in new_opt.state[p].items()} for n, p in new_model.named_parameters()})
     monkeypatch.setattr(train, "replicate_optimizer_state", spy)
     run(job(tmp_path, 'growth.optimizer="replicate"'))
     old, new = captured["old"], captured["new"]
-    assert torch.equal(new["layers.3.mlp.up_proj.weight"], old["layers.1.mlp.up_proj.weight"])
-    assert torch.equal(new["lm_head.weight"], old["lm_head.weight"])
+    for grown_name, source in (("layers.3.mlp.up_proj.weight", "layers.1.mlp.up_proj.weight"),
+                               ("layers.2.input_layernorm.weight", "layers.0.input_layernorm.weight"),
+                               ("lm_head.weight", "lm_head.weight")):
+        assert set(new[grown_name]) == {"step", "exp_avg", "exp_avg_sq"}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(new[grown_name][key], old[source][key]), (grown_name, key)
 
 
 def test_schedule_restart_and_continue():

@@ -111,6 +111,39 @@ def _replicate_grouped(sources: list[torch.Tensor], copies: list[list[torch.Tens
         replicate_([sources[i] for i in idx], [[copies[i][c] for i in idx] for c in range(count)])
 
 
+def source_name(name: str, mapping: list[int]) -> str:
+    """The small-model parameter that grown parameter `name` was copied from."""
+    if not name.startswith("layers."):
+        return name
+    _, index, rest = name.split(".", 2)
+    return f"layers.{mapping[int(index)]}.{rest}"
+
+
+@torch.no_grad()
+def copy_optimizer_state(old_state: dict[str, dict], grown: Transformer, mapping: list[int]) -> dict:
+    """Optimizer state for the grown model's parameters: copies of their sources' states.
+
+    old_state maps small-model parameter names to their AdamW state (step, exp_avg,
+    exp_avg_sq). Each moment is read once and written to all its copies (replicate_), on
+    each rank's local shards under FSDP (a copy's shard is its source's shard). Returns
+    {grown parameter: state}, ready for optimizer.state.
+    """
+    new_state, targets = {}, {}
+    for name, p in grown.named_parameters():
+        source = source_name(name, mapping)
+        if source in old_state:
+            new_state[p] = {k: v.clone() if v.ndim == 0 else torch.empty_like(v) for k, v in old_state[source].items()}
+            targets.setdefault(source, []).append(p)
+    sources, copies = [], []
+    for source, params in targets.items():
+        for key, value in old_state[source].items():
+            if value.ndim > 0:  # the moments; the 0-d step counter was cloned above
+                sources.append(local(value))
+                copies.append([local(new_state[p][key]) for p in params])
+    _replicate_grouped(sources, copies)
+    return new_state
+
+
 def stack(model: Transformer, factor: int, *, layers: str | list[int] = "all", order: str = "stack",
           noise: float = 0.0, seed: int = 0, shard=None) -> Growth:
     """G_stack: the grown model's blocks are copies of the small model's, by layer map.
