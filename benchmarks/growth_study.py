@@ -26,14 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import RESULTS_DIR, markdown_table, write_results  # noqa: E402
 from stackfast.config import GROWTH_OPERATORS, ModelConfig  # noqa: E402
-from stackfast.demo import DEFAULT_FLOPS, growth_overrides, steps_for_flops, train_labeled  # noqa: E402
+from stackfast.demo import growth_overrides, steps_for_flops, train_labeled  # noqa: E402
 from stackfast.metrics import read_metrics  # noqa: E402
 from stackfast.plot import plot_runs, speedup_vs, val_curve  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flops", type=float, default=DEFAULT_FLOPS, help="FLOP budget of every run")
+    parser.add_argument("--flops", type=float, default=9e12, help="FLOP budget of every run (default 9e12)")
     parser.add_argument("--small-share", type=float, default=0.2, help="share of the budget on the small model")
     parser.add_argument("--operators", nargs="+", default=list(GROWTH_OPERATORS), choices=GROWTH_OPERATORS)
     parser.add_argument("--learn-steps", type=int, default=20, help="LiGO training steps")

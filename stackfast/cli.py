@@ -14,6 +14,7 @@ from pathlib import Path
 
 from stackfast import __version__
 from stackfast.config import StackfastError, describe, load_config
+from stackfast.demo import DEFAULT_FLOPS as DEMO_FLOPS
 
 
 def cmd_train(args) -> int:
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="G_stack vs scratch at equal FLOPs, toy scale, built-in corpus")
     p.add_argument("--run-dir", help="where runs go (default: a new runs/demo-<date>-<time>)")
-    p.add_argument("--flops", type=float, default=9e12, help="FLOP budget (default 9e12: ~4 min on 2 CPU cores)")
+    p.add_argument("--flops", type=float, default=DEMO_FLOPS, help=f"FLOP budget (default {DEMO_FLOPS:g}: "
+                   "about 3 minutes on 2 CPU cores)")
     p.add_argument("--small-share", type=float, default=0.2, help="share of the FLOPs on the small model")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.set_defaults(func=cmd_demo)
