@@ -28,12 +28,11 @@ settings inside DCP, optimizer.pt) goes through torch.load(weights_only=True).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from stackfast.config import Config, ConfigError, ModelConfig, StackfastError, config_from_dict, tomllib
+from stackfast.files import replace_folder, write_folder
 from stackfast.model import Transformer
 from stackfast.parallel import World, barrier, is_sharded
 
@@ -81,9 +81,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
         (tmp / CONFIG_FILE).write_text(config.to_toml())
     barrier(world)  # every rank's files are complete: only now may the folder get its final name
     if world.main:
-        if final.exists():  # re-saving a step (the end of a resumed run) replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)  # re-saving a step (the end of a resumed run) replaces it
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -358,21 +356,7 @@ def save_hf(folder: Path, model: torch.nn.Module, tokenizer_file: Path | None = 
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / tokenizer_file.name)
-    _write_folder(folder, write)
-
-
-def _write_folder(folder: Path, write) -> None:
-    """Run write(tmp) in a temporary sibling folder, then rename it to `folder`."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_folder(folder, write)
 
 
 def save_weights_folder(folder: Path, model: torch.nn.Module, config: Config, state: dict) -> None:
@@ -383,7 +367,7 @@ def save_weights_folder(folder: Path, model: torch.nn.Module, config: Config, st
         save_file(weights, str(tmp / MODEL_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / CONFIG_FILE).write_text(config.to_toml())
-    _write_folder(folder, write)
+    write_folder(folder, write)
 
 
 def load_model_source(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -394,3 +378,11 @@ def load_model_source(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.
     if is_hf_dir(folder):
         return load_hf(folder)
     return load_config_of(folder).model, load_weights(folder)
+
+
+def load_model(folder: str | Path, kernels: str = "torch") -> Transformer:
+    """A Transformer holding the weights of a stackfast or Hugging Face checkpoint folder."""
+    cfg, weights = load_model_source(folder)
+    model = Transformer(dataclasses.replace(cfg, kernels=kernels))
+    load_into_model(model, weights, folder)
+    return model

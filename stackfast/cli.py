@@ -151,15 +151,12 @@ def cmd_grow(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    import dataclasses
-    from stackfast.checkpoint import load_config_of, load_into_model, load_weights, save_hf
+    from stackfast.checkpoint import load_config_of, load_model, save_hf
     from stackfast.data import TokenData, resolve_path
-    from stackfast.model import Transformer
     source, out = Path(args.checkpoint), Path(args.out)
     _refuse_existing(out, args.force)
     cfg = load_config_of(source)
-    model = Transformer(dataclasses.replace(cfg.model, kernels="torch"))
-    load_into_model(model, load_weights(source), source)
+    model = load_model(source)
     tokenizer = None
     try:  # the run's tokenizer goes alongside when its data folder is still there
         tokenizer = TokenData(resolve_path(cfg.data.path, cfg.data.val_fraction)).tokenizer_file
@@ -172,20 +169,16 @@ def cmd_export_hf(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import dataclasses
     import math
     import torch
-    from stackfast.checkpoint import is_hf_dir, load_config_of, load_into_model, load_model_source
+    from stackfast.checkpoint import is_hf_dir, load_config_of, load_model
     from stackfast.config import DataConfig
     from stackfast.data import TokenData, TokenLoader, resolve_path
-    from stackfast.model import Transformer
     from stackfast.train import autocast_context, evaluate, resolve_device
     source = Path(args.checkpoint)
-    model_cfg, weights = load_model_source(source)
     device = resolve_device(args.device)
-    model = Transformer(dataclasses.replace(model_cfg, kernels="auto"))
-    load_into_model(model, weights, source)
-    model.to(device)
+    model = load_model(source, kernels="auto").to(device)
+    model_cfg = model.config
     if args.tasks:
         return _lm_eval(args.tasks, source, model)
     if args.data:

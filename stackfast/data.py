@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from stackfast.config import StackfastError
+from stackfast.files import write_folder
 
 FORMAT = "stackfast-tokens-v1"
 BUILTIN_STDLIB = "builtin:python-stdlib"
@@ -193,10 +194,8 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
     n_val = max(1, int(round(stream.size * val_fraction)))
     train, val = stream[:-n_val], stream[-n_val:]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        index = {
+    def write(tmp: Path) -> None:
+        index.update({
             "format": FORMAT,
             "dtype": np.dtype(dtype).name,
             "vocab_size": tok.vocab_size,
@@ -205,14 +204,13 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
             "train": _write_shards(tmp, "train", train, shard_tokens),
             "val": _write_shards(tmp, "val", val, shard_tokens),
             "total_tokens": int(stream.size),
-        }
+        })
         if tok.path is not None:
             shutil.copyfile(tok.path, tmp / tok.file_name)
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    index: dict = {}
+    write_folder(out_dir, write)
     return index
 
 
@@ -224,17 +222,6 @@ def _write_shards(folder: Path, split: str, tokens: np.ndarray, shard_tokens: in
         part.tofile(folder / name)
         shards.append({"file": name, "tokens": int(part.size)})
     return shards
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a complete folder into place; an old one is removed only after the new one exists."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 # --------------------------------------------------------------------------------------

@@ -142,14 +142,3 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def sparkline(values: list[float], width: int = 40) -> str:
-    """A one-line text plot of a curve (for terminal summaries)."""
-    if not values:
-        return ""
-    step = max(1, math.ceil(len(values) / width))
-    points = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
-    lo, hi = min(points), max(points)
-    bars = "▁▂▃▄▅▆▇█"
-    return "".join(bars[int((p - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for p in points)
