@@ -1,28 +1,40 @@
 """Training-step throughput: stackfast against Hugging Face LlamaForCausalLM, same run.
 
 All candidates get the identical config and initial weights, the same batches and the same
-optimizer (fused AdamW; fp32 master weights, bf16 autocast on GPU, fp32 on CPU).
-One timed call is a full optimizer step: forward, backward, clipping, AdamW.
+optimizer step, `stackfast.train.train_step` (the loop's own: forward, backward, global-norm
+clipping, fused AdamW with the non-finite skip; fp32 master weights, bf16 autocast on GPU,
+fp32 on CPU). One timed call is one full optimizer step.
 Candidates: stackfast (kernels 'auto': Triton on GPU), stackfast + torch.compile (GPU, or
---compile), HF with SDPA, and HF + Liger-Kernel (RMSNorm, RoPE, SwiGLU, fused linear
-cross-entropy) when liger_kernel imports. The HF models compute their own loss
-(`labels=`), so Liger's fused cross-entropy is in play.
+--compile), stackfast with kernels = 'torch' (GPU: SDPA and F.rms_norm instead of Triton,
+to show what the Triton kernels add), HF with SDPA, and HF + Liger-Kernel (RMSNorm, RoPE,
+SwiGLU, fused linear cross-entropy) when liger_kernel imports. The HF models compute their
+own loss (`labels=`), so Liger's fused cross-entropy is in play.
 
     python benchmarks/bench_train.py                  # CPU: toy model, seq 256, batch 8
     python benchmarks/bench_train.py --preset tinyllama-1.1b --seq-len 2048 --batch 8   # GPU default
-    python benchmarks/bench_train.py --preset 7b --batch 2 --activation-checkpointing --no-hf
+    python benchmarks/bench_train.py --preset 7b --batch 4 --activation-checkpointing --fsdp --only stackfast
+
+--fsdp wraps stackfast as a one-process FSDP2 job (what each rank of `torchrun` runs: bf16
+parameters gathered per block, fp32 gradient reduction, fp32 master shards). A candidate
+whose weights, gradients and AdamW moments (16 bytes a parameter) cannot fit the GPU is
+reported as skipped, one that runs out of memory or fails (its traceback printed) as such;
+the others still run.
 
 Prints tokens/s, MFU (convention in stackfast.metrics.MFU_CONVENTION; null on CPU), peak
-memory and the ratio to HF (and to HF + Liger); writes benchmarks/results/train-<device>.json.
+memory and the ratio to HF (and to HF + Liger); writes benchmarks/results/<name>-<device>.json.
 On CPU the candidates are timed in interleaved rounds (a shared machine's slow spells hit
 all alike); on GPU one after another, each freed before the next is built (memory).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import itertools
 import os
+import socket
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,30 +47,23 @@ from stackfast.checkpoint import hf_llama_config, to_hf_state_dict  # noqa: E402
 from stackfast.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from stackfast.metrics import MFU_CONVENTION, peak_flops  # noqa: E402
 from stackfast.model import Transformer  # noqa: E402
-from stackfast.parallel import apply_block_options  # noqa: E402
-from stackfast.train import autocast_context, build_optimizer  # noqa: E402
+from stackfast.parallel import World, apply_block_options, init_distributed, shutdown, wrap_model  # noqa: E402
+from stackfast.train import autocast_context, build_optimizer, model_loss, train_step  # noqa: E402
+
+STATE_BYTES_PER_PARAM = 16  # fp32 weights, gradients and the two AdamW moments
 
 
-def make_step(model: torch.nn.Module, loss_fn, batches, device: torch.device):
-    """A closure running one optimizer step on the next batch (cycling through `batches`)."""
-    optimizer = build_optimizer(model, OptimConfig())
+def make_step(model: torch.nn.Module, loss_fn, batches, device: torch.device, world: World = World()):
+    """A closure running one training step (train_step) on the next batch, cycling through `batches`."""
+    optim = OptimConfig()
+    optimizer = build_optimizer(model, optim)
     autocast = autocast_context("auto", device)
-    params = list(model.parameters())
-    counter = iter(range(1 << 62))
+    counter = itertools.count()
 
     def step():
-        x, y = batches[next(counter) % len(batches)]
-        with autocast():
-            loss = loss_fn(model, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, [batches[next(counter) % len(batches)]], autocast, optim.grad_clip, world,
+                   loss_fn=loss_fn)
     return step
-
-
-def stackfast_loss(model, x, y):
-    return model(x, y)
 
 
 def hf_loss(model, x, y):
@@ -74,21 +79,45 @@ def seeded_model(cfg: ModelConfig, device: torch.device) -> Transformer:
         return Transformer(cfg)
 
 
-def candidates(cfg: ModelConfig, device: torch.device, args) -> list[tuple]:
-    """(name, factory) pairs; a factory builds the model with the shared initial weights."""
-    ac = "full" if args.activation_checkpointing else "none"
+@contextlib.contextmanager
+def one_process_world(device: torch.device):
+    """(World, device) of a one-process torchrun job (FSDP on one rank), made in this process
+    when it was not launched by torchrun; the process group and environment are undone after."""
+    added = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:  # a free port for the one-member process group
+            s.bind(("127.0.0.1", 0))
+            added["MASTER_PORT"] = str(s.getsockname()[1])
+    added = {k: v for k, v in added.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        world, device = init_distributed(device)
+        try:
+            yield world, device
+        finally:
+            shutdown(world)
+    finally:
+        for key in added:
+            del os.environ[key]
 
-    def ours(compile_blocks: bool):
+
+def candidates(cfg: ModelConfig, device: torch.device, world: World, args) -> list[tuple]:
+    """(name, factory, loss_fn): a factory builds the model with the shared initial weights."""
+    ac = "full" if args.activation_checkpointing else "none"
+    gpu = device.type == "cuda"
+
+    def ours(compile_blocks: bool, kernels: str = cfg.kernels):
         def build():
-            model = seeded_model(cfg, device)
-            return apply_block_options(model, ParallelConfig(compile=compile_blocks, activation_checkpointing=ac))
+            model = seeded_model(ModelConfig(**{**cfg.__dict__, "kernels": kernels}), device)
+            return wrap_model(model, ParallelConfig(compile=compile_blocks, activation_checkpointing=ac), world,
+                              bf16=gpu)
         return build
 
-    out = [("stackfast", ours(False))]
-    if args.compile or device.type == "cuda":
-        out.append(("stackfast+compile", ours(True)))
-    if args.no_hf:
-        return out
+    out = [("stackfast", ours(False), model_loss)]
+    if args.compile or gpu:
+        out.append(("stackfast+compile", ours(True), model_loss))
+    if gpu:  # on CPU 'auto' already means the PyTorch ops
+        out.append(("stackfast(kernels=torch)", ours(False, "torch"), model_loss))
     try:
         import transformers
     except ImportError:
@@ -103,19 +132,82 @@ def candidates(cfg: ModelConfig, device: torch.device, args) -> list[tuple]:
             with torch.device(device):
                 model = transformers.LlamaForCausalLM(
                     transformers.LlamaConfig(**hf_llama_config(cfg), attn_implementation="sdpa"))
-            model.load_state_dict(to_hf_state_dict(seeded_model(cfg, device).state_dict()), strict=False)
-            if args.activation_checkpointing:
-                model.gradient_checkpointing_enable()
+            # strict: every weight must come from the shared init (the RoPE tables are buffers)
+            model.load_state_dict(to_hf_state_dict(seeded_model(cfg, device).state_dict()))
+            if args.activation_checkpointing:  # renamed in transformers 5
+                enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+                enable()
             return model
         return build
 
-    out.append(("hf-llama-sdpa", hf(False)))
+    out.append(("hf-llama-sdpa", hf(False), hf_loss))
     try:
         import liger_kernel  # noqa: F401
-        out.append(("hf-llama+liger", hf(True)))
+        out.append(("hf-llama+liger", hf(True), hf_loss))
     except ImportError:
-        print("liger_kernel is not installed: no HF + Liger baseline")
+        print("liger_kernel is not installed: no HF + Liger baseline (benchmarks/NOTES.md: carrying it to a GPU)")
     return out
+
+
+def chosen(built: list[tuple], only: str | None) -> list[tuple]:
+    """The candidates named in --only (all without it); an unknown name is an error."""
+    if only is None:
+        return built
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    known = [name for name, _, _ in built]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--only: unknown candidate {', '.join(unknown)}; here: {', '.join(known)}")
+    return [c for c in built if c[0] in names]
+
+
+def memory_problem(cfg: ModelConfig, device: torch.device) -> str | None:
+    """Why the model's training state cannot fit the GPU, or None (a lower bound: activations come on top)."""
+    if device.type != "cuda":
+        return None
+    need = STATE_BYTES_PER_PARAM * cfg.num_params()
+    total = torch.cuda.get_device_properties(device).total_memory
+    if need > 0.95 * total:
+        return (f"skipped: weights, gradients and AdamW moments need {need / 2**30:.0f} GiB, "
+                f"the GPU has {total / 2**30:.0f} GiB")
+    return None
+
+
+def time_candidates(cfg: ModelConfig, built: list[tuple], batches, device: torch.device, world: World,
+                    reps: int) -> list[tuple]:
+    """(name, timing or None, note) per candidate.
+
+    GPU: one at a time, each freed before the next is built (two 1.1B models with optimizer
+    states and activations may not fit). CPU: interleaved rounds, all models alive.
+    """
+    if device.type != "cuda":
+        steps = [make_step(build(), loss_fn, batches, device, world) for _, build, loss_fn in built]
+        for step in steps:
+            measure(step, device=device, warmup=2, reps=1)
+        times: list[list[float]] = [[] for _ in steps]
+        for _ in range(reps):
+            for i, step in enumerate(steps):
+                times[i].append(measure(step, device=device, warmup=0, reps=1)["median_ms"])
+        return [(name, {**summarize(t), "peak_mem_bytes": None}, None) for (name, _, _), t in zip(built, times)]
+    results = []
+    for name, build, loss_fn in built:
+        note, timing = memory_problem(cfg, device), None
+        if note is None:
+            try:
+                step = make_step(build(), loss_fn, batches, device, world)
+                timing = measure(step, device=device, warmup=3, reps=reps)
+            except torch.cuda.OutOfMemoryError as error:
+                note = f"out of memory: {str(error).splitlines()[0]}"
+            except Exception as error:  # one broken candidate (a baseline's version, say) must not end the suite
+                traceback.print_exc()
+                note = f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            step = None  # frees the model, its gradients and optimizer state
+            gc.collect()
+            torch.cuda.empty_cache()
+        if note:
+            print(f"{name}: {note}")
+        results.append((name, timing, note))
+    return results
 
 
 def main(argv=None) -> list[dict]:
@@ -127,7 +219,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--compile", action="store_true", help="also time stackfast with torch.compile on CPU")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-    parser.add_argument("--no-hf", action="store_true", help="time stackfast only (e.g. 7B: one model fits)")
+    parser.add_argument("--fsdp", action="store_true", help="stackfast as a one-process FSDP2 job (a torchrun rank)")
+    parser.add_argument("--only", default=None, help="comma-separated candidate names to time (default: all)")
     parser.add_argument("--name", default="train", help="results file name (default train)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -146,46 +239,34 @@ def main(argv=None) -> list[dict]:
     for _ in range(4):
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, seq_len + 1), generator=generator)
         batches.append((tokens[:, :-1].to(device), tokens[:, 1:].to(device)))
-    built = candidates(cfg, device, args)
-
-    def loss_fn(name):
-        return stackfast_loss if name.startswith("stackfast") else hf_loss
-
-    results = []
-    if gpu:  # one at a time: two 1.1B models with optimizer states and activations may not fit
-        for name, build in built:
-            model = build()
-            step = make_step(model, loss_fn(name), batches, device)
-            results.append((name, measure(step, device=device, warmup=3, reps=reps)))
-            del model, step
-            gc.collect()
-            torch.cuda.empty_cache()
-    else:
-        steps = [make_step(build(), loss_fn(name), batches, device) for name, build in built]
-        for step in steps:
-            measure(step, device=device, warmup=2, reps=1)
-        times: list[list[float]] = [[] for _ in steps]
-        for _ in range(reps):
-            for i, step in enumerate(steps):
-                times[i].append(measure(step, device=device, warmup=0, reps=1)["median_ms"])
-        results = [(name, {**summarize(t), "peak_mem_bytes": None}) for (name, _), t in zip(built, times)]
-
+    with contextlib.ExitStack() as stack:
+        world = World()
+        if args.fsdp:
+            world, device = stack.enter_context(one_process_world(device))
+        try:
+            built = chosen(candidates(cfg, device, world, args), args.only)
+        except ValueError as error:
+            parser.error(str(error))
+        results = time_candidates(cfg, built, batches, device, world, reps)
     rows = []
-    for name, timing in results:
-        tokens_per_s = tokens_per_step / (timing["median_ms"] * 1e-3)
-        rows.append({"name": name, "preset": preset, "seq_len": seq_len, "batch": args.batch, "device": str(device),
-                     **timing, "tokens_per_s": tokens_per_s,
-                     "mfu": flops_per_step / (timing["median_ms"] * 1e-3) / peak if peak else None,
-                     "mfu_convention": MFU_CONVENTION})
-    by_name = {r["name"]: r for r in rows}
-    for row in rows:
+    for name, timing, note in results:
+        row = {"name": name, "preset": preset, "seq_len": seq_len, "batch": args.batch, "device": str(device),
+               "fsdp": args.fsdp and name.startswith("stackfast"), "activation_checkpointing": args.activation_checkpointing}
+        if timing is None:
+            rows.append({**row, "skipped": note})
+            continue
+        seconds = timing["median_ms"] * 1e-3
+        rows.append({**row, **timing, "tokens_per_s": tokens_per_step / seconds,
+                     "mfu": flops_per_step / seconds / peak if peak else None, "mfu_convention": MFU_CONVENTION})
+    timed = {r["name"]: r for r in rows if "tokens_per_s" in r}
+    for row in timed.values():
         for base in ("hf-llama-sdpa", "hf-llama+liger"):
-            if base in by_name:
-                row[f"ratio_vs_{base}"] = row["tokens_per_s"] / by_name[base]["tokens_per_s"]
+            if base in timed:
+                row[f"ratio_vs_{base}"] = row["tokens_per_s"] / timed[base]["tokens_per_s"]
     path = write_results(args.name, rows, args.out)
     print(markdown_table(rows, ["name", "preset", "seq_len", "batch", "median_ms", "p20_ms", "p80_ms",
                                 "tokens_per_s", "mfu", "peak_mem_bytes", "ratio_vs_hf-llama-sdpa",
-                                "ratio_vs_hf-llama+liger"]))
+                                "ratio_vs_hf-llama+liger", "skipped"]))
     print(f"results: {path}")
     return rows
 

@@ -39,20 +39,15 @@ from torch.distributed.tensor import DTensor
 
 from stackfast.checkpoint import (latest_checkpoint, load_checkpoint, load_into_model, load_model_source, load_state,
                                   save_checkpoint)
-from stackfast.config import COPYING_OPERATORS, Config, ConfigError, StackfastError, load_config
+from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_data
-from stackfast.growth import RAMPS, GrowthError, apply_growth, growth_timing
+from stackfast.growth import LAYER_MAP_OPERATORS, RAMPS, GrowthError, apply_growth, growth_timing
 from stackfast.growth.depth import copy_optimizer_state
 from stackfast.growth.guidelines import small_model
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer
 from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, set_gradient_sync, shutdown,
                                 strip_block_options, wrap_model)
-
-# Operators that grow an FSDP-sharded model by local copies (build_from_map); the others
-# change tensor shapes and would need whole weights gathered on every rank.
-SHARDED_OPERATORS = COPYING_OPERATORS + ("depth_random",)
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -180,7 +175,7 @@ def growth_options(cfg: Config, batches) -> dict:
 def replicate_optimizer_state(old_opt, old_model, new_opt, new_model, mapping: list[int]) -> None:
     """Give every grown parameter a copy of its source parameter's AdamW state (moments, step)."""
     old_state = {name: old_opt.state[p] for name, p in old_model.named_parameters() if p in old_opt.state}
-    new_opt.state.update(copy_optimizer_state(old_state, new_model, mapping))
+    new_opt.state.update(copy_optimizer_state(old_state, new_model, mapping, old_model))
 
 
 def shape_of(cfg) -> tuple:
@@ -235,10 +230,10 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)
-    if world.distributed and cfg.growth.operator not in ("none",) + SHARDED_OPERATORS:
+    if world.distributed and cfg.growth.operator not in ("none",) + LAYER_MAP_OPERATORS:
         raise ConfigError(f"growth.operator: {cfg.growth.operator!r} changes tensor shapes, which under torchrun "
                           f"(FSDP) would gather the whole model on every process; it runs in a single process "
-                          f"only. Under torchrun use {', '.join(SHARDED_OPERATORS)}, or grow with `stackfast grow` "
+                          f"only. Under torchrun use {', '.join(LAYER_MAP_OPERATORS)}, or grow with `stackfast grow` "
                           f"and continue from its output with checkpoint.init_from")
 
     if not world.main:
@@ -318,29 +313,10 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
             lr = scheduled_lr(cfg, step, total_steps, grow_at)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = batches.batch(step, micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                set_gradient_sync(model, micro == accum - 1 or not cfg.parallel.defer_grad_sync)
-                with autocast():
-                    loss = model(x, y)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            loss = loss_sum / accum  # this rank's mean; FSDP averages the gradients over ranks
-            grad_norm = gradient_norm(model)
-            # No host sync here. A step whose loss (local to each rank) or gradient norm is not
-            # finite is skipped on the device: fused AdamW leaves weights and state untouched
-            # when `found_inf` is nonzero (the mechanism torch's AMP grad scaler uses). Under
-            # FSDP the ranks agree on it through an all-reduce, asynchronous on NCCL.
-            bad = (torch.isfinite(loss) & torch.isfinite(grad_norm)).logical_not().float()
-            if world.distributed:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # collective
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.grad_clip, grad_norm)
-            optimizer.found_inf = bad
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = [tuple(t.to(device, non_blocking=True) for t in batches.batch(step, micro))
+                             for micro in range(accum)]
+            loss, grad_norm, bad = train_step(model, optimizer, micro_batches, autocast, cfg.optim.grad_clip,
+                                              world, cfg.parallel.defer_grad_sync)
             state["step"] += 1
             state["tokens"] += tokens_per_step
             state["flops"] += flops_per_token * tokens_per_step
@@ -396,6 +372,45 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
             "rank": world.rank, "stopped": state["step"] < total_steps, "skipped_steps": state["skipped_steps"]}
 
 
+def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, y)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],
+               autocast, grad_clip: float, world: World = World(), defer_grad_sync: bool = True,
+               loss_fn=model_loss) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step: forward/backward over the (x, y) micro-batches (on the device),
+    global-norm clipping and the AdamW update. The loop runs it every step and
+    benchmarks/bench_train.py times it, so the benchmark measures what training runs.
+
+    Returns (mean loss, gradient norm, bad flag), all still on the device: no host sync.
+    A step whose loss (local to each rank) or gradient norm is not finite is skipped on the
+    device: fused AdamW leaves weights and state untouched when `found_inf` is nonzero (the
+    mechanism torch's AMP grad scaler uses). Under FSDP the ranks agree on it through an
+    all-reduce, asynchronous on NCCL. loss_fn(model, x, y) gives the loss (the default
+    calls model(x, y); bench_train passes Hugging Face models' own loss).
+    """
+    accum = len(micro_batches)
+    loss_sum = None
+    for micro, (x, y) in enumerate(micro_batches):
+        set_gradient_sync(model, micro == accum - 1 or not defer_grad_sync)
+        with autocast():
+            loss = loss_fn(model, x, y)
+        (loss / accum).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    loss = loss_sum / accum  # this rank's mean; FSDP averages the gradients over ranks
+    grad_norm = gradient_norm(model)
+    bad = (torch.isfinite(loss) & torch.isfinite(grad_norm)).logical_not().float()
+    if world.distributed:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # collective
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, grad_norm)
+    optimizer.found_inf = bad
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, bad
+
+
 def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
     """The global L2 norm of all gradients, a plain 0-d tensor on the device."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
@@ -425,6 +440,8 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
     options = growth_options(cfg, batches)
     if world.distributed:
         options["shard"] = shard
+    elif cfg.growth.operator in LAYER_MAP_OPERATORS:
+        options["in_place"] = True  # the small model is dropped after growth: adopt its modules, copy the rest
     growth = apply_growth(model, cfg.growth.operator, cfg.growth.factor, **options)
     grown = growth.model
     if shape_of(grown.config) != shape_of(cfg.model):

@@ -15,6 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+# Where the Triton kernels run in these tests: the GPU when there is one, else the CPU
+# under the interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def on_kernel_device():
+    """Tensors a test makes default to KERNEL_DEVICE (used by the kernel test modules)."""
+    with torch.device(KERNEL_DEVICE):
+        yield
+
 
 @pytest.fixture(scope="session", autouse=True)
 def stackfast_cache(tmp_path_factory):

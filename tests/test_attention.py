@@ -4,6 +4,8 @@ import torch
 
 from stackfast.ops import _launch, attention, attention_ref
 
+pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one (conftest.py)
+
 # atol as a fraction of the largest reference value. fp16/bf16: one final rounding to the
 # output dtype (half an ulp: 2**-11 / 2**-8 relative) at the largest value, where
 # PyTorch's own error can happen to be 0. fp32: PyTorch's fp32 error is ~1e-7 and the
@@ -95,7 +97,7 @@ def test_bad_dtypes():
 
 def test_cpu_tensors_need_interpreter(monkeypatch):
     monkeypatch.setattr(_launch, "INTERPRET", False)
-    q = torch.zeros(1, 4, 2, 16)
+    q = torch.zeros(1, 4, 2, 16, device="cpu")
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*attention_ref"):
         attention(q, q, q)
 
@@ -121,3 +123,15 @@ def test_torch_compile_fullgraph():
     want = torch.autograd.grad(layer(q, k, v), (q, k, v))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_autotune_can_be_switched_off(monkeypatch):
+    """STACKFAST_AUTOTUNE=0: the first GPU config alone (one compile per new shape)."""
+    import importlib
+    module = importlib.import_module("stackfast.ops.attention")
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    gpu_configs = [(128, 64, 4, 3), (64, 64, 4, 4)]
+    assert len(module._configs(gpu_configs, (32, 32, 4, 1))) == 2
+    monkeypatch.setenv("STACKFAST_AUTOTUNE", "0")
+    [only] = module._configs(gpu_configs, (32, 32, 4, 1))
+    assert only.kwargs == {"BLOCK_M": 128, "BLOCK_N": 64} and only.num_warps == 4 and only.num_stages == 3

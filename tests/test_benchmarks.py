@@ -1,8 +1,11 @@
 """The benchmark suite's CPU path, end to end at tiny sizes (timings are not asserted: a
 shared machine is noisy; the rows, the same-run baselines and the JSON are)."""
 import json
+import os
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -25,3 +28,51 @@ def test_cpu_suite_writes_rows_with_same_run_baselines(tmp_path, capsys):
     assert any(r["what"].startswith("replicate_") for r in summary)
     assert any(r["what"].startswith("G_stack weights") for r in summary)
     assert any(r["what"].startswith("loader") for r in summary)
+
+
+def test_train_bench_as_a_one_process_fsdp_job(tmp_path):
+    from benchmarks import bench_train
+    rows = bench_train.main(["--cpu", "--preset", "tiny", "--seq-len", "32", "--reps", "1", "--fsdp",
+                             "--activation-checkpointing", "--only", "stackfast", "--out", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["stackfast"] and rows[0]["fsdp"] and rows[0]["tokens_per_s"] > 0
+    assert "RANK" not in os.environ  # the one-process group and its environment are undone
+
+
+def test_train_bench_refuses_an_unknown_candidate(capsys):
+    from benchmarks import bench_train
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.main(["--cpu", "--preset", "tiny", "--only", "stackfast,hf"])
+    assert exit_info.value.code == 2
+    assert "--only: unknown candidate hf; here: stackfast" in capsys.readouterr().err
+
+
+def test_summary_of_a_gpu_run_reports_ratios_and_skips():
+    """The GPU suite's last table, from rows shaped as its parts write them (no GPU here)."""
+    parts = {
+        "attention": [{"impl": "stackfast", "pass": "fwd+bwd", "batch": 4, "heads": 32, "kv_heads": 8,
+                       "seqlen": 4096, "head_dim": 128, "tflops": 301.0, "baseline": "sdpa-cudnn", "ratio": 0.67},
+                      {"impl": "sdpa-cudnn", "pass": "fwd+bwd", "tflops": 450.0}],
+        "rms_norm": [{"impl": "stackfast", "pass": "fwd+bwd", "gbps": 3000.0, "copy_fraction": 0.7,
+                      "baseline": "F.rms_norm", "ratio": 1.6}],
+        "replicate": [{"method": "replicate_", "g": 4, "source_bytes": 9.7e9 / 4, "median_ms": 10.0,
+                       "roofline_fraction": 0.91, "speedup_vs_copy_loop": 1.45}],
+        "train": [{"name": "stackfast", "preset": "tinyllama-1.1b", "seq_len": 2048, "batch": 8, "fsdp": False,
+                   "tokens_per_s": 70000.0, "mfu": 0.48, "ratio_vs_hf-llama-sdpa": 1.45,
+                   "ratio_vs_hf-llama+liger": 1.11},
+                  {"name": "hf-llama-sdpa", "preset": "tinyllama-1.1b", "tokens_per_s": 48000.0},
+                  {"name": "stackfast", "preset": "7b", "seq_len": 2048, "batch": 4, "fsdp": True,
+                   "skipped": "skipped: weights, gradients and AdamW moments need 88 GiB, the GPU has 79 GiB"}],
+        "growth": [{"what": "G_stack weights", "small": "7b-small", "target": "7b", "median_ms": 120.0},
+                   {"what": "G_stack weights + Adam moments", "small": "7b-small", "target": "7b",
+                    "skipped": "needs 47.5 GiB more, 40.0 GiB free"}],
+    }
+    rows = {r["what"]: r for r in run_all.summary_rows(parts)}
+    assert rows["attention fwd+bwd 4x32/8x4096x128"]["ratio"] == 0.67
+    assert rows["rms_norm fwd+bwd 16384x4096 bf16"]["ours"] == "3000 GB/s (70% of copy)"
+    assert rows["replicate_ g=4 (2.42 GB sources)"]["ratio"] == 1.45
+    ours = rows["train step stackfast tinyllama-1.1b seq 2048 x8"]
+    assert ours["baseline"] == "hf-llama+liger" and ours["ratio"] == 1.11 and "MFU 48%" in ours["ours"]
+    assert rows["train step stackfast 7b seq 2048 x4 (FSDP, AC)"]["ours"].startswith("skipped: weights")
+    assert rows["G_stack weights (7b-small -> 7b)"]["ours"] == "120 ms"
+    assert rows["G_stack weights + Adam moments (7b-small -> 7b)"]["ours"].startswith("needs 47.5 GiB")
+    assert len(rows) == 7  # one row per claim: the baselines' own rows are not claims

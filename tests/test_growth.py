@@ -146,6 +146,50 @@ def job(run_dir, *extra):
     return load_config(None, JOB + [f'logging.run_dir="{run_dir}"', *extra])
 
 
+@pytest.mark.parametrize("operator,options", [("stack", {}), ("stack", {"order": "interpolate"}),
+                                              ("stack", {"layers": "middle"}), ("depth_zero", {}),
+                                              ("depth_random", {"seed": 3})])
+def test_in_place_growth_equals_copying_and_allocates_only_the_copies(operator, options):
+    model = small(3)
+    copied = apply_growth(model, operator, 4, **options)
+    adopted = apply_growth(model, operator, 4, in_place=True, **options)
+    assert adopted.spec == copied.spec
+    for (name, a), (_, b) in zip(adopted.model.state_dict().items(), copied.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    grown, mapping = adopted.model, adopted.spec["layer_map"]
+    small_params = {id(p) for p in model.parameters()}
+    firsts = [mapping.index(j) for j in range(3)]  # each small layer's first place in the map
+    for i, block in enumerate(grown.layers):
+        assert (block is model.layers[mapping[i]]) == (i in firsts)
+    assert grown.lm_head is model.lm_head and grown.embed_tokens is model.embed_tokens
+    new = sum(p.numel() for p in grown.parameters() if id(p) not in small_params)
+    assert new == grown.num_params() - model.num_params()
+    x = torch.randint(0, 4096, (1, 9))
+    with torch.no_grad():  # the adopted model computes what the copied one does
+        torch.testing.assert_close(adopted.model(x), copied.model(x), rtol=0, atol=0)
+
+
+def test_in_place_moments_keep_the_adopted_state_and_copy_the_rest():
+    from stackfast.growth.depth import copy_optimizer_state
+    model = small(2)
+    moments = {n: {"step": torch.tensor(7.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+               for n, p in model.named_parameters()}
+    growth = apply_growth(model, "stack", 2, in_place=True)
+    state = copy_optimizer_state(moments, growth.model, growth.spec["layer_map"], model)
+    grown = growth.model
+    assert state[grown.layers[1].mlp.up_proj.weight] is moments["layers.1.mlp.up_proj.weight"]  # adopted
+    copy = state[grown.layers[3].mlp.up_proj.weight]
+    source = moments["layers.1.mlp.up_proj.weight"]
+    assert copy["exp_avg"] is not source["exp_avg"] and torch.equal(copy["exp_avg"], source["exp_avg"])
+    assert torch.equal(copy["exp_avg_sq"], source["exp_avg_sq"]) and copy["step"] == 7.0
+    assert len(state) == len(list(grown.parameters()))
+
+
+def test_in_place_growth_refuses_a_sharded_model():
+    with pytest.raises(GrowthError, match="in_place growth adopts"):
+        apply_growth(small(2), "stack", 2, in_place=True, shard=lambda m: m)
+
+
 def test_job_grows_mid_run_and_counts_small_model_flops(tmp_path):
     cfg = job(tmp_path)
     summary = run(cfg)

@@ -4,6 +4,8 @@ import torch
 
 from stackfast.ops import _launch, rms_norm, rms_norm_ref
 
+pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one (conftest.py)
+
 # atol as a fraction of the largest reference value. fp16: one final rounding to fp16
 # (half an ulp, 2**-11 relative) at the largest value, where PyTorch's own error can
 # happen to be 0. fp32: PyTorch's fp32 error is ~1e-7 and the kernel sums in another order.
@@ -82,7 +84,7 @@ def test_errors():
 def test_cpu_tensors_need_interpreter(monkeypatch):
     monkeypatch.setattr(_launch, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*rms_norm_ref"):
-        rms_norm(torch.randn(2, 8), torch.ones(8))
+        rms_norm(torch.randn(2, 8, device="cpu"), torch.ones(8, device="cpu"))
 
 
 def test_custom_ops_pass_opcheck():

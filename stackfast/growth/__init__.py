@@ -25,6 +25,11 @@ OPERATORS = {
     "width_learn": learned.width_learn,
 }
 
+# The depth operators, built from a layer map (depth.build_from_map): they grow an
+# FSDP-sharded model by local copies (`shard=`) and can consume the small model
+# (`in_place=True`); the others change tensor shapes.
+LAYER_MAP_OPERATORS = ("stack", "depth_zero", "depth_random")
+
 # Operators whose new parts fade in: rebuild the ramp from a saved spec (resume mid-ramp).
 RAMPS = {
     "depth_random": depth.random_ramp,
@@ -46,5 +51,5 @@ def grow(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTO
     return apply_growth(model, operator, factor, **options).model
 
 
-__all__ = ["GROWTH_FACTOR", "OPERATORS", "RAMPS", "Growth", "GrowthError", "apply_growth", "grow",
+__all__ = ["GROWTH_FACTOR", "LAYER_MAP_OPERATORS", "OPERATORS", "RAMPS", "Growth", "GrowthError", "apply_growth", "grow",
            "growth_timing", "plan"]

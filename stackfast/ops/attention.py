@@ -19,6 +19,7 @@ Layers: kernels -> launchers registered as torch custom ops ("stackfast::attenti
 `attention`. `attention_ref` is the pure-PyTorch reference.
 """
 import math
+import os
 
 import torch
 import triton
@@ -32,10 +33,15 @@ LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 
 def _configs(gpu_configs, interpreter_config):
     """Autotune over `gpu_configs` on a GPU; the interpreter runs one config (it cannot tune).
+    STACKFAST_AUTOTUNE=0 takes the first GPU config without tuning: each new sequence
+    length then costs one compile instead of one per config (tests, quick checks).
 
     Each config is (BLOCK_M, BLOCK_N, num_warps, num_stages).
     """
-    chosen = [interpreter_config] if _launch.INTERPRET else gpu_configs
+    if _launch.INTERPRET:
+        chosen = [interpreter_config]
+    else:
+        chosen = gpu_configs[:1] if os.environ.get("STACKFAST_AUTOTUNE") == "0" else gpu_configs
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in chosen]
 

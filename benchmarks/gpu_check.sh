@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything a GPU machine should check, in one command (about 8 minutes on an H100/H200):
+#   1. build the replication extension (C++ and CUDA, for this GPU) in place against the
+#      machine's own torch;
+#   2. install wheels carried in .whl/ (Liger-Kernel for the HF + Liger baseline), if any;
+#   3. the tests that need a GPU: CUDA replication, the Triton kernels compiled for the GPU,
+#      the golden trace with Triton kernels on the GPU;
+#   4. `stackfast bench` (benchmarks/run_all.py): correctness at real sizes, every timing,
+#      the summary table last;
+#   5. with DISTRIBUTED=1, benchmarks/gpu_distributed.sh (torchrun + NCCL + FSDP2, ~2 min).
+# JSON results go to OUT_DIR/results, logs to OUT_DIR; OUT_DIR/gpu_check.tgz packs them
+# all into one file (a lent machine returns few files). Copy the JSON into
+# benchmarks/results/ and commit it.
+#
+#     bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Exits non-zero if a step failed; every step runs regardless.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT/results"
+export PYTHONUNBUFFERED=1
+status=0
+step() {  # step NAME TIMEOUT_S COMMAND...: run it with a time limit, log to OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)"; status=1; }
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# This GPU's architecture only (a build for two takes twice as long); the build is required.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
+export STACKFAST_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+step build 300 $PY setup.py build_ext --inplace
+# One config per kernel, no autotuning: the tests' many sequence lengths would each tune.
+step tests 240 env STACKFAST_AUTOTUNE=0 $PY -m pytest -q tests/test_replicate.py tests/test_attention.py \
+    tests/test_rms_norm.py tests/test_golden.py
+step bench 480 $PY benchmarks/run_all.py --out "$OUT/results"
+if [ "${DISTRIBUTED:-0}" = 1 ]; then
+    step distributed 200 bash benchmarks/gpu_distributed.sh "$OUT/distributed"
+fi
+archive=$(mktemp --suffix=.tgz)  # written outside OUT, then moved in: tar must not read its own output
+tar -C "$OUT" -czf "$archive" --exclude ./distributed/checkpoints . && mv "$archive" "$OUT/gpu_check.tgz"
+echo "packed $OUT/gpu_check.tgz; exit $status"
+exit $status
