@@ -61,7 +61,8 @@ class ModelConfig:
     norm_eps: float = doc("RMSNorm epsilon.", 1e-5)
     init_std: float = doc("Std of the normal init (TinyLlama: 0.02); output projections get "
                           "init_std / sqrt(2 * n_layers).", 0.02)
-    kernels: str = doc("'auto' (Triton ops on GPU, PyTorch on CPU), 'triton' or 'torch'.", "auto")
+    kernels: str = doc("'auto' (Triton ops on GPU, except fp32 attention; PyTorch on CPU), 'triton' or 'torch'.",
+                       "auto")
 
     @property
     def head_dim(self) -> int:

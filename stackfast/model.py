@@ -76,7 +76,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if use_triton(self.kernels, x.device):
+        # 'auto' leaves fp32 attention to SDPA: the kernel's exact-fp32 path (there for tests)
+        # gets no tensor-core speed and outgrows an A100's shared memory at head dim 128.
+        if self.kernels == "triton" or (use_triton(self.kernels, x.device) and q.dtype != torch.float32):
             from stackfast.ops import attention
             out = attention(q, k, v, causal=True)  # flash-attn layout (B, S, H, D) in and out
         else:

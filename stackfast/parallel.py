@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from stackfast.config import ConfigError, ParallelConfig
-from stackfast.model import Transformer
+from stackfast.model import Transformer, init_parameter
 
 
 @dataclass
@@ -133,6 +133,20 @@ def local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     chunks = full.chunk(mesh.size(), dim=0)
     rank = mesh.get_local_rank()
     return chunks[rank] if rank < len(chunks) else full[:0]
+
+
+@torch.no_grad()
+def init_parameters(named_parameters, cfg, generator: torch.Generator | None = None) -> None:
+    """The seeded init (model.init_parameter) of materialised, possibly sharded parameters.
+
+    Each parameter is drawn whole, in order, from `generator` (the global RNG without one),
+    the same on every rank, and each rank keeps its rows of it: the same weights at any
+    world size, with only one whole parameter at a time in memory.
+    """
+    for name, p in named_parameters:
+        full = torch.empty(p.shape, device=local(p).device, dtype=p.dtype)
+        init_parameter(name, full, cfg, generator)
+        local(p).copy_(local_part(p, full))
 
 
 def apply_block_options(model: Transformer, cfg: ParallelConfig) -> Transformer:

@@ -46,8 +46,8 @@ from stackfast.growth.depth import copy_optimizer_state
 from stackfast.growth.guidelines import small_model
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer
-from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, set_gradient_sync, shutdown,
-                                strip_block_options, wrap_model)
+from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, init_parameters, set_gradient_sync,
+                                shutdown, strip_block_options, wrap_model)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -106,6 +106,27 @@ def evaluate(model: torch.nn.Module, loader: TokenLoader, n_batches: int, device
         dist.all_reduce(sums)  # collective: every rank's held-out rows
     total, count = sums.tolist()  # host sync: validation result
     return total / count
+
+
+def build_model(model_cfg, device: torch.device, shard, init_from: str = "", seeded: bool = True) -> Transformer:
+    """The run's model, wrapped and sharded by `shard`, its weights allocated once, on the device.
+
+    Built on the meta device first: no full-size copy on the host. init_from (a stackfast
+    or Hugging Face checkpoint): whole weights loaded, then sharded. Else sharded first, and
+    each rank allocates only its rows; seeded: the seeded init (parallel.init_parameters,
+    the same weights at any world size), skipped for a resume that overwrites them.
+    """
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    if init_from:
+        model.materialize(device)
+        load_into_model(model, load_model_source(init_from)[1], init_from)
+        return shard(model)
+    shard(model)
+    model.materialize(device)
+    if seeded:
+        init_parameters(model.named_parameters(), model.config)
+    return model
 
 
 def find_resume(cfg: Config) -> Path | None:
@@ -252,13 +273,10 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     state = {"step": 0, "tokens": 0, "flops": 0.0, "grown": grow_at is None, "skipped_steps": 0}
     if resume_from is not None:
         state.update(load_state(resume_from))
-    # The whole model is built (seeded, the same on every rank) and then sharded: each rank
-    # keeps its rows of every parameter.
-    model = Transformer(cfg.model if state["grown"] else small_cfg).to(device)
-    if resume_from is None and cfg.checkpoint.init_from:  # a stackfast or Hugging Face checkpoint
-        load_into_model(model, load_model_source(cfg.checkpoint.init_from)[1], cfg.checkpoint.init_from)
     shard = functools.partial(wrap_model, cfg=cfg.parallel, world=world, bf16=use_bf16(cfg.train.dtype, device))
-    shard(model)
+    init_from = cfg.checkpoint.init_from if resume_from is None else ""
+    model = build_model(cfg.model if state["grown"] else small_cfg, device, shard, init_from,
+                        seeded=resume_from is None)
     optimizer = build_optimizer(model, cfg.optim)
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=world.main)
     ramp = None

@@ -94,3 +94,18 @@ def test_weights_load_into_hugging_face_llama_by_rename():
     x = torch.randint(0, cfg.vocab_size, (2, 33))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_kernels_leave_fp32_attention_to_sdpa(monkeypatch):
+    """On a GPU 'auto' runs the Triton attention for bf16/fp16 compute only; 'triton' always."""
+    import stackfast.model as model_module
+    import stackfast.ops as ops
+    monkeypatch.setattr(model_module, "use_triton", lambda kernels, device: kernels != "torch")  # as on a GPU
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    x = torch.randint(0, 4096, (1, 8))
+    for kernels, expected in (("auto", 0), ("triton", 2)):
+        torch.manual_seed(0)
+        Transformer(ModelConfig.from_preset("tiny", kernels=kernels))(x)
+        assert len(calls) == expected, kernels

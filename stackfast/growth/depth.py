@@ -21,9 +21,9 @@ import torch
 
 from stackfast.growth.ramp import Ramp
 from stackfast.growth.spec import Growth, GrowthError
-from stackfast.model import Transformer, init_parameter
+from stackfast.model import Transformer
 from stackfast.ops import replicate_
-from stackfast.parallel import local, local_part
+from stackfast.parallel import init_parameters, local, local_part
 
 PARTIAL = ("all", "front", "middle", "back")
 
@@ -102,11 +102,8 @@ def build_from_map(model: Transformer, mapping: list[int], shard=None,
         grown.materialize(device)
     for i, source in enumerate(mapping):
         if source == -1:
-            for name, p in grown.layers[i].named_parameters():
-                # Drawn whole and sliced per rank: the same weights at any world size.
-                full = torch.empty(p.shape, device=device, dtype=p.dtype)
-                init_parameter(f"layers.{i}.{name}", full, cfg, generator)
-                local(p).copy_(local_part(p, full))
+            init_parameters(((f"layers.{i}.{name}", p) for name, p in grown.layers[i].named_parameters()), cfg,
+                            generator)
     sources, copies = [], []
     if not in_place:
         for name, src in model.named_parameters():
