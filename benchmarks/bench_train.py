@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import itertools
 import os
@@ -101,14 +102,15 @@ def one_process_world(device: torch.device):
             del os.environ[key]
 
 
-def candidates(cfg: ModelConfig, device: torch.device, world: World, args) -> list[tuple]:
-    """(name, factory, loss_fn): a factory builds the model with the shared initial weights."""
+def candidates(cfg: ModelConfig, device: torch.device, world: World, args, gpu: bool | None = None) -> list[tuple]:
+    """(name, factory, loss_fn): a factory builds the model with the shared initial weights.
+    gpu: include the GPU set (default: whether `device` is a GPU)."""
     ac = "full" if args.activation_checkpointing else "none"
-    gpu = device.type == "cuda"
+    gpu = device.type == "cuda" if gpu is None else gpu
 
     def ours(compile_blocks: bool, kernels: str = cfg.kernels):
         def build():
-            model = seeded_model(ModelConfig(**{**cfg.__dict__, "kernels": kernels}), device)
+            model = seeded_model(dataclasses.replace(cfg, kernels=kernels), device)
             return wrap_model(model, ParallelConfig(compile=compile_blocks, activation_checkpointing=ac), world,
                               bf16=gpu)
         return build

@@ -89,3 +89,28 @@ def test_attention_configs_fit_an_h100_offline():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| fwd") or line.startswith("| d")]
     assert len(rows) == 2 * 10 and all(line.split("|")[7].strip() == "True" for line in rows)
+
+
+def test_gpu_candidate_set_builds_and_steps_on_cpu():
+    """The GPU run's candidates (compile, kernels = 'torch', HF), built here on the CPU: the
+    same initial weights for all, and one train_step each (compile excepted: slow on CPU)."""
+    import argparse
+    import torch
+    from benchmarks import bench_train
+    from stackfast.config import ModelConfig
+    from stackfast.parallel import World
+    cfg = ModelConfig.from_preset("tiny", kernels="auto")
+    args = argparse.Namespace(activation_checkpointing=True, compile=False)
+    built = bench_train.candidates(cfg, torch.device("cpu"), World(), args, gpu=True)
+    names = [name for name, _, _ in built]
+    assert names[:3] == ["stackfast", "stackfast+compile", "stackfast(kernels=torch)"] and "hf-llama-sdpa" in names
+    x = torch.randint(0, cfg.vocab_size, (2, 17))
+    batches = [(x[:, :-1], x[:, 1:])]
+    embeddings = []
+    for name, build, loss_fn in built:
+        if name in ("stackfast+compile", "hf-llama+liger"):
+            continue
+        model = build()
+        embeddings.append(next(model.parameters()).detach().clone())
+        bench_train.make_step(model, loss_fn, batches, torch.device("cpu"))()
+    assert all(torch.equal(e, embeddings[0]) for e in embeddings)
