@@ -150,13 +150,18 @@ def _read_file(path: Path) -> Iterator[tuple[Path, str]]:
 # Writing a dataset
 # --------------------------------------------------------------------------------------
 
+BATCH_DOCUMENTS, BATCH_CHARS = 256, 1 << 22  # tokenize's unit of work: whichever is reached first
+
+
 def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str | Path, *,
              val_fraction: float = 0.01, shard_tokens: int = 1 << 27, force: bool = False,
              documents: Iterable[tuple[Path, str]] | None = None) -> dict:
     """Tokenize text files into a dataset folder; returns its index.
 
     Documents are separated by the tokenizer's end-of-text token when it has one. The
-    last `val_fraction` of the token stream becomes the validation split. An existing
+    last `val_fraction` of the token stream becomes the validation split. The stream goes
+    to disk as it is made (memory holds one batch of documents, whatever the corpus size);
+    the validation tail is moved out of the last train shards at the end. An existing
     non-empty `out_dir` is refused unless `force` (then replaced only once the new one
     is complete).
     """
@@ -168,10 +173,7 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
         raise DataError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
-    pieces: list[np.ndarray] = []
-    batch: list[tuple[Path, str]] = []
-
-    def flush():
+    def encode(batch: list[tuple[Path, str]]) -> Iterator[np.ndarray]:
         for (source, _), ids in zip(batch, tok.encode_batch([text for _, text in batch])):
             if tok.eos_id is not None:
                 ids = list(ids) + [tok.eos_id]
@@ -179,31 +181,36 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
             if arr.size and (arr.max() >= tok.vocab_size or arr.min() < 0):
                 raise DataError(f"{source}: tokenizer produced id {int(arr.max())} >= vocab size "
                                 f"{tok.vocab_size}")
-            pieces.append(arr.astype(dtype))
-        batch.clear()
-
-    for doc in (documents if documents is not None else iter_documents(inputs)):
-        batch.append(doc)
-        if len(batch) >= 256:
-            flush()
-    flush()
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    if stream.size < 2:
-        raise DataError(f"empty corpus: {', '.join(map(str, inputs)) or 'no inputs'} gave "
-                        f"{stream.size} tokens")
-    n_val = max(1, int(round(stream.size * val_fraction)))
-    train, val = stream[:-n_val], stream[-n_val:]
+            yield arr.astype(dtype)
 
     def write(tmp: Path) -> None:
+        train = ShardWriter(tmp, "train", dtype, shard_tokens)
+        batch: list[tuple[Path, str]] = []
+        chars = 0
+        for doc in (documents if documents is not None else iter_documents(inputs)):
+            batch.append(doc)
+            chars += len(doc[1])
+            # Batches of documents amortise the tokenizer's calls; their size bounds memory
+            # (token ids are Python ints until they reach numpy: ~40 bytes each).
+            if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARS:
+                train.extend(encode(batch))
+                batch.clear()
+                chars = 0
+        train.extend(encode(batch))
+        total = train.tokens
+        if total < 2:
+            raise DataError(f"empty corpus: {', '.join(map(str, inputs)) or 'no inputs'} gave {total} tokens")
+        val = ShardWriter(tmp, "val", dtype, shard_tokens)
+        val.extend(train.take_tail(max(1, int(round(total * val_fraction)))))
         index.update({
             "format": FORMAT,
             "dtype": np.dtype(dtype).name,
             "vocab_size": tok.vocab_size,
             "tokenizer": {"spec": tok.spec, "fingerprint": tok.fingerprint, "eos_id": tok.eos_id,
                           "file": tok.file_name},
-            "train": _write_shards(tmp, "train", train, shard_tokens),
-            "val": _write_shards(tmp, "val", val, shard_tokens),
-            "total_tokens": int(stream.size),
+            "train": train.entries(),
+            "val": val.entries(),
+            "total_tokens": total,
         })
         if tok.path is not None:
             shutil.copyfile(tok.path, tmp / tok.file_name)
@@ -214,14 +221,54 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
     return index
 
 
-def _write_shards(folder: Path, split: str, tokens: np.ndarray, shard_tokens: int) -> list[dict]:
-    shards = []
-    for i, start in enumerate(range(0, max(tokens.size, 1), shard_tokens)):
-        part = tokens[start:start + shard_tokens]
-        name = f"{split}_{i:05d}.bin"
-        part.tofile(folder / name)
-        shards.append({"file": name, "tokens": int(part.size)})
-    return shards
+class ShardWriter:
+    """Appends a token stream to `<split>_<i>.bin` files of at most `shard_tokens` each."""
+
+    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, np.dtype(dtype), shard_tokens
+        self.sizes: list[int] = []  # tokens in each shard so far
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.sizes)
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"{self.split}_{i:05d}.bin"
+
+    def extend(self, pieces: Iterable[np.ndarray]) -> None:
+        """Append the pieces (one batch of documents: one write per shard file touched)."""
+        pieces = list(pieces)
+        stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
+        while stream.size:
+            if not self.sizes or self.sizes[-1] == self.shard_tokens:
+                self.sizes.append(0)
+            room = self.shard_tokens - self.sizes[-1]
+            with open(self.path(len(self.sizes) - 1), "ab") as f:
+                stream[:room].tofile(f)
+            self.sizes[-1] += min(room, stream.size)
+            stream = stream[room:]
+
+    def take_tail(self, n: int) -> Iterator[np.ndarray]:
+        """Yield the last n tokens, shard by shard in stream order, and cut them from the files."""
+        start = self.tokens - n  # stream offset where the tail begins
+        offset = 0
+        for i, size in enumerate(list(self.sizes)):
+            if offset + size > start:
+                keep = max(0, start - offset)
+                yield np.fromfile(self.path(i), dtype=self.dtype, offset=keep * self.dtype.itemsize)
+                os.truncate(self.path(i), keep * self.dtype.itemsize)
+                self.sizes[i] = keep
+            offset += size
+        while len(self.sizes) > 1 and self.sizes[-1] == 0:  # shards left empty by the cut
+            self.path(len(self.sizes) - 1).unlink()
+            self.sizes.pop()
+
+    def entries(self) -> list[dict]:
+        """The index's list of shards; a split without tokens still gets one (empty) file."""
+        if not self.sizes:
+            self.path(0).touch()
+            self.sizes.append(0)
+        return [{"file": self.path(i).name, "tokens": size} for i, size in enumerate(self.sizes)]
 
 
 # --------------------------------------------------------------------------------------

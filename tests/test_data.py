@@ -174,3 +174,21 @@ def test_prefetcher_yields_the_loaders_batches_in_order(corpus, tmp_path):
     with pytest.raises(DataError, match="token id"):
         failing.batch(4, 0)
     failing.close()
+
+
+@pytest.mark.parametrize("shard_tokens, val_fraction", [(7, 0.3), (50, 0.2), (1000, 0.01), (193, 0.1)])
+def test_streamed_shards_and_validation_tail_match_the_token_stream(corpus, tmp_path, shard_tokens, val_fraction):
+    """Tokens go to disk as they are made; the validation split is cut from the end of the
+    stream afterwards, across shard boundaries: the same bytes, in order, as one stream."""
+    out = tmp_path / "ds"
+    index = tokenize([corpus], "bytes", out, val_fraction=val_fraction, shard_tokens=shard_tokens)
+    expected = (corpus / "a.txt").read_bytes() + b"first documentsecond one" + (corpus / "sub" / "b.txt").read_bytes()
+    data = TokenData(out)
+    train = np.concatenate([s.tokens for s in data.train])
+    val = np.concatenate([s.tokens for s in data.val])
+    assert bytes(np.concatenate([train, val]).astype(np.uint8)) == expected
+    assert val.size == round(len(expected) * val_fraction) and index["total_tokens"] == len(expected)
+    for split in ("train", "val"):  # full shards then one partial one, no empty files
+        sizes = [s["tokens"] for s in index[split]]
+        assert all(size == shard_tokens for size in sizes[:-1]) and 0 < sizes[-1] <= shard_tokens
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(s["file"] for s in index["train"] + index["val"])
