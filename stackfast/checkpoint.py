@@ -9,6 +9,10 @@ A training checkpoint is a folder `<run_dir>/checkpoints/step_XXXXXXXX/` with
     rng_rank<R>.safetensors   CPU and CUDA random generator states of process R
     state.json                step, tokens, FLOPs, data position, growth spec: the loop state
     config.toml               the resolved config of the run
+    checksums.json            sha256 of every other file: a resume or export re-hashes them
+                              and refuses a file whose bytes changed (a flipped bit keeps
+                              its size; DCP would load it silently). Each rank hashes its
+                              share of the files, on save and on load
 Every rank writes into the hidden folder `.step_XXXXXXXX.tmp`; rank 0 renames it into
 place after a barrier, once all of it is complete. A crash mid-save leaves the previous
 checkpoint as the newest complete one (the stale temporary folder is removed by the next
@@ -29,6 +33,7 @@ settings inside DCP, optimizer.pt) goes through torch.load(weights_only=True).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pickle
 import re
@@ -37,6 +42,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -52,8 +58,9 @@ from stackfast.parallel import World, barrier, is_sharded
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, CONFIG_FILE, DCP_METADATA = (
-    "model.safetensors", "optimizer.pt", "rng.safetensors", "state.json", "config.toml", ".metadata")
+MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, CONFIG_FILE, DCP_METADATA, CHECKSUM_FILE = (
+    "model.safetensors", "optimizer.pt", "rng.safetensors", "state.json", "config.toml", ".metadata",
+    "checksums.json")
 
 
 class CheckpointError(StackfastError):
@@ -79,8 +86,10 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     if world.main:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / CONFIG_FILE).write_text(config.to_toml())
-    barrier(world)  # every rank's files are complete: only now may the folder get its final name
+    barrier(world)  # every rank's files are complete: only now may they be hashed and the folder renamed
+    checksums = file_checksums(tmp, world)  # collective
     if world.main:
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
         replace_folder(tmp, final)  # re-saving a step (the end of a resumed run) replaces it
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -103,7 +112,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, world: Worl
     # get_state_dict gives the model's own (sharded) tensors and, for an optimizer that has not
     # stepped yet, freshly created moments: DCP reads every rank's part into them in place.
     model_state, optim_state = get_state_dict(model, optimizer)
-    _dcp_load({"model": model_state, "optim": optim_state}, folder, no_dist=not world.distributed)
+    _dcp_load({"model": model_state, "optim": optim_state}, folder, world)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     rng = folder / f"rng_rank{world.rank}.safetensors"
     if rng.is_file():  # absent when resuming on more processes than saved: keep the seeded state
@@ -161,24 +170,70 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     with torch.device("meta"):  # shapes only, no memory
         shapes = Transformer(load_config_of(folder).model).state_dict()
     weights = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in shapes.items()}
-    _dcp_load({"model": weights}, folder, no_dist=True)
+    _dcp_load({"model": weights}, folder)
     return weights
 
 
-def _dcp_load(state: dict, folder: Path, no_dist: bool = False) -> None:
-    """DCP-load `state` in place from folder (collective unless no_dist), after checking that
-    .metadata is safe to unpickle and every shard it names is there and long enough."""
+def _dcp_load(state: dict, folder: Path, world: World = World()) -> None:
+    """DCP-load `state` in place from folder (collective under FSDP), after checking that
+    .metadata is safe to unpickle, every shard it names is there and long enough, and every
+    file still has the checksum it was saved with."""
     for path, size in _shard_sizes(folder).items():
         if not path.is_file():
             raise CheckpointError(f"{path}: missing shard of checkpoint {folder}")
         if path.stat().st_size < size:
             raise CheckpointError(f"{path}: truncated shard ({path.stat().st_size} bytes, the checkpoint "
                                   f"index needs {size})")
+    verify_checksums(folder, world)
     try:
-        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+        dcp.load(state, checkpoint_id=folder, no_dist=not world.distributed)
     except Exception as e:  # DCP wraps every rank's failure (missing key, shape, read error)
         raise CheckpointError(f"{folder}: does not fit the model or is unreadable "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_checksums(folder: Path, world: World = World()) -> dict[str, str] | None:
+    """sha256 of every file in `folder`, each rank hashing every world_size-th one (collective
+    under FSDP): the whole map on rank 0, None on the others."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
+    mine = {name: _sha256(folder / name) for name in names[world.rank::world.world_size]}
+    if not world.distributed:
+        return mine
+    parts = [None] * world.world_size if world.main else None
+    dist.gather_object(mine, parts, dst=0)
+    return {name: digest for part in parts for name, digest in part.items()} if world.main else None
+
+
+def verify_checksums(folder: Path, world: World = World()) -> None:
+    """Re-hash the files that checksums.json lists, each rank its share (collective under
+    FSDP); a file whose bytes changed is an error naming it, raised on every rank. A folder
+    without checksums.json (written before stackfast kept them) is read unchecked."""
+    path = folder / CHECKSUM_FILE
+    if not path.is_file():
+        return
+    try:
+        expected = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt checksum list ({e.msg})") from None
+    names = sorted(expected)
+    bad = [name for name in names[world.rank::world.world_size]
+           if not (folder / name).is_file() or _sha256(folder / name) != expected[name]]
+    if world.distributed:
+        parts = [None] * world.world_size
+        dist.all_gather_object(parts, bad)
+        bad = sorted(name for part in parts for name in part)
+    if bad:
+        more = f"; also {', '.join(bad[1:])}" if len(bad) > 1 else ""
+        raise CheckpointError(f"{folder / bad[0]}: checksum mismatch: the file changed after the checkpoint "
+                              f"was saved (disk or copy corruption){more}. Resume from an earlier checkpoint")
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -203,6 +203,23 @@ def test_truncated_or_missing_shard_is_an_error_naming_the_file(two_proc, tmp_pa
         run(load_config(None, overrides(tmp_path / "r", 1, f'checkpoint.resume="{folder}"')))
 
 
+def test_a_flipped_bit_in_a_shard_is_caught_by_its_checksum(two_proc, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(two_proc / "checkpoints" / "step_00000008", folder)
+    listed = set(json.loads((folder / "checksums.json").read_text()))
+    assert listed == {p.name for p in folder.iterdir()} - {"checksums.json"}  # every file, both ranks'
+    shard = folder / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: DCP alone would load it
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp: checksum mismatch"):
+        load_weights(folder)
+    # Two processes: each re-hashes its share of the files, and both stop with the same error.
+    out = launch(2, tmp_path / "resumed", f'checkpoint.resume="{folder}"', check=False)
+    assert out.returncode != 0 and "__1_0.distcp: checksum mismatch" in out.stdout + out.stderr
+    assert not (tmp_path / "resumed" / "checkpoints").exists() or not list_checkpoints(tmp_path / "resumed" / "checkpoints")
+
+
 @pytest.fixture
 def poisoned_steps(monkeypatch):
     """Training forwards at these (0-based) optimizer steps return a NaN loss."""
