@@ -210,7 +210,9 @@ class GrowthConfig:
     small_lr: float = doc("Peak LR of the small model (paper: 1e-3); 0 = optim.lr.", 0.0)
     layers: str = doc("G_stack layers to repeat: 'all' (paper's best), 'front', 'middle', 'back'.", "all")
     order: str = doc("G_stack order: 'stack' (0 1 .. n-1 0 1 ..) or 'interpolate' (0 0 1 1 ..).", "stack")
-    noise: float = doc("G_stack noise alpha: W <- (1 - alpha) W + alpha * eps (paper: 0.2 helps slightly).", 0.0)
+    noise: float = doc("Noise alpha of stack and width_direct: W <- (1 - alpha) W + alpha * eps (paper: 0.2 "
+                       "helps G_stack slightly; width_direct: a small alpha, e.g. 0.01, lets copied units diverge).",
+                       0.0)
     ramp_steps: int = doc("depth_random / width_random: steps over which new parts fade in.", 100)
     learn_steps: int = doc("depth_learn / width_learn: steps training the LiGO expansion.", 100)
 

@@ -186,7 +186,7 @@ def growth_options(cfg: Config, batches) -> dict:
         "depth_zero": {},
         "depth_random": dict(ramp_steps=g.ramp_steps, seed=seed),
         "depth_learn": dict(batches=batches, steps=g.learn_steps, seed=seed),
-        "width_direct": dict(seed=seed),
+        "width_direct": dict(seed=seed, noise=g.noise),
         "width_zero": dict(seed=seed),
         "width_random": dict(ramp_steps=g.ramp_steps, seed=seed),
         "width_learn": dict(batches=batches, steps=g.learn_steps, seed=seed),

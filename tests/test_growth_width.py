@@ -177,3 +177,20 @@ def test_random_fades_new_units_in(small, tokens):
     rebuilt.set_step(10)
     assert not rebuilt.active
 
+
+
+def test_direct_noise_breaks_the_symmetry_of_copies(small, tokens):
+    """Without noise a copied FFN neuron keeps its source's fan-in row exactly (and so its
+    gradient: they never diverge); with a small alpha they differ, and the function barely moves."""
+    plain = apply_growth(small, "width_direct", 2, hidden_size=64, ffn_size=200, seed=5).model
+    noisy_growth = apply_growth(small, "width_direct", 2, hidden_size=64, ffn_size=200, seed=5, noise=0.01)
+    noisy = noisy_growth.model
+    src = copy_maps(small.config, plain.config, seed=5)["ffn"]
+    copy = 176 + 3  # a new neuron: row 179 copies old neuron src[179]
+    up_plain, up_noisy = plain.layers[0].mlp.up_proj.weight, noisy.layers[0].mlp.up_proj.weight
+    assert torch.equal(up_plain[copy], up_plain[src[copy]])
+    assert not torch.equal(up_noisy[copy], up_noisy[src[copy]])
+    assert noisy_growth.spec["noise"] == 0.01
+    assert (logits(noisy, tokens) - logits(plain, tokens)).abs().max() < 0.1
+    with pytest.raises(GrowthError, match=r"noise: alpha must be in \[0, 1\)"):
+        apply_growth(small, "width_direct", 2, noise=1.5)

@@ -181,19 +181,24 @@ def stack(model: Transformer, factor: int, *, layers: str | list[int] = "all", o
     projections (paper.md; alpha = 0.2 was slightly better than none).
     shard, in_place: see build_from_map (the depth operators take both).
     """
-    if not 0.0 <= noise < 1.0:
-        raise GrowthError(f"noise: alpha must be in [0, 1), got {noise}")
+    check_noise(noise)
     mapping = layer_map(model.config.n_layers, factor, layers, order)
     grown = build_from_map(model, mapping, shard, in_place=in_place)
     if noise > 0:
-        _add_noise(grown, noise, seed)
+        add_noise(grown, noise, seed)
     spec = {"operator": "stack", "factor": factor, "layer_map": mapping,
             "layers": layers, "order": order, "noise": noise, "seed": seed}
     return Growth(grown, spec)
 
 
+def check_noise(alpha: float) -> None:
+    if not 0.0 <= alpha < 1.0:
+        raise GrowthError(f"noise: alpha must be in [0, 1), got {alpha}")
+
+
 @torch.no_grad()
-def _add_noise(model: Transformer, alpha: float, seed: int) -> None:
+def add_noise(model: Transformer, alpha: float, seed: int) -> None:
+    """The paper's noise recipe on every block matrix: W <- (1 - alpha) W + alpha * eps (see stack)."""
     d, n_layers = model.config.hidden_size, model.config.n_layers
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.layers.named_parameters():

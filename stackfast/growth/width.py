@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from stackfast.config import ModelConfig
+from stackfast.growth.depth import add_noise, check_noise
 from stackfast.growth.ramp import Ramp
 from stackfast.growth.spec import Growth, GrowthError
 from stackfast.model import RMSNorm, Transformer, init_parameter
@@ -130,7 +131,7 @@ def copy_maps(old: ModelConfig, new: ModelConfig, seed: int) -> dict[str, torch.
 
 
 def direct(model: Transformer, factor: int, *, hidden_size: int | None = None, ffn_size: int | None = None,
-           seed: int = 0) -> Growth:
+           seed: int = 0, noise: float = 0.0) -> Growth:
     """width_direct (Net2Net / bert2BERT split): every new unit copies an old one chosen at
     random (copy_maps): its fan-out rows (and its norm weight, its embedding column) are
     copies, and the fan-in columns of an old unit and all its copies are the original
@@ -142,10 +143,12 @@ def direct(model: Transformer, factor: int, *, hidden_size: int | None = None, f
     when every old channel has the same number of copies: exact function preservation
     when D is a multiple of d, otherwise a per-token scale at every norm (paper: exact
     preservation is impossible with RMSNorm in general).
-    Not done: symmetry breaking. A unit and its copies have equal weights and get equal
-    gradients, so they stay equal under training unless something (noise, low precision)
-    breaks the tie.
+    Symmetry: a unit and its copies have equal weights and get equal gradients, so they
+    stay equal under training unless something breaks the tie: noise = alpha > 0 mixes every
+    block matrix with the paper's noise recipe (depth.add_noise; Net2Net's remedy: a small
+    alpha such as 0.01 breaks the tie and barely moves the function).
     """
+    check_noise(noise)
     cfg = target_config(model.config, factor, hidden_size, ffn_size)
     param = next(model.parameters())
     b_out, b_in = {}, {}
@@ -157,7 +160,9 @@ def direct(model: Transformer, factor: int, *, hidden_size: int | None = None, f
     with torch.device(param.device):
         grown = Transformer(cfg)
     grown.load_state_dict(expand_weights(weights, b_out, b_in, cfg.head_dim))
-    return Growth(grown, width_spec("width_direct", factor, model.config, cfg, seed))
+    if noise > 0:
+        add_noise(grown, noise, seed)
+    return Growth(grown, width_spec("width_direct", factor, model.config, cfg, seed, noise=noise))
 
 
 def _widen_fresh(model: Transformer, cfg: ModelConfig, generator: torch.Generator) -> Transformer:
