@@ -10,8 +10,9 @@ grown runs' FLOPs include their small-model phase, which takes `--small-share` o
 Reported per run: final validation loss, its difference to scratch's, and the speedup read
 from its validation curve at scratch's final loss (FLOPs_scratch / FLOPs_run - 1; a
 mid-schedule reading, and at budgets where scratch barely learns it is reached during the
-small-model phase: a guide at best, not the demo's complete-schedule figure). The LiGO operators' short training of their
-expansion matrices is not counted in the FLOP axis (it is small: --learn-steps steps).
+small-model phase: a guide at best, not the demo's complete-schedule figure). The LiGO
+operators' training of their expansion (--learn-steps steps, each a grown-model step on one
+batch) counts in their FLOPs, and they get that many fewer training steps: equal budgets.
 
     python benchmarks/growth_study.py            # ~10 minutes on 2 CPU cores
     python benchmarks/growth_study.py --flops 3e11 --operators stack depth_zero   # a quick look
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import RESULTS_DIR, markdown_table, write_results  # noqa: E402
 from stackfast.config import GROWTH_OPERATORS, ModelConfig  # noqa: E402
 from stackfast.demo import growth_overrides, steps_for_flops, train_labeled  # noqa: E402
+from stackfast.growth import LEARNED_OPERATORS  # noqa: E402
 from stackfast.metrics import read_metrics  # noqa: E402
 from stackfast.plot import plot_runs, speedup_vs, val_curve  # noqa: E402
 
@@ -54,6 +56,8 @@ def main(argv=None) -> list[dict]:
                                              steps_for_flops(args.flops, small), "small alone", args.device))]
     for op in args.operators:
         overrides, steps = growth_overrides(args.flops, args.small_share, op)
+        if op in LEARNED_OPERATORS:
+            steps -= args.learn_steps  # one LiGO step costs one grown-model training step
         overrides += [f"growth.learn_steps={args.learn_steps}",
                       f"growth.ramp_steps={max(1, int(args.ramp_fraction * steps))}"]
         results.append((op, train_labeled(runs_dir / op, overrides, steps, op, args.device)))

@@ -111,7 +111,7 @@ def cmd_grow(args) -> int:
     from stackfast.checkpoint import is_hf_dir, load_config_of, load_into_model, load_model_source, save_hf, \
         save_weights_folder
     from stackfast.config import Config, parse_value
-    from stackfast.growth import LAYER_MAP_OPERATORS, RAMPS, apply_growth
+    from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, apply_growth
     from stackfast.model import Transformer
     source, out = Path(args.checkpoint), Path(args.out)
     if out.resolve() == source.resolve():
@@ -128,7 +128,7 @@ def cmd_grow(args) -> int:
         options[key.strip()] = parse_value(value.strip())
     if args.operator in LAYER_MAP_OPERATORS:
         options.setdefault("in_place", True)  # the loaded model is used only to grow: adopt, do not copy it
-    if args.operator in ("depth_learn", "width_learn"):
+    if args.operator in LEARNED_OPERATORS:
         options["batches"] = _learning_batches(args.data, min(256, model_cfg.max_seq_len), model_cfg.vocab_size)
     growth = apply_growth(model, args.operator, args.factor, **options)
     grown = growth.model

@@ -41,7 +41,7 @@ from stackfast.checkpoint import (latest_checkpoint, load_checkpoint, load_into_
                                   save_checkpoint)
 from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_data
-from stackfast.growth import LAYER_MAP_OPERATORS, RAMPS, GrowthError, apply_growth, growth_timing
+from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, GrowthError, apply_growth, growth_timing
 from stackfast.growth.depth import copy_optimizer_state
 from stackfast.growth.guidelines import small_model
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
@@ -319,7 +319,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
                     last_loss = _flush(pending, log, throughput, progress, world)
                 model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, step,
                                                           world, shard)
-                state.update(grown=True, growth_spec=row["spec"])
+                state.update(grown=True, growth_spec=row["spec"], flops=state["flops"] + row["growth_flops"])
                 log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], **row})
                 progress.message(f"step {step}: grew {row['params_before'] / 1e6:.1f}M -> "
                                  f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}) in "
@@ -475,8 +475,13 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
     if not world.distributed:
         shard(grown)
     loss_after = evaluate(grown, loader, 1, device, autocast, world)
+    # LiGO's training steps run the grown model on one micro-batch each: counted like training.
+    learned_tokens = cfg.growth.learn_steps * cfg.train.micro_batch_size * cfg.data.seq_len
+    growth_flops = (learned_tokens * grown.config.flops_per_token(cfg.data.seq_len)
+                    if cfg.growth.operator in LEARNED_OPERATORS else 0.0)
     row = {"event": "growth", "spec": growth.spec, "loss_before": loss_before, "loss_after": loss_after,
-           "growth_s": growth_s, "params_before": model.num_params(), "params_after": grown.num_params()}
+           "growth_s": growth_s, "growth_flops": growth_flops, "params_before": model.num_params(),
+           "params_after": grown.num_params()}
     grown.train()
     return grown, new_optimizer, growth.ramp, row
 

@@ -205,6 +205,19 @@ def test_job_grows_mid_run_and_counts_small_model_flops(tmp_path):
     assert summary["params"] == cfg.model.num_params() and summary["growth_step"] == 4
 
 
+def test_ligo_training_counts_in_the_runs_flops(tmp_path):
+    cfg = job(tmp_path, 'growth.operator="depth_learn"', "growth.learn_steps=3")
+    run(cfg)
+    rows = read_metrics(tmp_path)
+    event = next(r for r in rows if r.get("event") == "growth")
+    tokens = 4 * 32  # micro-batch 4 x seq 32: one LiGO step and one optimizer step alike
+    assert event["growth_flops"] == pytest.approx(3 * tokens * cfg.model.flops_per_token(32))
+    small_fpt = small_model(cfg.model, "depth_learn", 2).flops_per_token(32)
+    flops = {r["step"]: r["flops"] for r in rows if "loss" in r}
+    assert flops[8] == pytest.approx(4 * tokens * small_fpt + event["growth_flops"]
+                                     + 4 * tokens * cfg.model.flops_per_token(32))
+
+
 @pytest.mark.parametrize("resume_step", [2, 4, 6])
 def test_resume_before_at_or_after_growth_reproduces_the_run(tmp_path, resume_step):
     full = tmp_path / "full"

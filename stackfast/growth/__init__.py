@@ -29,6 +29,9 @@ OPERATORS = {
 # FSDP-sharded model by local copies (`shard=`) and can consume the small model
 # (`in_place=True`); the others change tensor shapes.
 LAYER_MAP_OPERATORS = ("stack", "depth_zero", "depth_random")
+# The LiGO operators: they train their expansion on the LM loss (growth.learn_steps steps of
+# one micro-batch on the grown model), compute that a run counts in its FLOPs.
+LEARNED_OPERATORS = ("depth_learn", "width_learn")
 
 # Operators whose new parts fade in: rebuild the ramp from a saved spec (resume mid-ramp).
 RAMPS = {
@@ -51,5 +54,5 @@ def grow(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTO
     return apply_growth(model, operator, factor, **options).model
 
 
-__all__ = ["GROWTH_FACTOR", "LAYER_MAP_OPERATORS", "OPERATORS", "RAMPS", "Growth", "GrowthError", "apply_growth", "grow",
+__all__ = ["GROWTH_FACTOR", "LAYER_MAP_OPERATORS", "LEARNED_OPERATORS", "OPERATORS", "RAMPS", "Growth", "GrowthError", "apply_growth", "grow",
            "growth_timing", "plan"]
