@@ -29,7 +29,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
-	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/stackfast bench
 
 clean:
 	rm -rf build build-cmake.log *.egg-info stackfast/*.so

@@ -87,10 +87,10 @@ def benchmark(device: torch.device, quick: bool = False) -> list[dict]:
                 continue
             for backward in (False, True):
                 if backward:
-                    def step(fn=fn):
+                    def step(fn=fn, q=q, k=k, v=v, d_out=d_out):
                         return torch.autograd.grad(fn(q, k, v), (q, k, v), d_out)
                 else:
-                    def step(fn=fn):
+                    def step(fn=fn, q=q, k=k, v=v):
                         with torch.no_grad():
                             return fn(q, k, v)
                 timing = harness.measure(step, device=device, warmup=3, reps=10)
@@ -106,7 +106,6 @@ def benchmark(device: torch.device, quick: bool = False) -> list[dict]:
                 row["baseline"] = best["impl"] if best else None
                 row["ratio"] = row["tflops"] / best["tflops"] if best else None
         rows += case_rows
-        del q, k, v, d_out
     return rows
 
 

@@ -48,7 +48,7 @@ from stackfast.checkpoint import hf_llama_config, to_hf_state_dict  # noqa: E402
 from stackfast.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from stackfast.metrics import MFU_CONVENTION, peak_flops  # noqa: E402
 from stackfast.model import Transformer  # noqa: E402
-from stackfast.parallel import World, apply_block_options, init_distributed, shutdown, wrap_model  # noqa: E402
+from stackfast.parallel import World, init_distributed, shutdown, wrap_model  # noqa: E402
 from stackfast.train import autocast_context, build_optimizer, model_loss, train_step  # noqa: E402
 
 STATE_BYTES_PER_PARAM = 16  # fp32 weights, gradients and the two AdamW moments
@@ -253,7 +253,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name, timing, note in results:
         row = {"name": name, "preset": preset, "seq_len": seq_len, "batch": args.batch, "device": str(device),
-               "fsdp": args.fsdp and name.startswith("stackfast"), "activation_checkpointing": args.activation_checkpointing}
+               "fsdp": args.fsdp and name.startswith("stackfast"),
+               "activation_checkpointing": args.activation_checkpointing}
         if timing is None:
             rows.append({**row, "skipped": note})
             continue

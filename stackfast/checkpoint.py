@@ -86,10 +86,9 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     if world.main:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / CONFIG_FILE).write_text(config.to_toml())
-    barrier(world)  # every rank's files are complete: only now may they be hashed and the folder renamed
-    checksums = file_checksums(tmp, world)  # collective
+    barrier(world)  # every rank's files are complete: only now may they be hashed
+    write_checksums(tmp, world)  # collective
     if world.main:
-        (tmp / CHECKSUM_FILE).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
         replace_folder(tmp, final)  # re-saving a step (the end of a resumed run) replaces it
         for old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -200,16 +199,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_checksums(folder: Path, world: World = World()) -> dict[str, str] | None:
-    """sha256 of every file in `folder`, each rank hashing every world_size-th one (collective
-    under FSDP): the whole map on rank 0, None on the others."""
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
-    mine = {name: _sha256(folder / name) for name in names[world.rank::world.world_size]}
-    if not world.distributed:
-        return mine
-    parts = [None] * world.world_size if world.main else None
-    dist.gather_object(mine, parts, dst=0)
-    return {name: digest for part in parts for name, digest in part.items()} if world.main else None
+def write_checksums(folder: Path, world: World = World()) -> None:
+    """checksums.json: the sha256 of every file in `folder`, each rank hashing every
+    world_size-th one into a part file that rank 0 merges after a barrier (collective under
+    FSDP; files and barriers only: no object collective at the end of a run's last save)."""
+    # Part files may already be there (a faster rank's): never hashed themselves.
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(CHECKSUM_FILE))
+    part = folder / f"{CHECKSUM_FILE}.rank{world.rank}"
+    part.write_text(json.dumps({name: _sha256(folder / name) for name in names[world.rank::world.world_size]}))
+    barrier(world)
+    if world.main:
+        parts = [folder / f"{CHECKSUM_FILE}.rank{r}" for r in range(world.world_size)]
+        checksums = {name: digest for p in parts for name, digest in json.loads(p.read_text()).items()}
+        (folder / CHECKSUM_FILE).write_text(json.dumps(checksums, indent=1, sort_keys=True) + "\n")
+        for p in parts:
+            p.unlink()
 
 
 def verify_checksums(folder: Path, world: World = World()) -> None:

@@ -231,7 +231,8 @@ def cmd_bench(args) -> int:
                              "was not found next to the installed package)")
     sys.path.insert(0, str(root))
     from benchmarks import run_all
-    return run_all.main((["--cpu"] if args.cpu else []) + (["--quick"] if args.quick else []))
+    return run_all.main((["--cpu"] if args.cpu else []) + (["--quick"] if args.quick else [])
+                        + (["--out", args.out] if args.out else []))
 
 
 def info() -> dict:
@@ -351,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the benchmark suite: ratios against baselines measured in the same run")
     p.add_argument("--cpu", action="store_true", help="the CPU subset (train step vs HF, replication, loader)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the suite")
+    p.add_argument("--out", help="results folder (default benchmarks/results)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="versions, device, kernels, compiled parts")

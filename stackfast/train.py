@@ -46,8 +46,8 @@ from stackfast.growth.depth import copy_optimizer_state
 from stackfast.growth.guidelines import small_model
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer
-from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, init_parameters, set_gradient_sync,
-                                shutdown, strip_block_options, wrap_model)
+from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, init_parameters,
+                                set_gradient_sync, shutdown, strip_block_options, wrap_model)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

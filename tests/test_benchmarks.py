@@ -13,7 +13,8 @@ from benchmarks import run_all  # noqa: E402
 
 
 def test_cpu_suite_writes_rows_with_same_run_baselines(tmp_path, capsys):
-    assert run_all.main(["--cpu", "--quick", "--out", str(tmp_path)]) == 0
+    from stackfast import cli
+    assert cli.main(["bench", "--cpu", "--quick", "--out", str(tmp_path)]) == 0  # = run_all.main
     printed = capsys.readouterr().out
     assert "| what | ours | baseline | ratio | target |" in printed
     train = json.loads(next(tmp_path.glob("train-*.json")).read_text())

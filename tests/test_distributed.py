@@ -217,7 +217,7 @@ def test_a_flipped_bit_in_a_shard_is_caught_by_its_checksum(two_proc, tmp_path):
     # Two processes: each re-hashes its share of the files, and both stop with the same error.
     out = launch(2, tmp_path / "resumed", f'checkpoint.resume="{folder}"', check=False)
     assert out.returncode != 0 and "__1_0.distcp: checksum mismatch" in out.stdout + out.stderr
-    assert not (tmp_path / "resumed" / "checkpoints").exists() or not list_checkpoints(tmp_path / "resumed" / "checkpoints")
+    assert not list_checkpoints(tmp_path / "resumed" / "checkpoints")  # nothing trained on the bad shard
 
 
 @pytest.fixture

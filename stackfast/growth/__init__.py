@@ -54,5 +54,5 @@ def grow(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTO
     return apply_growth(model, operator, factor, **options).model
 
 
-__all__ = ["GROWTH_FACTOR", "LAYER_MAP_OPERATORS", "LEARNED_OPERATORS", "OPERATORS", "RAMPS", "Growth", "GrowthError", "apply_growth", "grow",
-           "growth_timing", "plan"]
+__all__ = ["GROWTH_FACTOR", "LAYER_MAP_OPERATORS", "LEARNED_OPERATORS", "OPERATORS", "RAMPS",
+           "Growth", "GrowthError", "apply_growth", "grow", "growth_timing", "plan"]

@@ -95,7 +95,7 @@ def build_from_map(model: Transformer, mapping: list[int], shard=None,
             if source != -1 and source not in adopted:
                 grown.layers[i] = model.layers[source]
                 adopted.add(source)
-        for i, block in enumerate(grown.layers):  # only the blocks still on meta get memory
+        for block in grown.layers:  # only the blocks still on meta get memory
             if next(block.parameters()).is_meta:
                 block.to_empty(device=device)
     else:
