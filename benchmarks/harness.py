@@ -147,9 +147,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> tuple[float, dict]:
+COPY_BYTES = 1 << 30  # the default size of copy_bandwidth's copy
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> tuple[float, dict]:
     """GB/s (bytes read + written) of one large device copy: the memory roofline, and its timing."""
-    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32)
+    src = torch.empty((nbytes or COPY_BYTES) // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     timing = measure(lambda: dst.copy_(src), device=device, warmup=3, reps=20)
     return gbps(2 * src.nbytes, timing["median_ms"]), timing

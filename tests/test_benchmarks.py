@@ -53,8 +53,8 @@ def test_summary_of_a_gpu_run_reports_ratios_and_skips():
         "attention": [{"impl": "stackfast", "pass": "fwd+bwd", "batch": 4, "heads": 32, "kv_heads": 8,
                        "seqlen": 4096, "head_dim": 128, "tflops": 301.0, "baseline": "sdpa-cudnn", "ratio": 0.67},
                       {"impl": "sdpa-cudnn", "pass": "fwd+bwd", "tflops": 450.0}],
-        "rms_norm": [{"impl": "stackfast", "pass": "fwd+bwd", "gbps": 3000.0, "copy_fraction": 0.7,
-                      "baseline": "F.rms_norm", "ratio": 1.6}],
+        "rms_norm": [{"impl": "stackfast", "pass": "fwd+bwd", "rows": 16384, "hidden": 4096, "dtype": "bf16",
+                      "gbps": 3000.0, "copy_fraction": 0.7, "baseline": "F.rms_norm", "ratio": 1.6}],
         "replicate": [{"method": "replicate_", "g": 4, "source_bytes": 9.7e9 / 4, "median_ms": 10.0,
                        "roofline_fraction": 0.91, "speedup_vs_copy_loop": 1.45}],
         "train": [{"name": "stackfast", "preset": "tinyllama-1.1b", "seq_len": 2048, "batch": 8, "fsdp": False,
@@ -115,3 +115,32 @@ def test_gpu_candidate_set_builds_and_steps_on_cpu():
         embeddings.append(next(model.parameters()).detach().clone())
         bench_train.make_step(model, loss_fn, batches, torch.device("cpu"))()
     assert all(torch.equal(e, embeddings[0]) for e in embeddings)
+
+
+def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
+    """The GPU suite's own functions (run_all.gpu_parts: ceilings, bf16 checks, attention and
+    RMSNorm timing against every baseline that runs here) at toy sizes on the CPU, kernels
+    under the interpreter: a GPU session gets one try, so its Python must already work."""
+    import torch
+    from benchmarks import bench_attention, bench_rms_norm, gpu_kernels, harness
+    monkeypatch.setattr(run_all, "MATMUL_SIZE", 64)
+    monkeypatch.setattr(harness, "COPY_BYTES", 1 << 20)
+    monkeypatch.setattr(gpu_kernels, "ATTENTION_CHECKS", [(1, 2, 1, 40, 16, True)])
+    monkeypatch.setattr(gpu_kernels, "RMS_NORM_CHECKS", [(5, 80, True)])
+    monkeypatch.setattr(bench_attention, "QUICK_CASES", [(1, 2, 1, 33, 16)])
+    monkeypatch.setattr(bench_rms_norm, "ROWS", 8)
+    monkeypatch.setattr(bench_rms_norm, "HIDDEN", 64)
+    parts = run_all.gpu_parts(torch.device("cpu"), str(tmp_path))
+    assert list(parts) == ["ceilings", "checks", "attention", "rms_norm", "replicate", "train", "train_7b", "growth"]
+    results = {name: parts[name]() for name in ("ceilings", "checks", "attention", "rms_norm")}
+    assert results["ceilings"][0]["what"] == "bf16 matmul 64^3" and results["ceilings"][1]["gbps"] > 0
+    assert all(r["ok"] for r in results["checks"])
+    attention = [r for r in results["attention"] if r["impl"] == "stackfast"]
+    assert {r["pass"] for r in attention} == {"fwd", "fwd+bwd"}
+    assert all(r["tflops"] > 0 and (r["baseline"] is None or r["ratio"] > 0) for r in attention)
+    norm = {(r["impl"], r["pass"]) for r in results["rms_norm"]}
+    assert {("stackfast", "fwd+bwd"), ("F.rms_norm", "fwd+bwd"), ("torch.compile", "fwd+bwd")} <= norm
+    for name in ("ceilings", "gpu_kernels_checks", "bench_attention", "bench_rms_norm"):
+        assert json.loads(next(tmp_path.glob(f"{name}-*.json")).read_text())["rows"]
+    rows = {r["what"]: r for r in run_all.summary_rows(results)}
+    assert "attention fwd+bwd 1x2/1x33x16" in rows and "rms_norm fwd+bwd 8x64 bf16" in rows
