@@ -49,6 +49,7 @@ from stackfast.model import Transformer
 from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, init_parameters,
                                 set_gradient_sync, shutdown, strip_block_options, wrap_model)
 
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

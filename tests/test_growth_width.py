@@ -178,7 +178,6 @@ def test_random_fades_new_units_in(small, tokens):
     assert not rebuilt.active
 
 
-
 def test_direct_noise_breaks_the_symmetry_of_copies(small, tokens):
     """Without noise a copied FFN neuron keeps its source's fan-in row exactly (and so its
     gradient: they never diverge); with a small alpha they differ, and the function barely moves."""
