@@ -227,6 +227,10 @@ def verify_checksums(folder: Path, world: World = World()) -> None:
         expected = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: corrupt checksum list ({e.msg})") from None
+    # Plain file names of this folder mapped to hex digests; anything else is not ours.
+    if not (isinstance(expected, dict) and all(isinstance(v, str) and Path(k).name == k and k not in ("", ".", "..")
+                                               for k, v in expected.items())):
+        raise CheckpointError(f"{path}: corrupt checksum list (expected file names of this folder and their sha256)")
     names = sorted(expected)
     bad = [name for name in names[world.rank::world.world_size]
            if not (folder / name).is_file() or _sha256(folder / name) != expected[name]]

@@ -110,3 +110,12 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_at(55, 100, 1.0, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
     assert lr_at(150, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("content", ['["a"]', '{"../state.json": "00"}', '{"state.json": 1}'])
+def test_a_malformed_checksum_list_is_refused(tmp_path, content):
+    from stackfast.checkpoint import verify_checksums
+    (tmp_path / "state.json").write_text("{}")
+    (tmp_path / "checksums.json").write_text(content)
+    with pytest.raises(CheckpointError, match="checksums.json: corrupt checksum list"):
+        verify_checksums(tmp_path)
