@@ -173,7 +173,9 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
         raise DataError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
-    def encode(batch: list[tuple[Path, str]]) -> Iterator[np.ndarray]:
+    def encode(batch: list[tuple[Path, str]]) -> np.ndarray:
+        """The batch's documents as one token array, each followed by end-of-text if any."""
+        pieces = [np.zeros(0, dtype=dtype)]
         for (source, _), ids in zip(batch, tok.encode_batch([text for _, text in batch])):
             if tok.eos_id is not None:
                 ids = list(ids) + [tok.eos_id]
@@ -181,7 +183,8 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
             if arr.size and (arr.max() >= tok.vocab_size or arr.min() < 0):
                 raise DataError(f"{source}: tokenizer produced id {int(arr.max())} >= vocab size "
                                 f"{tok.vocab_size}")
-            yield arr.astype(dtype)
+            pieces.append(arr.astype(dtype))
+        return np.concatenate(pieces)
 
     def write(tmp: Path) -> None:
         train = ShardWriter(tmp, "train", dtype, shard_tokens)
@@ -193,15 +196,16 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
             # Batches of documents amortise the tokenizer's calls; their size bounds memory
             # (token ids are Python ints until they reach numpy: ~40 bytes each).
             if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARS:
-                train.extend(encode(batch))
+                train.append(encode(batch))
                 batch.clear()
                 chars = 0
-        train.extend(encode(batch))
+        train.append(encode(batch))
         total = train.tokens
         if total < 2:
             raise DataError(f"empty corpus: {', '.join(map(str, inputs)) or 'no inputs'} gave {total} tokens")
         val = ShardWriter(tmp, "val", dtype, shard_tokens)
-        val.extend(train.take_tail(max(1, int(round(total * val_fraction)))))
+        for piece in train.take_tail(max(1, int(round(total * val_fraction)))):  # one shard's part at a time
+            val.append(piece)
         index.update({
             "format": FORMAT,
             "dtype": np.dtype(dtype).name,
@@ -235,18 +239,16 @@ class ShardWriter:
     def path(self, i: int) -> Path:
         return self.folder / f"{self.split}_{i:05d}.bin"
 
-    def extend(self, pieces: Iterable[np.ndarray]) -> None:
-        """Append the pieces (one batch of documents: one write per shard file touched)."""
-        pieces = list(pieces)
-        stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=self.dtype)
-        while stream.size:
+    def append(self, tokens: np.ndarray) -> None:
+        """Append tokens to the stream: to the last shard file, then to new ones when it is full."""
+        while tokens.size:
             if not self.sizes or self.sizes[-1] == self.shard_tokens:
                 self.sizes.append(0)
             room = self.shard_tokens - self.sizes[-1]
             with open(self.path(len(self.sizes) - 1), "ab") as f:
-                stream[:room].tofile(f)
-            self.sizes[-1] += min(room, stream.size)
-            stream = stream[room:]
+                tokens[:room].tofile(f)
+            self.sizes[-1] += min(room, tokens.size)
+            tokens = tokens[room:]
 
     def take_tail(self, n: int) -> Iterator[np.ndarray]:
         """Yield the last n tokens, shard by shard in stream order, and cut them from the files."""
