@@ -176,13 +176,17 @@ def memory_problem(cfg: ModelConfig, device: torch.device) -> str | None:
 
 
 def time_candidates(cfg: ModelConfig, built: list[tuple], batches, device: torch.device, world: World,
-                    reps: int) -> list[tuple]:
+                    reps: int, one_at_a_time: bool | None = None) -> list[tuple]:
     """(name, timing or None, note) per candidate.
 
-    GPU: one at a time, each freed before the next is built (two 1.1B models with optimizer
-    states and activations may not fit). CPU: interleaved rounds, all models alive.
+    one_at_a_time (the default on GPU): each candidate built, timed and freed before the next
+    (two 1.1B models with optimizer states and activations may not fit); one that cannot fit,
+    runs out of memory or fails gets a note instead of a timing. Otherwise (CPU):
+    interleaved rounds, all models alive, so a shared machine's slow spells hit all alike.
     """
-    if device.type != "cuda":
+    if one_at_a_time is None:
+        one_at_a_time = device.type == "cuda"
+    if not one_at_a_time:
         steps = [make_step(build(), loss_fn, batches, device, world) for _, build, loss_fn in built]
         for step in steps:
             measure(step, device=device, warmup=2, reps=1)
@@ -205,7 +209,8 @@ def time_candidates(cfg: ModelConfig, built: list[tuple], batches, device: torch
                 note = f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             step = None  # frees the model, its gradients and optimizer state
             gc.collect()
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if note:
             print(f"{name}: {note}")
         results.append((name, timing, note))

@@ -144,3 +144,33 @@ def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
         assert json.loads(next(tmp_path.glob(f"{name}-*.json")).read_text())["rows"]
     rows = {r["what"]: r for r in run_all.summary_rows(results)}
     assert "attention fwd+bwd 1x2/1x33x16" in rows and "rms_norm fwd+bwd 8x64 bf16" in rows
+
+
+def test_gpu_timing_path_reports_fits_failures_and_skips(monkeypatch, capsys):
+    """bench_train's one-at-a-time path (the GPU's), run on the CPU: a candidate that fails is
+    a row with its error and the others are still timed; a model whose training state cannot
+    fit is skipped with the numbers."""
+    import argparse
+    import torch
+    from benchmarks import bench_train
+    from stackfast.config import ModelConfig
+    from stackfast.parallel import World
+    cfg = ModelConfig.from_preset("tiny", kernels="torch")
+    args = argparse.Namespace(activation_checkpointing=False, compile=False)
+    built = bench_train.chosen(bench_train.candidates(cfg, torch.device("cpu"), World(), args), "stackfast")
+
+    def broken():
+        raise RuntimeError("liger_kernel does not support this transformers version")
+    built.append(("hf-llama+liger", broken, bench_train.hf_loss))
+    x = torch.randint(0, cfg.vocab_size, (2, 17))
+    batches = [(x[:, :-1], x[:, 1:])]
+    results = bench_train.time_candidates(cfg, built, batches, torch.device("cpu"), World(), reps=2,
+                                          one_at_a_time=True)
+    (name, timing, note), (_, no_timing, failure) = results
+    assert name == "stackfast" and timing["median_ms"] > 0 and note is None
+    assert no_timing is None
+    assert failure == "failed: RuntimeError: liger_kernel does not support this transformers version"
+    monkeypatch.setattr(bench_train, "memory_problem", lambda cfg, device: "skipped: needs 88 GiB, the GPU has 79 GiB")
+    results = bench_train.time_candidates(cfg, built[:1], batches, torch.device("cpu"), World(), reps=2,
+                                          one_at_a_time=True)
+    assert results == [("stackfast", None, "skipped: needs 88 GiB, the GPU has 79 GiB")]
