@@ -44,7 +44,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--cpu", action="store_true", help="run on CPU even with a GPU")
     parser.add_argument("--g", type=int, default=4, help="growth factor (g-1 copies)")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--scale", type=int, default=None, help="divide the widths by this (default 1 on GPU, 4 on CPU)")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="divide the widths by this (default 1 on GPU, 4 on CPU)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -121,7 +121,8 @@ BENCH_COLUMNS = ["impl", "pass", "median_ms", "gbps", "copy_fraction", "baseline
 
 
 def main(argv=None) -> int:
-    return harness.op_benchmark_main("rms_norm", __doc__.splitlines()[0], check, [(5, 80, True), (3, 1000, False)], benchmark,
+    return harness.op_benchmark_main("rms_norm", __doc__.splitlines()[0], check, [(5, 80, True), (3, 1000, False)],
+                                     benchmark,
                                      CHECK_COLUMNS, BENCH_COLUMNS, argv)
 
 

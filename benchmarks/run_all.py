@@ -52,9 +52,10 @@ def summary_rows(parts: dict) -> list[dict]:
                          "baseline": r.get("baseline"), "ratio": r.get("ratio"), "target": ">= 1.0"})
     for r in parts.get("rms_norm", []):
         if r.get("impl") == "stackfast":
-            rows.append({"what": f"rms_norm {r['pass']} {r['rows']}x{r['hidden']} {r['dtype']}", "ours": f"{r['gbps']:.0f} GB/s "
-                         f"({100 * r['copy_fraction']:.0f}% of copy)", "baseline": r.get("baseline"),
-                         "ratio": r.get("ratio"), "target": ">= 1.5 (fwd+bwd), >= 60% of copy"})
+            rows.append({"what": f"rms_norm {r['pass']} {r['rows']}x{r['hidden']} {r['dtype']}",
+                         "ours": f"{r['gbps']:.0f} GB/s ({100 * r['copy_fraction']:.0f}% of copy)",
+                         "baseline": r.get("baseline"), "ratio": r.get("ratio"),
+                         "target": ">= 1.5 (fwd+bwd), >= 60% of copy"})
     for r in parts.get("replicate", []):
         if r.get("method") == "replicate_":
             rows.append({"what": f"replicate_ g={r['g']} ({r['source_bytes'] / 1e9:.2f} GB sources)",

@@ -60,11 +60,12 @@ def cmd_plan(args) -> int:
     from stackfast.growth import plan
     p = plan(args.params, tokens=args.tokens, flops=args.flops)
     small, target = p["small"], p["target"]
-    print(f"target        {p['target_params'] / 1e9:.3g}B parameters (preset {p['preset']}: {target['n_layers']} layers, "
-          f"hidden {target['hidden_size']})")
+    print(f"target        {p['target_params'] / 1e9:.3g}B parameters (preset {p['preset']}: "
+          f"{target['n_layers']} layers, hidden {target['hidden_size']})")
     print(f"budget        {p['tokens'] / 1e9:.4g}B tokens, {p['flops']:.3g} FLOPs "
           f"({p['tokens_per_param']:.1f} tokens per parameter)")
-    print(f"grow at       d = {p['growth_tokens'] / 1e9:.4g}B tokens (paper's timing formula), factor g = {p['factor']}")
+    print(f"grow at       d = {p['growth_tokens'] / 1e9:.4g}B tokens (paper's timing formula), "
+          f"factor g = {p['factor']}")
     print(f"small model   {small['n_layers']} layers x hidden {small['hidden_size']} "
           f"({p['small_params'] / 1e9:.3g}B parameters), stacked {p['factor']}x into the target")
     print(f"compute       small {p['small_flops']:.3g} + grown {p['grown_flops']:.3g} FLOPs "

@@ -324,7 +324,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
                 log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], **row})
                 progress.message(f"step {step}: grew {row['params_before'] / 1e6:.1f}M -> "
                                  f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}) in "
-                                 f"{row['growth_s']:.2f} s; probe loss {row['loss_before']:.4f} -> {row['loss_after']:.4f}")
+                                 f"{row['growth_s']:.2f} s; probe loss {row['loss_before']:.4f} -> "
+                                 f"{row['loss_after']:.4f}")
                 flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
                 throughput.flops_per_token = flops_per_token
             if ramp is not None:

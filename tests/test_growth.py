@@ -239,8 +239,9 @@ def test_replicate_optimizer_copies_adam_moments(tmp_path, monkeypatch):
 
     def spy(old_opt, old_model, new_opt, new_model, mapping):
         real(old_opt, old_model, new_opt, new_model, mapping)
-        captured.update(old={n: {k: v.clone() for k, v in old_opt.state[p].items()} for n, p in old_model.named_parameters()},
-                        new={n: {k: v.clone() for k, v in new_opt.state[p].items()} for n, p in new_model.named_parameters()})
+        def states(opt, model):
+            return {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+        captured.update(old=states(old_opt, old_model), new=states(new_opt, new_model))
     monkeypatch.setattr(train, "replicate_optimizer_state", spy)
     run(job(tmp_path, 'growth.optimizer="replicate"'))
     old, new = captured["old"], captured["new"]
