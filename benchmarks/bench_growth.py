@@ -70,7 +70,10 @@ def main(argv=None) -> list[dict]:
                                   12 * added)):
         row = {"what": label, "small": f"{name}-small", "target": name, "target_params": target.num_params(),
                "device": str(device), "bytes_written": new_bytes, "target_s": 1.0}
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        free = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the previous row's freed blocks count as free
+            free = torch.cuda.mem_get_info(device)[0]
         if free is not None and new_bytes > 0.95 * free:
             row["skipped"] = f"needs {new_bytes / 2**30:.1f} GiB more, {free / 2**30:.1f} GiB free"
             print(f"{label}: skipped, {row['skipped']}")
