@@ -314,8 +314,7 @@ def load_state(folder: Path) -> dict:
 
 
 def load_rng(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: not a complete checkpoint ({path.name} missing)")
+    _require(path.parent, path.name)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
@@ -443,9 +442,18 @@ def load_model_source(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.
     return load_config_of(folder).model, load_weights(folder)
 
 
+def model_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path | str,
+                       device: torch.device | str = "cpu") -> Transformer:
+    """A Transformer of shape `cfg` holding `weights` (checked to fit), allocated once on
+    `device`: built on the meta device, so no random init is drawn only to be overwritten."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.materialize(device)
+    load_into_model(model, weights, source)
+    return model
+
+
 def load_model(folder: str | Path, kernels: str = "torch") -> Transformer:
     """A Transformer holding the weights of a stackfast or Hugging Face checkpoint folder."""
     cfg, weights = load_model_source(folder)
-    model = Transformer(dataclasses.replace(cfg, kernels=kernels))
-    load_into_model(model, weights, folder)
-    return model
+    return model_from_weights(dataclasses.replace(cfg, kernels=kernels), weights, folder)

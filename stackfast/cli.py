@@ -109,18 +109,16 @@ def _learning_batches(data_path: str, seq_len: int, vocab_size: int):
 
 def cmd_grow(args) -> int:
     import dataclasses
-    from stackfast.checkpoint import is_hf_dir, load_config_of, load_into_model, load_model_source, save_hf, \
+    from stackfast.checkpoint import is_hf_dir, load_config_of, load_model_source, model_from_weights, save_hf, \
         save_weights_folder
     from stackfast.config import Config, parse_value
     from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, apply_growth
-    from stackfast.model import Transformer
     source, out = Path(args.checkpoint), Path(args.out)
     if out.resolve() == source.resolve():
         raise StackfastError("--out must differ from --checkpoint (the input is never overwritten)")
     _refuse_existing(out, args.force)
     model_cfg, weights = load_model_source(source)
-    model = Transformer(dataclasses.replace(model_cfg, kernels="torch"))
-    load_into_model(model, weights, source)
+    model = model_from_weights(dataclasses.replace(model_cfg, kernels="torch"), weights, source)
     options = {}
     for item in args.option:
         key, _, value = item.partition("=")

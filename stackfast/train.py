@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from stackfast.checkpoint import (latest_checkpoint, load_checkpoint, load_into_model, load_model_source, load_state,
+from stackfast.checkpoint import (latest_checkpoint, load_checkpoint, load_model_source, load_state, model_from_weights,
                                   save_checkpoint)
 from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_data
@@ -117,12 +117,10 @@ def build_model(model_cfg, device: torch.device, shard, init_from: str = "", see
     each rank allocates only its rows; seeded: the seeded init (parallel.init_parameters,
     the same weights at any world size), skipped for a resume that overwrites them.
     """
+    if init_from:
+        return shard(model_from_weights(model_cfg, load_model_source(init_from)[1], init_from, device))
     with torch.device("meta"):
         model = Transformer(model_cfg)
-    if init_from:
-        model.materialize(device)
-        load_into_model(model, load_model_source(init_from)[1], init_from)
-        return shard(model)
     shard(model)
     model.materialize(device)
     if seeded:
