@@ -123,10 +123,19 @@ def environment() -> dict:
     return env
 
 
+def results_folder(out_dir: Path | str | None = None) -> Path:
+    """The folder results are written to (RESULTS_DIR by default), created; ValueError if it
+    names an existing file. Suites call it first, so a bad --out fails before any timing."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def write_results(name: str, rows: list[dict], out_dir: Path | str | None = None) -> Path:
     """Write rows plus the environment to `<out_dir>/<name>-<device>.json`; return the path."""
-    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_folder(out_dir)
     env = environment()
     device_tag = (env["gpu"] or "cpu").replace(" ", "-").lower()
     path = out_dir / f"{name}-{device_tag}.json"

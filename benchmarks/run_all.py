@@ -143,6 +143,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test of the suite)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    try:
+        harness.results_folder(args.out)
+    except ValueError as error:
+        parser.error(str(error))
     device = harness.main_device(args.cpu)
     started = time.perf_counter()
     todo = gpu_parts(device, args.out) if device.type == "cuda" else cpu_parts(args.out, args.quick)

@@ -229,7 +229,11 @@ def cmd_bench(args) -> int:
         raise StackfastError("stackfast bench runs the benchmarks of a source checkout (benchmarks/run_all.py "
                              "was not found next to the installed package)")
     sys.path.insert(0, str(root))
-    from benchmarks import run_all
+    from benchmarks import harness, run_all
+    try:
+        harness.results_folder(args.out)
+    except ValueError as error:
+        raise StackfastError(str(error)) from None
     return run_all.main((["--cpu"] if args.cpu else []) + (["--quick"] if args.quick else [])
                         + (["--out", args.out] if args.out else []))
 

@@ -29,6 +29,7 @@ def test_info_json():
     (["train", "--set", "model.n_heads=3"], "model.n_heads: 3 heads do not divide hidden_size 256"),
     (["train", "--config", "missing.toml"], "config file not found: missing.toml"),
     (["train", "--set", 'data.path="no/such/folder"'], "no/such/folder: not a dataset folder"),
+    (["bench", "--cpu", "--out", "README.md"], "--out README.md: exists and is not a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     out = stackfast(*args)
