@@ -19,16 +19,18 @@ checkpoint as the newest complete one (the stale temporary folder is removed by 
 save of that step and never listed). The checkpoint folder must be on a filesystem that
 all nodes share.
 
-Weights-only folders (`stackfast grow`'s output, and checkpoints of stackfast before DCP,
-which hold model.safetensors and optimizer.pt) are still read: `load_weights` reads either
-kind, a DCP checkpoint in one process with the shapes from its config.toml. That is
-why no rank-0 model.safetensors is written beside the shards: it would gather the whole
-model into one process's memory at every save.
+Weights-only folders (`stackfast grow`'s output: model.safetensors, state.json,
+config.toml, checksums.json) are read by `load_weights` too, as are DCP checkpoints in one
+process with the shapes from their config.toml. That is why no rank-0 model.safetensors
+is written beside the shards: it would gather the whole model into one process's memory
+at every save.
 
-Loading never runs code from the files: tensors come from safetensors or DCP's raw
-shards, DCP's pickled .metadata is first read with an unpickler that builds only DCP's
-own metadata classes, torch dtypes and sizes, and anything else pickled (optimizer
-settings inside DCP, optimizer.pt) goes through torch.load(weights_only=True).
+Loading never runs code from the files. Tensors come from safetensors or DCP's raw
+shards; DCP's pickled .metadata is read (by DCP itself too, through `_SafeReader`) with an
+unpickler that builds only DCP's own metadata classes, torch dtypes and sizes; the
+pickled non-tensor entries of the shards (optimizer settings such as lr and betas) are
+read through torch.load(weights_only=True) by `_SafeLoadPlanner` (DCP's default planner
+uses weights_only=False). Anything else is refused with an error naming the entry.
 """
 from __future__ import annotations
 
@@ -46,21 +48,24 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint._traverse import set_element
 
 from stackfast.config import Config, ConfigError, ModelConfig, StackfastError, config_from_dict, tomllib
 from stackfast.files import replace_folder, write_folder
 from stackfast.model import Transformer
-from stackfast.parallel import World, barrier, is_sharded
+from stackfast.parallel import World, barrier
 
 # A single-process run saves and loads the same DCP format as a sharded one; DCP's note that
 # it found no process group is expected there, not a problem to report to the user.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE, CONFIG_FILE, DCP_METADATA, CHECKSUM_FILE = (
-    "model.safetensors", "optimizer.pt", "rng.safetensors", "state.json", "config.toml", ".metadata",
-    "checksums.json")
+MODEL_FILE, STATE_FILE, CONFIG_FILE, DCP_METADATA, CHECKSUM_FILE = (
+    "model.safetensors", "state.json", "config.toml", ".metadata", "checksums.json")
 
 
 class CheckpointError(StackfastError):
@@ -99,15 +104,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, world: Worl
     """Restore weights, optimizer state and this rank's RNG into the (possibly sharded) model.
 
     Collective under FSDP: every rank calls it. The checkpoint may come from any number of
-    processes. A checkpoint of stackfast before DCP (optimizer.pt) resumes in one process."""
-    if (folder / OPTIM_FILE).is_file():
-        if is_sharded(model):
-            raise CheckpointError(f"{folder}: a single-process checkpoint of an earlier stackfast; resume it "
-                                  f"without torchrun (its next checkpoint can then resume anywhere)")
-        load_into_model(model, load_weights(folder), folder)
-        optimizer.load_state_dict(load_optimizer_state(folder))
-        set_rng_state(load_rng(folder / RNG_FILE))
-        return
+    processes."""
     # get_state_dict gives the model's own (sharded) tensors and, for an optimizer that has not
     # stepped yet, freshly created moments: DCP reads every rank's part into them in place.
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -185,10 +182,56 @@ def _dcp_load(state: dict, folder: Path, world: World = World()) -> None:
                                   f"index needs {size})")
     verify_checksums(folder, world)
     try:
-        dcp.load(state, checkpoint_id=folder, no_dist=not world.distributed)
-    except Exception as e:  # DCP wraps every rank's failure (missing key, shape, read error)
+        dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner(),
+                 no_dist=not world.distributed)
+    # DCP wraps every rank's failure (missing key, shape, read error) in CheckpointException,
+    # which derives from BaseException, not Exception.
+    except CheckpointException as e:
+        # The first failing rank's own error; ours (a refused entry) is passed on as it is.
+        error = next(iter(e.failures.values()))[0] if e.failures else e
+        if isinstance(error, CheckpointError):
+            raise CheckpointError(f"{folder}: {error}") from None
         raise CheckpointError(f"{folder}: does not fit the model or is unreadable "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+                              f"({type(error).__name__}: {_first_line(error)})") from None
+    except Exception as e:
+        raise CheckpointError(f"{folder}: does not fit the model or is unreadable "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with .metadata read by the restricted unpickler (its own reader
+    calls pickle.load, which would build any object the file names)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with open(Path(self.path) / DCP_METADATA, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with its non-tensor entries (optimizer settings such as lr and
+    betas, saved pickled) read by torch.load(weights_only=True): numbers, strings and
+    containers only. The default planner unpickles them with weights_only=False, so a
+    crafted entry would run code."""
+
+    def load_bytes(self, read_item, value) -> None:
+        try:
+            loaded = torch.load(value, map_location="cpu", weights_only=True)
+        except Exception:  # UnpicklingError for a refused global, and corrupt data
+            raise CheckpointError(f"entry {read_item.dest_index.fqn} refused: a pickled object that is not plain "
+                                  f"data (numbers, strings, containers, tensors) or a corrupt one") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 def _sha256(path: Path) -> str:
@@ -292,17 +335,6 @@ def load_into_model(model: torch.nn.Module, weights: dict[str, torch.Tensor], so
             raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model "
                                   f"expects {tuple(own[name].shape)}")
     model.load_state_dict(weights)
-
-
-def load_optimizer_state(folder: Path) -> dict:
-    path = _require(folder, OPTIM_FILE)
-    try:
-        # weights_only: tensors, numbers and containers only; a pickle that would build
-        # any other object (and so could run code) is refused.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise CheckpointError(f"{path}: refused or unreadable optimizer state "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def load_state(folder: Path) -> dict:

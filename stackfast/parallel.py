@@ -112,10 +112,6 @@ def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a (possibly DTensor) tensor; in-place writes to it are local."""
     return t.to_local() if isinstance(t, DTensor) else t

@@ -1,10 +1,9 @@
 """The training loop: loss falls, metrics rows, exact resume, checkpoints, schedule."""
 import math
-import pickle
 
 import pytest
 
-from stackfast.checkpoint import CheckpointError, list_checkpoints, load_optimizer_state
+from stackfast.checkpoint import CheckpointError, list_checkpoints
 from stackfast.config import load_config
 from stackfast.metrics import read_metrics
 from stackfast.train import lr_at, run
@@ -93,13 +92,32 @@ class Exploit:
         return (exec, ("open('PWNED', 'w').write('x')",))
 
 
-def test_malicious_pickle_is_refused_without_running_code(tmp_path, monkeypatch):
+def test_a_pickled_object_inside_a_dcp_shard_is_refused_without_running_code(tmp_path, monkeypatch):
+    """A checkpoint whose optimizer settings (saved pickled in the shards) carry an object
+    that runs code when unpickled, checksums recomputed so only the loader stands in the
+    way: resume, init_from and load_weights refuse it and nothing runs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from stackfast.checkpoint import load_weights, write_checksums
+    from stackfast.model import Transformer
+    from stackfast.train import build_optimizer
     monkeypatch.chdir(tmp_path)
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    (folder / "optimizer.pt").write_bytes(pickle.dumps({"state": Exploit()}))
-    with pytest.raises(CheckpointError, match="refused or unreadable optimizer state"):
-        load_optimizer_state(folder)
+    cfg = tiny_config(tmp_path / "a", "train.max_steps=2")
+    run(cfg)
+    folder = tmp_path / "a" / "checkpoints" / "step_00000002"
+    model = Transformer(cfg.model)
+    model_state, optim_state = get_state_dict(model, build_optimizer(model, cfg.optim))
+    for group in optim_state["param_groups"]:
+        group["lr"] = Exploit()  # a value the loader reads back from the shards
+    for path in folder.iterdir():
+        if path.name not in ("state.json", "config.toml") and not path.name.startswith("rng_"):
+            path.unlink()
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder, no_dist=True)
+    write_checksums(folder)
+    with pytest.raises(CheckpointError, match=r"step_00000002: entry optim.param_groups.0.lr refused: a pickled object"):
+        run(tiny_config(tmp_path / "b", "train.max_steps=3", f'checkpoint.resume="{folder}"'))
+    assert not (tmp_path / "PWNED").exists()
+    load_weights(folder)  # the model's tensors alone are safe to read: no pickled entry among them
     assert not (tmp_path / "PWNED").exists()
 
 
