@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_distributed}
 rm -rf "$OUT"
 PY=${PYTHON:-python}
-COMMON=(--set model.preset=toy --set data.seq_len=256 --set train.micro_batch_size=16
+COMMON=(--set model.preset=toy --set data.seq_len=256 --set train.global_batch_size=16
         --set train.max_steps=60 --set train.eval_every=30 --set checkpoint.every_steps=20
         --set checkpoint.keep_last=5 --set logging.log_every=10 --set logging.progress=false
         --set logging.tensorboard=false

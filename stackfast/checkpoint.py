@@ -95,16 +95,27 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     write_checksums(tmp, world)  # collective
     if world.main:
         replace_folder(tmp, final)  # re-saving a step (the end of a resumed run) replaces it
-        for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        # Only this run's own checkpoints count and go: one copied in from elsewhere stays.
+        lineage = [c for c in list_checkpoints(ckpt_root) if run_id_of(c) == state["run_id"]]
+        for old in lineage[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def run_id_of(folder: Path) -> str | None:
+    """The id of the run that wrote a checkpoint (None when unreadable)."""
+    try:
+        return json.loads((folder / STATE_FILE).read_text()).get("run_id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer, world: World = World()) -> None:
     """Restore weights, optimizer state and this rank's RNG into the (possibly sharded) model.
 
     Collective under FSDP: every rank calls it. The checkpoint may come from any number of
-    processes."""
+    processes. The caller verifies its checksums first (the training loop does, before it
+    reads state.json)."""
     # get_state_dict gives the model's own (sharded) tensors and, for an optimizer that has not
     # stepped yet, freshly created moments: DCP reads every rank's part into them in place.
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -149,20 +160,23 @@ def _require(folder: Path, name: str) -> Path:
     return path
 
 
-def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+def load_weights(folder: str | Path, allow_unverified: bool = False) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint folder, as a state dict on the CPU (whole tensors).
 
     Reads model.safetensors or, in a DCP checkpoint, the "model" shards (in this process
-    alone, with no collective calls, whatever number of processes wrote them)."""
+    alone, with no collective calls, whatever number of processes wrote them), after
+    checking every file against checksums.json."""
     folder = Path(folder)
     path = folder / MODEL_FILE
+    if not path.is_file() and not (folder / DCP_METADATA).is_file():
+        raise CheckpointError(f"{folder}: not a complete checkpoint (neither {MODEL_FILE} nor {DCP_METADATA})")
+    if not allow_unverified:
+        verify_checksums(folder)
     if path.is_file():
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: unreadable weights ({e})") from None
-    if not (folder / DCP_METADATA).is_file():
-        raise CheckpointError(f"{folder}: not a complete checkpoint (neither {MODEL_FILE} nor {DCP_METADATA})")
     with torch.device("meta"):  # shapes only, no memory
         shapes = Transformer(load_config_of(folder).model).state_dict()
     weights = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in shapes.items()}
@@ -172,15 +186,14 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def _dcp_load(state: dict, folder: Path, world: World = World()) -> None:
     """DCP-load `state` in place from folder (collective under FSDP), after checking that
-    .metadata is safe to unpickle, every shard it names is there and long enough, and every
-    file still has the checksum it was saved with."""
+    .metadata is safe to unpickle and every shard it names is there and long enough.
+    Checksums are the caller's to verify, once per folder, before anything is read."""
     for path, size in _shard_sizes(folder).items():
         if not path.is_file():
             raise CheckpointError(f"{path}: missing shard of checkpoint {folder}")
         if path.stat().st_size < size:
             raise CheckpointError(f"{path}: truncated shard ({path.stat().st_size} bytes, the checkpoint "
                                   f"index needs {size})")
-    verify_checksums(folder, world)
     try:
         dcp.load(state, storage_reader=_SafeReader(folder), planner=_SafeLoadPlanner(),
                  no_dist=not world.distributed)
@@ -259,13 +272,19 @@ def write_checksums(folder: Path, world: World = World()) -> None:
             p.unlink()
 
 
-def verify_checksums(folder: Path, world: World = World()) -> None:
+def verify_checksums(folder: Path, world: World = World(), required: list[str] | None = None) -> None:
     """Re-hash the files that checksums.json lists, each rank its share (collective under
-    FSDP); a file whose bytes changed is an error naming it, raised on every rank. A folder
-    without checksums.json (written before stackfast kept them) is read unchecked."""
+    FSDP); a file whose bytes changed is an error naming it, raised on every rank.
+
+    `required`: the files that must be listed (default: every file of the folder; a Hugging
+    Face folder names the ones stackfast reads, so a README added later does no harm). A
+    folder without checksums.json is refused: callers skip this check only when the user
+    allowed unverified files explicitly."""
     path = folder / CHECKSUM_FILE
     if not path.is_file():
-        return
+        raise CheckpointError(f"{folder}: no {CHECKSUM_FILE}, so a changed or corrupt file would go unnoticed; if "
+                              f"you trust these files, allow that explicitly (--allow-unverified, or "
+                              f"checkpoint.allow_unverified = true in a run's config)")
     try:
         expected = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -274,9 +293,17 @@ def verify_checksums(folder: Path, world: World = World()) -> None:
     if not (isinstance(expected, dict) and all(isinstance(v, str) and Path(k).name == k and k not in ("", ".", "..")
                                                for k, v in expected.items())):
         raise CheckpointError(f"{path}: corrupt checksum list (expected file names of this folder and their sha256)")
+    if required is None:
+        required = [p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(CHECKSUM_FILE)]
+    unlisted = sorted(set(required) - set(expected))
+    if unlisted:
+        raise CheckpointError(f"{folder / unlisted[0]}: not in {CHECKSUM_FILE} (a file added or renamed after the "
+                              f"folder was written)")
+    missing = sorted(name for name in expected if not (folder / name).is_file())
+    if missing:
+        raise CheckpointError(f"{folder / missing[0]}: missing (listed in {CHECKSUM_FILE})")
     names = sorted(expected)
-    bad = [name for name in names[world.rank::world.world_size]
-           if not (folder / name).is_file() or _sha256(folder / name) != expected[name]]
+    bad = [name for name in names[world.rank::world.world_size] if _sha256(folder / name) != expected[name]]
     if world.distributed:
         parts = [None] * world.world_size
         dist.all_gather_object(parts, bad)
@@ -384,9 +411,11 @@ def is_hf_dir(folder: str | Path) -> bool:
     return (Path(folder) / "config.json").is_file()
 
 
-def load_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_hf(folder: str | Path, allow_unverified: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A Hugging Face Llama folder (config.json + model.safetensors or a sharded index) as a
-    ModelConfig and stackfast-named weights. Features stackfast's model lacks are refused."""
+    ModelConfig and stackfast-named weights. Features stackfast's model lacks are refused.
+    The files read must match the folder's checksums.json (stackfast's exports write one;
+    transformers ignores it) unless allow_unverified."""
     folder = Path(folder)
     try:
         hf = json.loads(_require(folder, "config.json").read_text())
@@ -423,6 +452,8 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = [_require(folder, "model.safetensors").name]
+    if not allow_unverified:
+        verify_checksums(folder, required=["config.json", *files] + ([index.name] if index.is_file() else []))
     weights = {}
     for name in files:
         path = _require(folder, name)
@@ -450,6 +481,7 @@ def save_hf(folder: Path, model: torch.nn.Module, tokenizer_file: Path | None = 
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / tokenizer_file.name)
+        write_checksums(tmp)  # last: it lists every file above
     write_folder(folder, write)
 
 
@@ -461,17 +493,20 @@ def save_weights_folder(folder: Path, model: torch.nn.Module, config: Config, st
         save_file(weights, str(tmp / MODEL_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         (tmp / CONFIG_FILE).write_text(config.to_toml())
+        write_checksums(tmp)  # last: it lists every file above
     write_folder(folder, write)
 
 
-def load_model_source(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and weights of a stackfast checkpoint folder or a Hugging Face Llama folder."""
+def load_model_source(folder: str | Path, allow_unverified: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and weights of a stackfast checkpoint folder or a Hugging Face Llama folder,
+    checked against the folder's checksums unless allow_unverified."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     if is_hf_dir(folder):
-        return load_hf(folder)
-    return load_config_of(folder).model, load_weights(folder)
+        return load_hf(folder, allow_unverified)
+    weights = load_weights(folder, allow_unverified)  # verifies config.toml too, before it is read
+    return load_config_of(folder).model, weights
 
 
 def model_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path | str,
@@ -485,7 +520,7 @@ def model_from_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], sourc
     return model
 
 
-def load_model(folder: str | Path, kernels: str = "torch") -> Transformer:
+def load_model(folder: str | Path, kernels: str = "torch", allow_unverified: bool = False) -> Transformer:
     """A Transformer holding the weights of a stackfast or Hugging Face checkpoint folder."""
-    cfg, weights = load_model_source(folder)
+    cfg, weights = load_model_source(folder, allow_unverified)
     return model_from_weights(dataclasses.replace(cfg, kernels=kernels), weights, folder)

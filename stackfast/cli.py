@@ -18,10 +18,8 @@ from stackfast.demo import DEFAULT_FLOPS as DEMO_FLOPS
 
 
 def cmd_train(args) -> int:
-    from stackfast import train
-    argv = (["--config", args.config] if args.config else []) + [x for s in args.set for x in ("--set", s)]
-    argv += ["--resume", args.resume] if args.resume else []
-    return train.main(argv)
+    from stackfast.train import run_from_args
+    return run_from_args(args)
 
 
 def cmd_demo(args) -> int:
@@ -81,7 +79,7 @@ def cmd_plan(args) -> int:
             "data": {"path": "data/tokens", "seq_len": 2048},
             "optim": {"lr": PAPER_LR[p["preset"]]},
             "schedule": {"warmup_steps": 3000, "min_lr_ratio": 0.1},
-            "train": {"total_tokens": int(p["tokens"]), "micro_batch_size": 4, "grad_accum_steps": 32},
+            "train": {"total_tokens": int(p["tokens"]), "global_batch_size": 1024, "micro_batch_size": 4},
             "growth": {"operator": "stack", "factor": p["factor"], "at_tokens": int(p["growth_tokens"]),
                        "small_lr": 1e-3},
             "parallel": {"activation_checkpointing": "full"},
@@ -94,9 +92,19 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise StackfastError(f"{out} already exists and is not empty (use --force to replace it)")
+def _refuse_existing(out: Path, force: bool, source: Path) -> None:
+    """An output folder must not be the input (or hold it, or lie inside it); an existing
+    non-empty one is replaced only with --force, and only if stackfast wrote it."""
+    out_r, source_r = out.resolve(), source.resolve()
+    if out_r == source_r or out_r in source_r.parents or source_r in out_r.parents:
+        raise StackfastError(f"--out {out} overlaps --checkpoint {source}: the input is never overwritten; "
+                             f"choose another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise StackfastError(f"{out} already exists and is not empty (use --force to replace it)")
+        if not (out / "checksums.json").is_file():
+            raise StackfastError(f"{out}: --force replaces only a folder that stackfast wrote (with checksums.json); "
+                                 f"this one holds other files: remove it yourself or choose another --out")
 
 
 def _learning_batches(data_path: str, seq_len: int, vocab_size: int):
@@ -114,10 +122,8 @@ def cmd_grow(args) -> int:
     from stackfast.config import Config, parse_value
     from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, apply_growth
     source, out = Path(args.checkpoint), Path(args.out)
-    if out.resolve() == source.resolve():
-        raise StackfastError("--out must differ from --checkpoint (the input is never overwritten)")
-    _refuse_existing(out, args.force)
-    model_cfg, weights = load_model_source(source)
+    _refuse_existing(out, args.force, source)
+    model_cfg, weights = load_model_source(source, args.allow_unverified)
     model = model_from_weights(dataclasses.replace(model_cfg, kernels="torch"), weights, source)
     options = {}
     for item in args.option:
@@ -155,9 +161,9 @@ def cmd_export_hf(args) -> int:
     from stackfast.checkpoint import load_config_of, load_model, save_hf
     from stackfast.data import TokenData, resolve_path
     source, out = Path(args.checkpoint), Path(args.out)
-    _refuse_existing(out, args.force)
+    _refuse_existing(out, args.force, source)
+    model = load_model(source, allow_unverified=args.allow_unverified)  # verifies config.toml before it is read
     cfg = load_config_of(source)
-    model = load_model(source)
     tokenizer = None
     try:  # the run's tokenizer goes alongside when its data folder is still there
         tokenizer = TokenData(resolve_path(cfg.data.path, cfg.data.val_fraction)).tokenizer_file
@@ -178,7 +184,7 @@ def cmd_eval(args) -> int:
     from stackfast.train import autocast_context, evaluate, resolve_device
     source = Path(args.checkpoint)
     device = resolve_device(args.device)
-    model = load_model(source, kernels="auto").to(device)
+    model = load_model(source, kernels="auto", allow_unverified=args.allow_unverified).to(device)
     model_cfg = model.config
     if args.tasks:
         return _lm_eval(args.tasks, source, model)
@@ -191,8 +197,9 @@ def cmd_eval(args) -> int:
     seq_len = min(args.seq_len, model_cfg.max_seq_len)
     data = TokenData(resolve_path(data_path, DataConfig().val_fraction), vocab_size=model_cfg.vocab_size)
     loader = TokenLoader(data, seq_len, args.batch_size)
-    loss = evaluate(model, loader, args.batches, device, autocast_context("auto", device))
-    n_tokens = sum(y.numel() for _, y in loader.val_batches(args.batches))
+    n_rows = args.batches * args.batch_size
+    loss = evaluate(model, loader, n_rows, device, autocast_context("auto", device))
+    n_tokens = sum(y.numel() for _, y in loader.val_batches(n_rows))
     result = {"checkpoint": str(source), "data": str(data.folder), "val_loss": loss, "perplexity": math.exp(loss),
               "tokens": n_tokens, "seq_len": seq_len, "params": model.num_params(), "device": str(device),
               "torch": torch.__version__}
@@ -280,15 +287,21 @@ def cmd_config(args) -> int:
     return 0
 
 
+UNVERIFIED_HELP = "read a checkpoint that has no checksums.json (a changed or corrupt file would go unnoticed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stackfast", description="Pre-train LLMs by model growth (G_stack).")
     parser.add_argument("--version", action="version", version=f"stackfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model from a config")
-    p.add_argument("--config", help="TOML config file")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--resume", help="'auto' or a checkpoint folder")
+    p.add_argument("--config", help="TOML config file (default: built-in toy settings)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--resume", help="'auto' or a checkpoint folder (same as --set checkpoint.resume=...)")
+    p.add_argument("--force", action="store_true", help="start over in a run folder that holds a run: delete its "
+                   "checkpoints and logs first (same as --set logging.overwrite=true)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="G_stack vs scratch at equal FLOPs, toy scale, built-in corpus")
@@ -333,12 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="operator option, e.g. layers=middle, noise=0.2, order=interpolate (repeatable)")
     p.add_argument("--data", default="builtin:python-stdlib", help="LiGO operators' training data")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     p.set_defaults(func=cmd_grow)
 
     p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM folder")
     p.add_argument("--checkpoint", required=True, help="stackfast checkpoint folder")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder that stackfast wrote")
+    p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint (or lm-eval tasks)")
@@ -350,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the JSON result here")
     p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
+    p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="the benchmark suite: ratios against baselines measured in the same run")

@@ -163,22 +163,26 @@ class TrainConfig:
     total_tokens: int = doc("Training budget in tokens; steps = ceil(total_tokens / tokens per step).",
                             2_000_000)
     max_steps: int = doc("If > 0, the number of optimizer steps (overrides total_tokens).", 0)
-    micro_batch_size: int = doc("Sequences per forward/backward on each process.", 16)
-    grad_accum_steps: int = doc("Micro-batches accumulated per optimizer step.", 1)
+    global_batch_size: int = doc("Sequences per optimizer step, over all processes together: the batch of the "
+                                 "run, the same at any number of processes (tokens per step = global_batch_size "
+                                 "* data.seq_len). Each process takes global_batch_size / processes of them.", 16)
+    micro_batch_size: int = doc("The memory knob: at most this many sequences per forward/backward on a process; "
+                                "a process's share of the global batch runs as gradient-accumulated "
+                                "micro-batches of this size. 0 = the whole share in one pass.", 0)
     seed: int = doc("Seed of the model init and the data order.", 1234)
     device: str = doc("'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.", "auto")
     dtype: str = doc("Compute dtype: 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bf16' or 'fp32'. "
                      "Master weights and optimizer state stay fp32.", "auto")
     eval_every: int = doc("Validate every this many steps (and at the end); 0 = only at the end.", 100)
-    eval_batches: int = doc("Micro-batches of held-out data per validation.", 8)
+    eval_batches: int = doc("Validation covers this many global batches of held-out sequences "
+                            "(eval_batches * global_batch_size, or the whole split if smaller).", 8)
     peak_tflops: float = doc("Peak dense TFLOP/s for MFU; 0 = known GPU's bf16 peak, MFU null on CPU.", 0.0)
     max_bad_steps: int = doc("A step whose loss or gradient norm is not finite is skipped (no update); "
                              "after this many in a row the run stops with an error.", 5)
 
     def validate(self) -> None:
-        _positive(self, "train", ["total_tokens", "micro_batch_size", "grad_accum_steps", "eval_batches",
-                                  "max_bad_steps"])
-        _non_negative(self, "train", ["max_steps", "eval_every", "peak_tflops"])
+        _positive(self, "train", ["total_tokens", "global_batch_size", "eval_batches", "max_bad_steps"])
+        _non_negative(self, "train", ["max_steps", "micro_batch_size", "eval_every", "peak_tflops"])
         _choice(self, "train", "dtype", ("auto", "bf16", "fp32"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
@@ -260,6 +264,11 @@ class CheckpointConfig:
     resume: str = doc("'' (fresh run), 'auto' (newest complete checkpoint in the run dir, if any) "
                       "or a checkpoint folder.", "")
     init_from: str = doc("Start from these weights (a checkpoint folder) with a fresh optimizer.", "")
+    allow_unverified: bool = doc("Load a checkpoint or weights folder that has no checksums.json (resume, "
+                                 "init_from): a changed or corrupt file then goes unnoticed.", False)
+    allow_changes: str = doc("Resume: comma-separated settings that may differ from the checkpoint's although "
+                             "they change the run (model, data, growth, train.global_batch_size, train.seed), "
+                             "e.g. 'data.path' to continue on new data.", "")
 
     def validate(self) -> None:
         _positive(self, "checkpoint", ["keep_last"])
@@ -269,7 +278,10 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     """Where logs go and how often."""
-    run_dir: str = doc("Run folder: metrics.jsonl, config.toml, checkpoints/.", "runs/toy")
+    run_dir: str = doc("Run folder: metrics.jsonl, config.toml, checkpoints/. A fresh run refuses one that "
+                       "holds a run's checkpoints or metrics (resume it, or set overwrite).", "runs/toy")
+    overwrite: bool = doc("Start a fresh run in a run folder that holds another run: its checkpoints, metrics, "
+                          "config and TensorBoard events are deleted first (`stackfast train --force`).", False)
     log_every: int = doc("Write metrics (one host sync) every this many steps.", 10)
     tensorboard: bool = doc("Also write TensorBoard events when tensorboard is installed.", True)
     progress: bool = doc("Show a live progress line.", True)
@@ -296,6 +308,8 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        self.batch_split(1)  # a split that fails on one process fails on any number
+        self.allowed_changes()
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len "
                               f"{self.model.max_seq_len}")
@@ -304,17 +318,43 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def flat(self) -> dict[str, Any]:
+        """Every field as 'section.key': value."""
+        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
+
+    def allowed_changes(self) -> set[str]:
+        """checkpoint.allow_changes as a set of 'section.key' or 'section' names (checked to exist)."""
+        items = {item.strip() for item in self.checkpoint.allow_changes.split(",") if item.strip()}
+        unknown = sorted(i for i in items if i not in self.flat() and i not in SECTIONS)
+        if unknown:
+            raise ConfigError(f"checkpoint.allow_changes: {', '.join(unknown)} is not a setting (expected "
+                              f"section.key names such as data.path, comma-separated)")
+        return items
+
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
-    def tokens_per_step(self, world_size: int = 1) -> int:
-        t = self.train
-        return t.micro_batch_size * t.grad_accum_steps * self.data.seq_len * world_size
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.seq_len
 
-    def total_steps(self, world_size: int = 1) -> int:
+    def total_steps(self) -> int:
         if self.train.max_steps > 0:
             return self.train.max_steps
-        return max(1, math.ceil(self.train.total_tokens / self.tokens_per_step(world_size)))
+        return max(1, math.ceil(self.train.total_tokens / self.tokens_per_step()))
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """(micro-batch rows, micro-batches per step) of each process: its share of the
+        global batch, in micro-batches of at most train.micro_batch_size rows."""
+        t = self.train
+        if t.global_batch_size % world_size:
+            raise ConfigError(f"train.global_batch_size: {t.global_batch_size} sequences do not split evenly over "
+                              f"{world_size} processes")
+        share = t.global_batch_size // world_size
+        micro = min(t.micro_batch_size or share, share)
+        if share % micro:
+            raise ConfigError(f"train.micro_batch_size: {micro} does not divide a process's share of the global "
+                              f"batch ({t.global_batch_size} / {world_size} processes = {share} sequences)")
+        return micro, share // micro
 
 
 # --------------------------------------------------------------------------------------
@@ -351,6 +391,9 @@ PAPER_LR = {"410m": 6e-4, "1.1b": 3e-4, "3b": 1.6e-4, "7b": 1e-4}
 # --------------------------------------------------------------------------------------
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+# Settings of earlier versions, with what replaces them.
+REMOVED = {"train.grad_accum_steps": "set train.global_batch_size (sequences per step over all processes); the "
+                                     "micro-batches per step follow from it and train.micro_batch_size"}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -397,6 +440,8 @@ def _build_section(section: str, cls: type, values: dict):
     hints = get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        if f"{section}.{key}" in REMOVED:
+            raise ConfigError(f"{section}.{key}: no longer a setting; {REMOVED[f'{section}.{key}']}")
         if key not in hints:
             raise ConfigError(f"{section}.{key}: unknown key{_suggest(key, hints)}")
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)

@@ -9,9 +9,9 @@ It is written into a temporary folder and renamed into place when complete, so a
 crash never leaves a half-written dataset under the final name.
 
 The loader draws seq_len+1 windows at positions that are a pure function of
-(seed, step, micro_step): resuming at a step reproduces the data exactly, and with
-W processes each rank takes its slice of the same global batch, so the global batch
-does not depend on the number of processes.
+(seed, step): resuming at a step reproduces the data exactly, and with W processes each
+rank takes its share of the same global batch, so the global batch does not depend on
+the number of processes or the micro-batch size.
 """
 from __future__ import annotations
 
@@ -409,17 +409,21 @@ def open_data(data_cfg, vocab_size: int) -> TokenData:
 
 
 class TokenLoader:
-    """Deterministic, rank-aware batches of (inputs, targets), each (batch_size, seq_len) int64.
+    """Deterministic, rank-aware batches of (inputs, targets), each (micro_batch, seq_len) int64.
 
-    Window starts for (step, micro_step) come from a generator seeded with
-    (seed, step, micro_step): no state, so resuming at a step is exact. The global batch
-    has batch_size * world_size rows; rank r takes rows [r*batch_size, (r+1)*batch_size).
+    The global batch of a step is `global_batch` windows whose starts come from a generator
+    seeded with (seed, step): no state, so resuming at a step is exact. Process r of
+    world_size takes the r-th contiguous share of them, in micro-batches of `micro_batch`
+    rows (0: the whole share at once). The global batch, and so the run, is the same at any
+    number of processes and any micro-batch size.
     """
 
-    def __init__(self, data: TokenData, seq_len: int, batch_size: int, *, seed: int = 0,
+    def __init__(self, data: TokenData, seq_len: int, global_batch: int, micro_batch: int = 0, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
-        self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
+        self.data, self.seq_len, self.global_batch = data, seq_len, global_batch
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.share = global_batch // world_size  # rows of each process per step
+        self.micro_batch = micro_batch or self.share
         window = seq_len + 1
         self.shards = [s for s in data.train if s.tokens.size >= window]
         if not self.shards:
@@ -434,29 +438,41 @@ class TokenLoader:
             raise DataError(f"{shard.path}: token id {int(w.max())} >= vocab size {self.data.vocab_size}")
         return w
 
-    def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro_step])
-        picks = rng.integers(0, self.starts[-1], size=self.batch_size * self.world_size)
-        mine = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+    def _rows(self, key: list[int], n_rows: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [first, first + count) of the n_rows windows drawn by the generator `key`."""
+        picks = np.random.default_rng(key).integers(0, self.starts[-1], size=n_rows)[first:first + count]
         rows = []
-        for g in mine:
+        for g in picks:
             i = int(np.searchsorted(self.starts, g, side="right")) - 1
             rows.append(self._window(self.shards[i], int(g - self.starts[i])))
-        windows = torch.from_numpy(np.stack(rows))  # (batch, seq_len + 1)
+        windows = torch.from_numpy(np.stack(rows))  # (rows, seq_len + 1)
         return windows[:, :-1], windows[:, 1:]
 
-    def val_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Up to n_batches fixed batches of consecutive, non-overlapping held-out windows."""
+    def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's micro-batch `micro_step` of the global batch of `step`."""
+        first = self.rank * self.share + micro_step * self.micro_batch
+        return self._rows([self.seed, step, 0], self.global_batch, first, self.micro_batch)
+
+    def extra_batch(self, step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch beyond the training stream of `step` (k = 0, 1, ...), for work that
+        needs fresh data at a step without taking the run's own (LiGO's expansion training)."""
+        n = self.micro_batch * self.world_size
+        return self._rows([self.seed, step, 1 + k], n, self.rank * self.micro_batch, self.micro_batch)
+
+    def val_batches(self, n_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's micro-batches of the first n_rows held-out windows (consecutive and
+        non-overlapping; the whole split if it has fewer), cut to a multiple of the number of
+        processes so that every process runs the same number of forwards."""
         window = self.seq_len + 1
         rows = [(s, o) for s in self.data.val for o in range(0, s.tokens.size - window + 1, window)]
+        rows = rows[:min(n_rows, len(rows) - len(rows) % self.world_size)]
         if not rows:
-            raise DataError(f"{self.data.folder}: validation split has fewer than {window} tokens")
-        per_step = self.batch_size * self.world_size
-        for b in range(n_batches):
-            chunk = rows[b * per_step:(b + 1) * per_step][self.rank * self.batch_size:][:self.batch_size]
-            if not chunk:
-                return
-            windows = torch.from_numpy(np.stack([self._window(s, o) for s, o in chunk]))
+            raise DataError(f"{self.data.folder}: validation split has fewer than {self.world_size} windows of "
+                            f"{window} tokens (data.seq_len + 1)")
+        share = len(rows) // self.world_size
+        mine = rows[self.rank * share:(self.rank + 1) * share]
+        for i in range(0, share, self.micro_batch):
+            windows = torch.from_numpy(np.stack([self._window(s, o) for s, o in mine[i:i + self.micro_batch]]))
             yield windows[:, :-1], windows[:, 1:]
 
 

@@ -30,7 +30,7 @@ TOKENS_PER_STEP = SEQ_LEN * BATCH
 # About 40 s of the target's training on 2 CPU cores (~160 GFLOP/s): the four runs fit in
 # about 3 minutes.
 DEFAULT_FLOPS = 6e12
-COMMON = ["data.seq_len=128", "train.micro_batch_size=16", "optim.lr=2e-3", "train.eval_batches=4",
+COMMON = ["data.seq_len=128", "train.global_batch_size=16", "optim.lr=2e-3", "train.eval_batches=4",
           "logging.log_every=10", "logging.progress=false", "growth.small_lr=2e-3"]
 
 

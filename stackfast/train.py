@@ -1,10 +1,12 @@
 """The training loop; an entry point for `python stackfast/train.py`, `python -m stackfast.train`,
 `stackfast train` and `torchrun [...] stackfast/train.py`.
 
-One optimizer step: grad_accum_steps micro-batches forward/backward (bf16 autocast on
-GPU, fp32 on CPU), global-norm clipping, fused AdamW at the scheduled LR.
-Under torchrun every process trains an FSDP2-sharded copy of the model on its rows of
-the global batch (micro_batch_size rows each); rank 0 writes logs and metrics.
+One optimizer step: train.global_batch_size sequences, each process's share of them in
+micro-batches of at most train.micro_batch_size (forward/backward with bf16 autocast on
+GPU, fp32 on CPU, gradients accumulated), global-norm clipping, fused AdamW at the
+scheduled LR. Under torchrun every process trains an FSDP2-sharded copy of the model on
+its share of the global batch; rank 0 writes logs and metrics. The global batch, and so
+the run, does not depend on the number of processes.
 
 Host syncs: only at logging, validation and checkpoint steps. Per-step losses, gradient
 norms and skip flags stay on the device until such a step flushes them with one transfer;
@@ -32,13 +34,14 @@ import math
 import signal
 import threading
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from stackfast.checkpoint import (latest_checkpoint, load_checkpoint, load_model_source, load_state, model_from_weights,
-                                  save_checkpoint)
+from stackfast.checkpoint import (STEP_DIR, CheckpointError, latest_checkpoint, load_checkpoint, load_config_of,
+                                  load_model_source, load_state, model_from_weights, save_checkpoint, verify_checksums)
 from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_data
 from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, GrowthError, apply_growth, growth_timing
@@ -48,6 +51,7 @@ from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, 
 from stackfast.model import Transformer
 from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, init_parameters,
                                 set_gradient_sync, shutdown, strip_block_options, wrap_model)
+from stackfast.runs import RunLock, check_resume, prepare_fresh
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,13 +94,13 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: TokenLoader, n_batches: int, device: torch.device,
+def evaluate(model: torch.nn.Module, loader: TokenLoader, n_rows: int, device: torch.device,
              autocast, world: World = World()) -> float:
-    """Mean cross-entropy over the fixed validation batches (all ranks' rows of them)."""
+    """Mean cross-entropy over the first n_rows fixed validation sequences (all ranks' share of them)."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    for x, y in loader.val_batches(n_batches):
+    for x, y in loader.val_batches(n_rows):
         with autocast():
             loss = model(x.to(device), y.to(device))
         total += loss * y.numel()
@@ -109,7 +113,8 @@ def evaluate(model: torch.nn.Module, loader: TokenLoader, n_batches: int, device
     return total / count
 
 
-def build_model(model_cfg, device: torch.device, shard, init_from: str = "", seeded: bool = True) -> Transformer:
+def build_model(model_cfg, device: torch.device, shard, init_from: str = "", seeded: bool = True,
+                allow_unverified: bool = False) -> Transformer:
     """The run's model, wrapped and sharded by `shard`, its weights allocated once, on the device.
 
     Built on the meta device first: no full-size copy on the host. init_from (a stackfast
@@ -118,7 +123,8 @@ def build_model(model_cfg, device: torch.device, shard, init_from: str = "", see
     the same weights at any world size), skipped for a resume that overwrites them.
     """
     if init_from:
-        return shard(model_from_weights(model_cfg, load_model_source(init_from)[1], init_from, device))
+        weights = load_model_source(init_from, allow_unverified)[1]
+        return shard(model_from_weights(model_cfg, weights, init_from, device))
     with torch.device("meta"):
         model = Transformer(model_cfg)
     shard(model)
@@ -141,12 +147,12 @@ def find_resume(cfg: Config) -> Path | None:
     return path
 
 
-def growth_step(cfg: Config, total_steps: int, world_size: int = 1) -> int | None:
+def growth_step(cfg: Config, total_steps: int) -> int | None:
     """Optimizer steps of the small model before growth (None: the run does not grow)."""
     g = cfg.growth
     if g.operator == "none":
         return None
-    tokens_per_step = cfg.tokens_per_step(world_size)
+    tokens_per_step = cfg.tokens_per_step()
     if g.at_tokens == "auto":
         target = cfg.model.num_params()
         d = growth_timing(target, 6.0 * target * total_steps * tokens_per_step)
@@ -210,7 +216,10 @@ def run(cfg: Config) -> dict:
     cfg.validate()
     world, device = init_distributed(resolve_device(cfg.train.device))
     try:
-        with StopSignal() as stop:
+        cfg.batch_split(world.world_size)  # an uneven split is an error before anything is written
+        with StopSignal() as stop, contextlib.ExitStack() as held:
+            if world.main:  # one job per run folder, for as long as this one runs
+                held.enter_context(RunLock(Path(cfg.logging.run_dir)))
             return _train(cfg, world, device, stop)
     finally:
         shutdown(world)
@@ -261,21 +270,44 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     data = open_data(cfg.data, cfg.model.vocab_size)
     if world.main:
         barrier(world)
-    loader = TokenLoader(data, cfg.data.seq_len, cfg.train.micro_batch_size, seed=cfg.train.seed,
+    micro, accum = cfg.batch_split(world.world_size)
+    loader = TokenLoader(data, cfg.data.seq_len, cfg.train.global_batch_size, micro, seed=cfg.train.seed,
                          rank=world.rank, world_size=world.world_size)
-    total_steps = cfg.total_steps(world.world_size)
-    tokens_per_step = cfg.tokens_per_step(world.world_size)
-    grow_at = growth_step(cfg, total_steps, world.world_size)
-    small_cfg = small_model(cfg.model, cfg.growth.operator, cfg.growth.factor) if grow_at is not None else None
+    next(loader.val_batches(world.world_size))  # a validation split too short for one window fails now, not after training
+    total_steps = cfg.total_steps()
+    tokens_per_step = cfg.tokens_per_step()
+    eval_rows = cfg.train.eval_batches * cfg.train.global_batch_size
 
     resume_from = find_resume(cfg)
-    state = {"step": 0, "tokens": 0, "flops": 0.0, "grown": grow_at is None, "skipped_steps": 0}
+    state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_steps": 0, "run_id": uuid.uuid4().hex}
+    changes = []
+    # A fresh run, or a resume from another folder's checkpoint, must not mix into a run here.
+    if resume_from is None or resume_from.resolve().parent != (run_dir / "checkpoints").resolve():
+        if world.main:
+            prepare_fresh(run_dir, cfg)  # refuses to overwrite another run unless told to
+        barrier(world)
     if resume_from is not None:
+        if not cfg.checkpoint.allow_unverified:
+            verify_checksums(resume_from, world)  # collective: before anything of it is read
         state.update(load_state(resume_from))
+        named = STEP_DIR.match(resume_from.name)
+        if named and int(named.group(1)) != state["step"]:
+            raise CheckpointError(f"{resume_from}: state.json is step {state['step']}, the folder name says "
+                                  f"{int(named.group(1))}: renamed or mixed up; not resuming from it")
+        changes = check_resume(load_config_of(resume_from), cfg, resume_from)
+        if state["step"] >= total_steps:
+            if world.main:
+                print(f"stackfast: the run in {resume_from} is finished ({state['step']} of {total_steps} steps); "
+                      f"nothing to do (raise train.total_tokens or train.max_steps to train on)")
+            return {"steps": state["step"], "rank": world.rank, "finished": True, "stopped": False}
+    # A run that has grown keeps the growth step it grew at, even if its token budget changed since.
+    grow_at = state.get("growth_step") or growth_step(cfg, total_steps)
+    state.setdefault("grown", grow_at is None)
+    small_cfg = small_model(cfg.model, cfg.growth.operator, cfg.growth.factor) if grow_at is not None else None
     shard = functools.partial(wrap_model, cfg=cfg.parallel, world=world, bf16=use_bf16(cfg.train.dtype, device))
     init_from = cfg.checkpoint.init_from if resume_from is None else ""
     model = build_model(cfg.model if state["grown"] else small_cfg, device, shard, init_from,
-                        seeded=resume_from is None)
+                        seeded=resume_from is None, allow_unverified=cfg.checkpoint.allow_unverified)
     optimizer = build_optimizer(model, cfg.optim)
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=world.main)
     ramp = None
@@ -294,8 +326,11 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     throughput.last_tokens = state["tokens"]
     progress = Progress(total_steps, cfg.logging.progress and world.main, initial=state["step"])
     where = f"{world.world_size} processes ({device.type}, FSDP)" if world.distributed else str(device)
+    for change in changes:
+        progress.message(f"resuming with a changed setting: {change}")
     progress.message(f"stackfast: {model.num_params() / 1e6:.1f}M parameters, {total_steps} steps of "
-                     f"{tokens_per_step} tokens on {where}; logs in {run_dir}"
+                     f"{tokens_per_step} tokens ({cfg.train.global_batch_size} sequences: {accum} x {micro} on each "
+                     f"of {world.world_size} processes) on {where}; logs in {run_dir}"
                      + (f"; grows ({cfg.growth.operator}, x{cfg.growth.factor}) after step {grow_at}"
                         if grow_at is not None and not state["grown"] else "")
                      + (f"; resumed from {resume_from}" if resume_from else ""))
@@ -304,7 +339,6 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     bad_in_row = 0
     started = time.perf_counter()
     start_tokens = state["tokens"]
-    accum = cfg.train.grad_accum_steps
     model.train()
 
     # The loader runs ahead on a background thread (pinned memory on GPU): the device never
@@ -318,7 +352,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
                     last_loss = _flush(pending, log, throughput, progress, world)
                 model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, step,
                                                           world, shard)
-                state.update(grown=True, growth_spec=row["spec"], flops=state["flops"] + row["growth_flops"])
+                state.update(grown=True, growth_spec=row["spec"], growth_step=step,
+                             flops=state["flops"] + row["growth_flops"])
                 log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], **row})
                 progress.message(f"step {step}: grew {row['params_before'] / 1e6:.1f}M -> "
                                  f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}) in "
@@ -331,8 +366,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
             lr = scheduled_lr(cfg, step, total_steps, grow_at)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [tuple(t.to(device, non_blocking=True) for t in batches.batch(step, micro))
-                             for micro in range(accum)]
+            micro_batches = [tuple(t.to(device, non_blocking=True) for t in batches.batch(step, m))
+                             for m in range(accum)]
             loss, grad_norm, bad = train_step(model, optimizer, micro_batches, autocast, cfg.optim.grad_clip,
                                               world, cfg.parallel.defer_grad_sync)
             state["step"] += 1
@@ -366,7 +401,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
                 if world.distributed:
                     stopping = agree_to_stop(stop.requested, device)
             if eval_now:
-                val_loss = evaluate(model, loader, cfg.train.eval_batches, device, autocast, world)
+                val_loss = evaluate(model, loader, eval_rows, device, autocast, world)
                 log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], "val_loss": val_loss})
                 progress.message(f"step {step}: val_loss {val_loss:.4f}")
             if save_now or stopping:
@@ -448,11 +483,12 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
     """
     if not world.distributed:
         strip_block_options(model)  # operators copy plain blocks
-    loss_before = evaluate(model, loader, 1, device, autocast, world)
+    probe_rows = loader.micro_batch * world.world_size  # one micro-batch on each process
+    loss_before = evaluate(model, loader, probe_rows, device, autocast, world)
     started = time.perf_counter()
 
-    def batches(k):  # LiGO's training data: the run's own stream, past the micro-steps in use
-        x, y = loader.batch(step, cfg.train.grad_accum_steps + k)
+    def batches(k):  # LiGO's training data: fresh batches of the step, not the run's own
+        x, y = loader.extra_batch(step, k)
         return x.to(device), y.to(device)
 
     options = growth_options(cfg, batches)
@@ -474,9 +510,9 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
     growth_s = time.perf_counter() - started
     if not world.distributed:
         shard(grown)
-    loss_after = evaluate(grown, loader, 1, device, autocast, world)
+    loss_after = evaluate(grown, loader, probe_rows, device, autocast, world)
     # LiGO's training steps run the grown model on one micro-batch each: counted like training.
-    learned_tokens = cfg.growth.learn_steps * cfg.train.micro_batch_size * cfg.data.seq_len
+    learned_tokens = cfg.growth.learn_steps * loader.micro_batch * cfg.data.seq_len
     growth_flops = (learned_tokens * grown.config.flops_per_token(cfg.data.seq_len)
                     if cfg.growth.operator in LEARNED_OPERATORS else 0.0)
     row = {"event": "growth", "spec": growth.spec, "loss_before": loss_before, "loss_after": loss_after,
@@ -514,20 +550,12 @@ def _flush(pending: list, log: MetricsLog, throughput: Throughput, progress: Pro
     return rows[-1][0], flags
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stackfast train", description="Train (and grow) a model.")
-    parser.add_argument("--config", help="TOML config file (default: built-in toy settings)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config field (repeatable)")
-    parser.add_argument("--resume", help="'auto' or a checkpoint folder (same as --set checkpoint.resume=...)")
-    args = parser.parse_args(argv)
-    overrides = args.set + ([f'checkpoint.resume="{args.resume}"'] if args.resume else [])
-    try:
-        summary = run(load_config(args.config, overrides))
-    except StackfastError as e:
-        print(f"stackfast: error: {e}", file=sys.stderr)
-        return 2
-    if summary["rank"] != 0:
+def run_from_args(args: argparse.Namespace) -> int:
+    """`stackfast train`: run the configured job and print its one-line summary."""
+    overrides = args.set + ([f'checkpoint.resume="{args.resume}"'] if args.resume else []) \
+        + (["logging.overwrite=true"] if args.force else [])
+    summary = run(load_config(args.config, overrides))  # a StackfastError is the CLI's to report
+    if summary["rank"] != 0 or summary.get("finished"):
         return 0
     if summary["stopped"]:
         print(f"stopped by a signal after step {summary['steps']}; checkpoint written. "
@@ -537,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
           f"val_loss {summary['val_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s; "
           f"logs in {summary['run_dir']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python stackfast/train.py ARGS` (and torchrun's launch of it) is `stackfast train ARGS`."""
+    from stackfast.cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--set", 'model.preset="tiny"', "--set", "data.seq_len=32", "--set", "train.micro_batch_size=2",
+TINY = ["--set", 'model.preset="tiny"', "--set", "data.seq_len=32", "--set", "train.global_batch_size=2",
         "--set", "train.eval_batches=1", "--set", "logging.tensorboard=false"]
 
 

@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
     """A 2-layer tiny model trained for 3 steps (a stackfast checkpoint)."""
     run_dir = tmp_path_factory.mktemp("run")
     run(load_config(None, ['model.preset="tiny"', "model.kernels=torch", "data.seq_len=32", "train.max_steps=3",
-                           "train.micro_batch_size=2", "train.eval_batches=1", "logging.progress=false",
+                           "train.global_batch_size=2", "train.eval_batches=1", "logging.progress=false",
                            "logging.tensorboard=false", f'logging.run_dir="{run_dir}"']))
     return run_dir / "checkpoints" / "step_00000003"
 
@@ -52,7 +52,7 @@ def test_grow_a_stackfast_checkpoint_then_train_from_it(trained, tmp_path):
     assert json.loads((tmp_path / "g" / "state.json").read_text())["growth_spec"]["operator"] == "stack"
     # The grown folder is a valid init for a run of the grown shape.
     summary = run(load_config(None, ['model.preset="tiny"', "model.n_layers=8", "model.kernels=torch",
-                                     "data.seq_len=32", "train.max_steps=2", "train.micro_batch_size=2",
+                                     "data.seq_len=32", "train.max_steps=2", "train.global_batch_size=2",
                                      "train.eval_batches=1", "logging.progress=false", "logging.tensorboard=false",
                                      f'logging.run_dir="{tmp_path / "r"}"',
                                      f'checkpoint.init_from="{tmp_path / "g"}"']))
@@ -73,8 +73,13 @@ def test_grow_refuses_bad_input_and_never_overwrites(trained, tmp_path):
     out = stackfast("grow", "--checkpoint", trained, "--out", tmp_path / "taken")
     assert out.returncode == 2 and "already exists" in out.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    out = stackfast("grow", "--checkpoint", trained, "--out", trained)
-    assert out.returncode == 2 and "must differ" in out.stderr
+    out = stackfast("grow", "--checkpoint", trained, "--out", tmp_path / "taken", "--force")
+    assert out.returncode == 2 and "replaces only a folder that stackfast wrote" in out.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    for out_dir in (trained, trained.parent):  # the input itself, or a folder holding it
+        out = stackfast("grow", "--checkpoint", trained, "--out", out_dir, "--force")
+        assert out.returncode == 2 and "the input is never overwritten" in out.stderr
+    assert (trained / "state.json").is_file()
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     out = stackfast("grow", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "o2")
@@ -135,7 +140,10 @@ def test_hf_round_trip_is_exact_and_refuses_unsupported_features(tmp_path):
     cfg = ModelConfig.from_preset("tiny", kernels="torch")
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama_config(cfg)))
     hf.save_pretrained(tmp_path / "in", safe_serialization=True)
-    loaded_cfg, weights = load_hf(tmp_path / "in")
+    # A folder stackfast did not write has no checksums: read only when the user says so.
+    with pytest.raises(CheckpointError, match="no checksums.json"):
+        load_hf(tmp_path / "in")
+    loaded_cfg, weights = load_hf(tmp_path / "in", allow_unverified=True)
     model = Transformer(loaded_cfg)
     model.load_state_dict(weights)
     save_hf(tmp_path / "out", model)
@@ -153,7 +161,7 @@ def test_hf_round_trip_is_exact_and_refuses_unsupported_features(tmp_path):
             load_hf(bad)
     (tmp_path / "in" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors missing"):
-        load_hf(tmp_path / "in")
+        load_hf(tmp_path / "in", allow_unverified=True)
 
 
 def test_grown_toy_checkpoint_generates_text_in_transformers(trained, tmp_path):
@@ -173,7 +181,7 @@ def test_grown_toy_checkpoint_generates_text_in_transformers(trained, tmp_path):
 def test_init_from_accepts_a_hugging_face_folder(trained, tmp_path):
     assert stackfast("export-hf", "--checkpoint", trained, "--out", tmp_path / "hf").returncode == 0
     cfg = load_config(None, ['model.preset="tiny"', "model.kernels=torch", "data.seq_len=32", "train.max_steps=1",
-                             "train.micro_batch_size=2", "train.eval_batches=1", "logging.progress=false",
+                             "train.global_batch_size=2", "train.eval_batches=1", "logging.progress=false",
                              "logging.tensorboard=false", f'logging.run_dir="{tmp_path / "r"}"',
                              f'checkpoint.init_from="{tmp_path / "hf"}"'])
     run(cfg)

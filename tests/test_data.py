@@ -117,28 +117,37 @@ def test_vocab_and_tokenizer_mismatch_with_config(corpus, tmp_path):
 def test_loader_is_deterministic_resumable_and_rank_aware(corpus, tmp_path):
     tokenize([corpus], "bytes", tmp_path / "ds")
     data = TokenData(tmp_path / "ds")
-    one = TokenLoader(data, 32, 4, seed=7)
-    x, y = one.batch(3, 1)
-    assert x.shape == (4, 32) and x.dtype == torch.int64
+    one = TokenLoader(data, 32, 8, seed=7)  # a global batch of 8 rows in one pass
+    x, y = one.batch(3)
+    assert x.shape == (8, 32) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
-    # Exact resume: a batch depends only on (seed, step, micro_step), not on history.
-    fresh = TokenLoader(data, 32, 4, seed=7)
-    assert torch.equal(fresh.batch(3, 1)[0], x)
-    assert not torch.equal(one.batch(4, 1)[0], x)
-    assert not torch.equal(TokenLoader(data, 32, 4, seed=8).batch(3, 1)[0], x)
-    # Two ranks of batch 2 together hold the one-process global batch of 4.
-    ranks = [TokenLoader(data, 32, 2, seed=7, rank=r, world_size=2).batch(3, 1)[0] for r in range(2)]
-    assert torch.equal(torch.cat(ranks), x)
+    # Exact resume: a batch depends only on (seed, step), not on history.
+    fresh = TokenLoader(data, 32, 8, seed=7)
+    assert torch.equal(fresh.batch(3)[0], x)
+    assert not torch.equal(one.batch(4)[0], x)
+    assert not torch.equal(TokenLoader(data, 32, 8, seed=8).batch(3)[0], x)
+    # The same global batch at any number of processes and micro-batch size: 2 ranks x 2
+    # micro-batches of 2 rows hold the one-process batch of 8, in order.
+    parts = [TokenLoader(data, 32, 8, 2, seed=7, rank=r, world_size=2).batch(3, m)[0]
+             for r in range(2) for m in range(2)]
+    assert all(p.shape == (2, 32) for p in parts) and torch.equal(torch.cat(parts), x)
+    # Extra batches (LiGO's) are fresh data, never a row of the step's own batch.
+    extra = one.extra_batch(3, 0)[0]
+    assert extra.shape == (8, 32) and not any(torch.equal(row, r) for row in extra for r in x)
 
 
 def test_validation_batches_are_fixed_and_held_out(corpus, tmp_path):
     tokenize([corpus], "bytes", tmp_path / "ds", val_fraction=0.3)
-    loader = TokenLoader(TokenData(tmp_path / "ds"), 16, 2)
-    first = [x for x, _ in loader.val_batches(3)]
-    again = [x for x, _ in loader.val_batches(3)]
+    loader = TokenLoader(TokenData(tmp_path / "ds"), 16, 4, 2)
+    first = [x for x, _ in loader.val_batches(6)]
+    again = [x for x, _ in loader.val_batches(6)]
     assert len(first) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
     val_stream = torch.from_numpy(np.concatenate([s.tokens for s in loader.data.val]).astype(np.int64))
     assert torch.equal(first[0][0], val_stream[:16]) and torch.equal(first[0][1], val_stream[17:33])
+    # Two processes split the same rows between them, each in micro-batches.
+    ranks = [torch.cat([x for x, _ in TokenLoader(loader.data, 16, 4, 2, rank=r, world_size=2).val_batches(6)])
+             for r in range(2)]
+    assert torch.equal(torch.cat(ranks), torch.cat(first))
 
 
 def test_builtin_corpus_is_built_once_and_cached(stackfast_cache):
@@ -156,7 +165,7 @@ def test_builtin_corpus_is_built_once_and_cached(stackfast_cache):
 def test_prefetcher_yields_the_loaders_batches_in_order(corpus, tmp_path):
     from stackfast.data import Prefetcher
     tokenize([corpus], "bytes", tmp_path / "ds")
-    loader = TokenLoader(TokenData(tmp_path / "ds"), 16, 3, seed=5)
+    loader = TokenLoader(TokenData(tmp_path / "ds"), 16, 6, 3, seed=5)
     keys = [(s, m) for s in range(4, 9) for m in range(2)]
     prefetcher = Prefetcher(loader, keys, depth=2)
     for s, m in keys:
@@ -168,7 +177,7 @@ def test_prefetcher_yields_the_loaders_batches_in_order(corpus, tmp_path):
         out_of_order.batch(5, 0)
     out_of_order.close()
     # A loader error (here: a window past the vocabulary) reaches the training thread.
-    bad = TokenLoader(TokenData(tmp_path / "ds"), 16, 3, seed=5)
+    bad = TokenLoader(TokenData(tmp_path / "ds"), 16, 6, 3, seed=5)
     bad.data.vocab_size = 1
     failing = Prefetcher(bad, keys)
     with pytest.raises(DataError, match="token id"):

@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stackfast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_weights
+from stackfast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_weights, write_checksums
 from stackfast.config import StackfastError, load_config
 from stackfast.metrics import read_metrics
 from stackfast.model import Transformer
@@ -36,8 +37,9 @@ BASE = ['model.preset="tiny"', "model.kernels=torch", "data.seq_len=32", f"train
         "train.eval_batches=2", "train.eval_every=6", "schedule.warmup_steps=3", "optim.lr=3e-3",
         "logging.progress=false", "logging.tensorboard=false", "logging.log_every=1",
         "checkpoint.every_steps=4", "checkpoint.keep_last=5"]
-# The global batch is 4 rows: micro_batch_size rows on each of the processes.
-PER_RANK = {1: "train.micro_batch_size=4", 2: "train.micro_batch_size=2"}
+# The global batch is 4 rows at any number of processes: 4 in one pass on one process, 2 on
+# each of two.
+PER_RANK = {1: "train.global_batch_size=4", 2: "train.global_batch_size=4"}
 
 
 def overrides(run_dir, nproc, *extra):
@@ -150,6 +152,55 @@ def test_kill_9_during_a_checkpoint_write_then_resume_auto_uses_the_previous_one
     assert all(a[s] == b[s] for s in b)
 
 
+def test_two_processes_killed_then_one_process_resumes_to_the_same_losses(two_proc, tmp_path):
+    """2 processes, SIGKILL in the middle of step 8's checkpoint, then the unchanged config
+    on 1 process with --resume auto: the global batch (the config's) is the same, so the
+    run ends on the uninterrupted 2-process run's losses."""
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(repo=str(REPO)))
+    out = launch(2, tmp_path, 'checkpoint.resume="auto"', script=script, check=False)
+    assert out.returncode != 0
+    assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004"]
+    run(load_config(None, overrides(tmp_path, 1, 'checkpoint.resume="auto"')))
+    a, b = losses(two_proc), losses(tmp_path)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert [b[s] for s in b] == pytest.approx([a[s] for s in b], rel=1e-4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_nodes(run_dir, *extra):
+    """The README's multi-node command on one machine: 2 torchrun agents ("nodes") of 1
+    process each, meeting through the c10d rendezvous on 127.0.0.1."""
+    port = free_port()
+    args = [a for o in overrides(run_dir, 2, *extra) for a in ("--set", o)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=test-run", "--max-restarts=0", str(TRAIN), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+             for rank in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+
+
+def test_two_nodes_through_c10d_rendezvous_train_checkpoint_and_resume(two_proc, tmp_path):
+    launch_nodes(tmp_path)
+    a = losses(two_proc)
+    assert [losses(tmp_path)[s] for s in a] == pytest.approx([a[s] for s in a], rel=1e-4)
+    # As after a crash past step 4: the later checkpoints gone, the same command resumes.
+    for ckpt in list_checkpoints(tmp_path / "checkpoints")[1:]:
+        shutil.rmtree(ckpt)
+    launch_nodes(tmp_path, 'checkpoint.resume="auto"')
+    b = losses(tmp_path)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert [b[s] for s in b] == pytest.approx([a[s] for s in b], rel=1e-4)
+
+
 def test_sigterm_finishes_the_step_checkpoints_and_exits_0_then_resume_finishes(one_proc, tmp_path):
     args = [a for o in overrides(tmp_path, 1, "train.max_steps=100") for a in ("--set", o)]
     proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=REPO, stdout=subprocess.PIPE,
@@ -177,9 +228,10 @@ class Exploit:
 
 def test_malicious_dcp_metadata_is_refused_without_running_code(one_proc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    folder = tmp_path / "step_00000001"
+    folder = tmp_path / "step_00000004"
     shutil.copytree(one_proc / "checkpoints" / "step_00000004", folder)
     (folder / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    write_checksums(folder)  # so that only the loader stands in the way
     with pytest.raises(CheckpointError, match=r"\.metadata: refused or corrupt .*builtins\.exec is not allowed"):
         load_weights(folder)
     cfg = load_config(None, overrides(tmp_path / "run", 1, f'checkpoint.resume="{folder}"'))
@@ -193,12 +245,19 @@ def test_truncated_or_missing_shard_is_an_error_naming_the_file(two_proc, tmp_pa
     shutil.copytree(two_proc / "checkpoints" / "step_00000008", folder)
     shard = folder / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp: checksum mismatch"):
+        load_weights(folder)
+    write_checksums(folder)  # what DCP's own checks find, once the checksums agree
     with pytest.raises(CheckpointError, match=r"__1_0\.distcp: truncated shard \(1000 bytes"):
         load_weights(folder)
     shard.unlink()
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp: missing \(listed in checksums.json\)"):
+        load_weights(folder)
+    write_checksums(folder)
     with pytest.raises(CheckpointError, match=r"__1_0\.distcp: missing shard"):
         load_weights(folder)
     (folder / "state.json").write_text("{")
+    write_checksums(folder)
     with pytest.raises(CheckpointError, match=r"state\.json: corrupt"):
         run(load_config(None, overrides(tmp_path / "r", 1, f'checkpoint.resume="{folder}"')))
 

@@ -52,7 +52,7 @@ def trace(folder: Path, kernels: str, device: str = "cpu") -> list[float]:
     run(load_config(None, [
         f'train.device="{device}"', 'train.dtype="fp32"',
         'model.preset="tiny"', "model.vocab_size=256", f'model.kernels="{kernels}"', f'data.path="{data}"',
-        "data.seq_len=32", "train.micro_batch_size=2", f"train.max_steps={STEPS}", "schedule.warmup_steps=4",
+        "data.seq_len=32", "train.global_batch_size=2", f"train.max_steps={STEPS}", "schedule.warmup_steps=4",
         "optim.lr=3e-3", "train.eval_batches=1", "logging.progress=false", "logging.tensorboard=false",
         f'logging.run_dir="{run_dir}"']))
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]

@@ -137,7 +137,7 @@ def test_small_model_shapes():
 
 
 JOB = ['model.preset="tiny"', "model.n_layers=4", "model.kernels=torch", "data.seq_len=32",
-       "train.micro_batch_size=4", "schedule.warmup_steps=2", "train.eval_batches=1", "logging.log_every=2",
+       "train.global_batch_size=4", "schedule.warmup_steps=2", "train.eval_batches=1", "logging.log_every=2",
        "logging.progress=false", "logging.tensorboard=false", "growth.operator=stack", "growth.factor=2",
        "growth.at_tokens=512", "train.max_steps=8"]
 

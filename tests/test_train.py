@@ -8,7 +8,7 @@ from stackfast.config import load_config
 from stackfast.metrics import read_metrics
 from stackfast.train import lr_at, run
 
-TINY = ['model.preset="tiny"', "model.kernels=torch", "data.seq_len=64", "train.micro_batch_size=4",
+TINY = ['model.preset="tiny"', "model.kernels=torch", "data.seq_len=64", "train.global_batch_size=4",
         "schedule.warmup_steps=5", "optim.lr=3e-3", "train.eval_batches=2", "logging.progress=false",
         "logging.tensorboard=false", "logging.log_every=3"]
 

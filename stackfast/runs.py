@@ -1,0 +1,142 @@
+"""Run folders: one job at a time, never clobbered, resumed only with the settings they were made with.
+
+A run folder (`logging.run_dir`) holds metrics.jsonl, config.toml, tensorboard/ and
+checkpoints/. Three rules keep what is in it safe:
+- One job per folder: rank 0 holds an OS-level lock (`flock` on `.lock`) for the whole run.
+  The kernel releases it when the process ends, however it ends (kill -9 included), so a
+  stale lock never blocks a restart; the refusal names the holder's host and pid.
+- A fresh run refuses a folder that already holds a run (checkpoints or metrics); it
+  starts over there only when told to (`logging.overwrite`, `stackfast train --force`),
+  and then deletes that run's files explicitly first.
+- A resume compares the checkpoint's config.toml with the new config: what defines the
+  run (model, data, growth, global batch, seed) must match unless named in
+  `checkpoint.allow_changes`; other differences are reported and applied.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from stackfast.checkpoint import list_checkpoints, load_config_of
+from stackfast.config import Config, ConfigError, StackfastError
+
+LOCK_FILE = ".lock"
+# Settings that define the run: a resume with another value would silently train another run.
+DEFINING = ("model.", "data.", "growth.", "train.global_batch_size", "train.seed")
+# Settings that choose how a run executes, not what it computes.
+OPERATIONAL = ("model.kernels", "checkpoint.resume", "checkpoint.allow_changes", "checkpoint.allow_unverified",
+               "logging.overwrite")
+
+
+class RunFolderError(StackfastError):
+    """The run folder is in use, or holds a run that this command would overwrite."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held while the job runs (rank 0 only)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self.file = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            try:
+                holder = json.loads(self.file.read())
+                who = f"pid {holder['pid']} on host {holder['host']}, since {holder['since']}"
+            except (json.JSONDecodeError, KeyError, TypeError):
+                who = "another process"
+            self.file.close()
+            raise RunFolderError(f"{self.path.parent}: in use by another job ({who}); wait for it to end or "
+                                 f"choose another logging.run_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # The file stays: deleting it would let a job waiting on the old inode and a new one
+        # that creates a fresh file both hold "the" lock.
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files and folders of a run in run_dir (what a fresh start there would overwrite)."""
+    names = ("checkpoints", "metrics.jsonl", "config.toml", "tensorboard")
+    return [run_dir / n for n in names if (run_dir / n).exists()]
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return (run_dir / "metrics.jsonl").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
+
+
+def clear_run(run_dir: Path) -> None:
+    for path in run_files(run_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def prepare_fresh(run_dir: Path, cfg: Config) -> None:
+    """Make run_dir ready for a run that does not continue the one in it (a fresh run, or
+    a resume from a checkpoint of another folder), refusing to overwrite a run (rank 0).
+
+    resume = "auto" that found no checkpoint is the restart of a job stopped before its
+    first checkpoint: its partial logs are replaced when its settings are the same."""
+    if not holds_a_run(run_dir):
+        return
+    if cfg.logging.overwrite:
+        clear_run(run_dir)
+        return
+    if cfg.checkpoint.resume == "auto" and not list_checkpoints(run_dir / "checkpoints") \
+            and (run_dir / "config.toml").is_file():
+        blocked, _ = config_changes(load_config_of(run_dir), cfg)
+        if not blocked:
+            clear_run(run_dir)
+            return
+    raise RunFolderError(f"{run_dir}: holds a run already (checkpoints or metrics.jsonl); continue it with "
+                         f"--resume auto, choose another logging.run_dir, or start over with --force "
+                         f"(logging.overwrite = true), which deletes that run's files")
+
+
+def config_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
+    """The differences between a checkpoint's config and the new one, as 'key: old -> new'
+    lines: (those that change what the run computes and are not allowed, the others)."""
+    allowed = new.allowed_changes()
+    old_values, new_values = saved.flat(), new.flat()
+    blocked, noted = [], []
+    for key, value in new_values.items():
+        old = old_values.get(key)
+        if old == value or key in OPERATIONAL:
+            continue
+        line = f"{key}: {old!r} -> {value!r}"
+        defining = any(key == d or (d.endswith(".") and key.startswith(d)) for d in DEFINING)
+        section = key.split(".")[0]
+        (blocked if defining and key not in allowed and section not in allowed else noted).append(line)
+    return blocked, noted
+
+
+def check_resume(saved: Config, new: Config, folder: Path) -> list[str]:
+    """Refuse a resume whose config changes what the run computes; return the other changes."""
+    blocked, noted = config_changes(saved, new)
+    if blocked:
+        keys = ",".join(line.split(":")[0] for line in blocked)
+        raise ConfigError(f"resume from {folder}: the run's settings changed ({'; '.join(blocked)}); resume with "
+                          f"the checkpoint's settings, or allow the change deliberately with "
+                          f"--set checkpoint.allow_changes=\"{keys}\"")
+    return noted
