@@ -181,7 +181,7 @@ def launch_nodes(run_dir, *extra):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                               "--rdzv_id=test-run", "--max-restarts=0", str(TRAIN), *args],
+                               f"--rdzv_id=stackfast-test-{port}", "--max-restarts=0", str(TRAIN), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
              for rank in range(2)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
