@@ -51,6 +51,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
         import matplotlib.pyplot as plt
     except ImportError:
         raise StackfastError("plotting needs matplotlib (pip install 'stackfast[bench]')") from None
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(out).suffix.lstrip(".").lower() not in formats:  # checked before any run is read
+        raise StackfastError(f"--out {out}: not an image file name; use one of {', '.join('.' + f for f in formats)}")
     labels = labels or [Path(d).name for d in run_dirs]
     runs = []
     for d in run_dirs:
