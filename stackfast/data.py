@@ -115,9 +115,9 @@ class Tokenizer:
 # document longer than PIECE_CHARS characters goes to the tokenizer piece by piece (token
 # ids are ~40-byte Python ints and a Hugging Face encoding keeps offsets and strings per
 # token, so encoding a 50 MB document at once took 7 GB), and a .txt file is read
-# READ_CHARS characters at a time.
+# READ_BYTES bytes at a time.
 PIECE_CHARS = 1 << 20
-READ_CHARS = 1 << 20
+READ_BYTES = 1 << 20
 
 
 def input_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
@@ -172,7 +172,7 @@ def _read_txt(path: Path) -> Iterator[tuple[Path, str, bool]]:
         def chunks() -> Iterator[str]:
             offset = 0  # bytes of the file handed to the decoder so far
             while True:
-                data = f.read(READ_CHARS)
+                data = f.read(READ_BYTES)
                 pending = len(decoder.getstate()[0])  # bytes of a character cut by the last read
                 try:
                     yield decoder.decode(data, final=not data)

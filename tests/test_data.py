@@ -131,7 +131,7 @@ def _spy_encoder(monkeypatch, tok):
 def test_long_documents_are_encoded_in_bounded_pieces(tmp_path, monkeypatch):
     import stackfast.data as data_module
     monkeypatch.setattr(data_module, "PIECE_CHARS", 64)
-    monkeypatch.setattr(data_module, "READ_CHARS", 10)
+    monkeypatch.setattr(data_module, "READ_BYTES", 10)
     big = "".join(f"line {i} " + "x" * (i % 90) + "\n" for i in range(300))  # some lines longer than a piece
     (tmp_path / "big.txt").write_text(big)
     (tmp_path / "big.jsonl").write_text(json.dumps({"text": big.replace("\n", " ")}) + "\n")  # no newline
@@ -172,7 +172,7 @@ def test_end_of_text_follows_a_documents_last_piece_only(tmp_path, monkeypatch):
 
 def test_not_utf8_text_names_the_byte_across_reads(tmp_path, monkeypatch):
     import stackfast.data as data_module
-    monkeypatch.setattr(data_module, "READ_CHARS", 8)
+    monkeypatch.setattr(data_module, "READ_BYTES", 8)
     # Reads of 8 bytes cut the 2-byte characters in two: the decoder holds a byte between reads.
     (tmp_path / "bad.txt").write_bytes(b"a" + "é".encode() * 20 + b"\xff" + b"abc")
     with pytest.raises(DataError, match="bad.txt: not UTF-8 text .* at byte 41"):
