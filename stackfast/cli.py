@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
 from pathlib import Path
 
 from stackfast import __version__
-from stackfast.config import StackfastError, describe, load_config
+from stackfast.config import StackfastError, check_device, describe, load_config
 from stackfast.demo import DEFAULT_FLOPS as DEMO_FLOPS
 
 
@@ -25,25 +26,28 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     from stackfast.demo import run_demo
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise StackfastError(f"{run_dir} already exists and is not empty; choose another --run-dir")
     if not 0 < args.small_share < 1:
         raise StackfastError(f"--small-share must be between 0 and 1, got {args.small_share}")
-    if not args.flops > 0:
-        raise StackfastError(f"--flops must be positive, got {args.flops}")
+    if not 0 < args.flops < math.inf:
+        raise StackfastError(f"--flops must be a positive finite number, got {args.flops}")
+    check_device(args.device, "--device")
     run_demo(run_dir, flops=args.flops, small_share=args.small_share, device=args.device)
     return 0
 
 
 def cmd_plot(args) -> int:
     from stackfast.plot import plot_runs
-    out = plot_runs(args.runs, args.out, labels=args.label or None)
+    out = plot_runs(args.runs, _output_file(args.out, args.force, create_parent=True), labels=args.label or None)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_tokenize(args) -> int:
     from stackfast.data import tokenize
+    if args.shard_tokens < 1:  # 0 would write empty shard files forever
+        raise StackfastError(f"--shard-tokens must be a positive number of tokens, got {args.shard_tokens}")
     index = tokenize(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
                      shard_tokens=args.shard_tokens, force=args.force)
     n_train = sum(s["tokens"] for s in index["train"])
@@ -54,9 +58,13 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from stackfast.config import PAPER_LR, config_from_dict, dumps_toml
+    from stackfast.config import INT64_MAX, PAPER_LR, config_from_dict, dumps_toml
     from stackfast.growth import plan
+    out = _output_file(args.out, args.force) if args.out else None
     p = plan(args.params, tokens=args.tokens, flops=args.flops)
+    if out and not p["tokens"] <= INT64_MAX:  # checked before printing the plan: it could not be written
+        raise StackfastError(f"--out: a budget of {p['tokens']:.3g} tokens does not fit train.total_tokens "
+                             f"(TOML integers end at {INT64_MAX:.3g})")
     small, target = p["small"], p["target"]
     print(f"target        {p['target_params'] / 1e9:.3g}B parameters (preset {p['preset']}: "
           f"{target['n_layers']} layers, hidden {target['hidden_size']})")
@@ -70,10 +78,7 @@ def cmd_plan(args) -> int:
           f"({100 * p['small_flop_share']:.1f}% on the small model)")
     if p["tokens_per_param"] < 10:
         print("warning       far below ~20 tokens per parameter: a smaller model may beat any grown one here")
-    if args.out:
-        out = Path(args.out)
-        if out.exists() and not args.force:
-            raise StackfastError(f"{out} already exists (use --force to replace it)")
+    if out:
         cfg = config_from_dict({
             "model": {"preset": p["preset"]},
             "data": {"path": "data/tokens", "seq_len": 2048},
@@ -107,6 +112,26 @@ def _refuse_existing(out: Path, force: bool, source: Path) -> None:
                                  f"this one holds other files: remove it yourself or choose another --out")
 
 
+def _output_file(name: str, force: bool, create_parent: bool = False) -> Path:
+    """An --out file that may be written: not a folder, not an existing file unless
+    `force`, in a folder that exists (or, with create_parent, can be made)."""
+    out = Path(name)
+    if out.is_dir():
+        raise StackfastError(f"--out {out}: is a folder; name a file")
+    if out.exists() and not force:
+        raise StackfastError(f"--out {out}: already exists (use --force to replace it)")
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or (parent != out.parent and not create_parent):
+        raise StackfastError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _positive(args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise StackfastError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+
+
 def _learning_batches(data_path: str, seq_len: int, vocab_size: int):
     """LiGO's training batches from a dataset (the built-in corpus by default)."""
     from stackfast.config import DataConfig
@@ -120,17 +145,18 @@ def cmd_grow(args) -> int:
     from stackfast.checkpoint import is_hf_dir, load_config_of, load_model_source, model_from_weights, save_hf, \
         save_weights_folder
     from stackfast.config import Config, parse_value
-    from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, apply_growth
+    from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, apply_growth, check_growth
     source, out = Path(args.checkpoint), Path(args.out)
     _refuse_existing(out, args.force, source)
-    model_cfg, weights = load_model_source(source, args.allow_unverified)
-    model = model_from_weights(dataclasses.replace(model_cfg, kernels="torch"), weights, source)
     options = {}
     for item in args.option:
         key, _, value = item.partition("=")
-        if not key or not _:
+        if not key.strip() or not _:
             raise StackfastError(f"--option {item!r}: expected key=value")
         options[key.strip()] = parse_value(value.strip())
+    check_growth(args.operator, args.factor, options)  # before the checkpoint is read
+    model_cfg, weights = load_model_source(source, args.allow_unverified)
+    model = model_from_weights(dataclasses.replace(model_cfg, kernels="torch"), weights, source)
     if args.operator in LAYER_MAP_OPERATORS:
         options.setdefault("in_place", True)  # the loaded model is used only to grow: adopt, do not copy it
     if args.operator in LEARNED_OPERATORS:
@@ -176,27 +202,33 @@ def cmd_export_hf(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import math
     import torch
     from stackfast.checkpoint import is_hf_dir, load_config_of, load_model
     from stackfast.config import DataConfig
     from stackfast.data import TokenData, TokenLoader, resolve_path
     from stackfast.train import autocast_context, evaluate, resolve_device
     source = Path(args.checkpoint)
+    # Every argument, the output file and the data are checked before the model is loaded.
+    _positive(args, "batches", "batch_size", "seq_len")
+    check_device(args.device, "--device")
+    out = _output_file(args.out, args.force) if args.out else None
     device = resolve_device(args.device)
-    model = load_model(source, kernels="auto", allow_unverified=args.allow_unverified).to(device)
-    model_cfg = model.config
     if args.tasks:
-        return _lm_eval(args.tasks, source, model)
+        return _lm_eval(args.tasks, source, load_model(source, "auto", args.allow_unverified).to(device))
+    if not source.is_dir():
+        raise StackfastError(f"{source}: no such checkpoint folder")
     if args.data:
         data_path = args.data
     elif not is_hf_dir(source):
         data_path = load_config_of(source).data.path
     else:
         raise StackfastError("--data is needed for a Hugging Face checkpoint (a `stackfast tokenize` folder)")
-    seq_len = min(args.seq_len, model_cfg.max_seq_len)
-    data = TokenData(resolve_path(data_path, DataConfig().val_fraction), vocab_size=model_cfg.vocab_size)
+    vocab_size, max_seq_len = _model_shape(source)
+    seq_len = min(args.seq_len, max_seq_len)
+    data = TokenData(resolve_path(data_path, DataConfig().val_fraction), vocab_size=vocab_size)
     loader = TokenLoader(data, seq_len, args.batch_size)
+    loader.check_validation()
+    model = load_model(source, "auto", args.allow_unverified).to(device)
     n_rows = args.batches * args.batch_size
     loss = evaluate(model, loader, n_rows, device, autocast_context("auto", device))
     n_tokens = sum(y.numel() for _, y in loader.val_batches(n_rows))
@@ -206,9 +238,23 @@ def cmd_eval(args) -> int:
     print(json.dumps(result))
     print(f"val_loss {loss:.4f}  perplexity {math.exp(loss):.2f}  ({n_tokens} held-out tokens, seq {seq_len})",
           file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _model_shape(source: Path) -> tuple[int, int]:
+    """(vocab_size, max_seq_len) of a checkpoint, read from its config without the weights."""
+    from stackfast.checkpoint import is_hf_dir, load_config_of, load_hf
+    if not is_hf_dir(source):
+        model_cfg = load_config_of(source).model
+        return model_cfg.vocab_size, model_cfg.max_seq_len
+    try:
+        hf = json.loads((source / "config.json").read_text())
+        return int(hf["vocab_size"]), int(hf.get("max_position_embeddings", 2048))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # let the loader name what is wrong
+        model_cfg = load_hf(source)[0]
+        return model_cfg.vocab_size, model_cfg.max_seq_len
 
 
 def _lm_eval(tasks: str, source: Path, model) -> int:
@@ -314,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="validation loss vs tokens and FLOPs of runs (first = baseline)")
     p.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl)")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg, ...)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--label", action="append", default=[], help="a label per run, in order (repeatable)")
     p.set_defaults(func=cmd_plot)
 
@@ -364,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the JSON result here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
     p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
     p.set_defaults(func=cmd_eval)

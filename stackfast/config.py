@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import types
 from dataclasses import dataclass, field
@@ -184,8 +185,13 @@ class TrainConfig:
         _positive(self, "train", ["total_tokens", "global_batch_size", "eval_batches", "max_bad_steps"])
         _non_negative(self, "train", ["max_steps", "micro_batch_size", "eval_every", "peak_tflops"])
         _choice(self, "train", "dtype", ("auto", "bf16", "fp32"))
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check_device(self.device, "train.device")
+
+
+def check_device(name: str, key: str) -> None:
+    """Refuse a device name other than 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index)."""
+    if not (name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", name)):
+        raise ConfigError(f"{key}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {name!r}")
 
 
 GROWTH_OPERATORS = ("stack", "depth_zero", "depth_random", "depth_learn",
@@ -401,12 +407,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a config file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start}); TOML is UTF-8") \
+                from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     for item in overrides or []:
         _apply_override(raw, item)
     return config_from_dict(raw)
@@ -448,6 +461,9 @@ def _build_section(section: str, cls: type, values: dict):
     return cls(**kwargs)
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _coerce(key: str, typ: Any, value: Any):
     if isinstance(typ, types.UnionType):  # e.g. int | str: the first member that accepts the value
         for member in typ.__args__:
@@ -462,12 +478,16 @@ def _coerce(key: str, typ: Any, value: Any):
         if isinstance(value, bool):
             return value
     elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():  # 2e6 written in float notation
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not INT64_MIN <= value <= INT64_MAX:  # a config.toml must be readable by any TOML reader
+                raise ConfigError(f"{key}: {value} is beyond TOML's 64-bit integer range")
+            return value
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML and --set accept inf and nan; no setting means them
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return float(value)
     elif typ is str:
         if isinstance(value, str):
@@ -533,6 +553,8 @@ def dumps_toml(tree: dict) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise ConfigError(f"{value} is beyond TOML's 64-bit integer range")
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):

@@ -15,8 +15,10 @@ the number of processes or the micro-batch size.
 """
 from __future__ import annotations
 
+import codecs
 import fcntl
 import hashlib
+import io
 import json
 import os
 import queue
@@ -109,41 +111,105 @@ class Tokenizer:
 # Reading raw text
 # --------------------------------------------------------------------------------------
 
-def iter_documents(inputs: Iterable[str | Path]) -> Iterator[tuple[Path, str]]:
-    """Yield (source file, text) for .txt files, .jsonl files (a `text` field per line) and
-    folders of them (recursively, sorted for a deterministic order)."""
+# Memory bounds of tokenizing, whatever the size of a file or of one document in it: a
+# document longer than PIECE_CHARS characters goes to the tokenizer piece by piece (token
+# ids are ~40-byte Python ints and a Hugging Face encoding keeps offsets and strings per
+# token, so encoding a 50 MB document at once took 7 GB), and a .txt file is read
+# READ_BYTES bytes at a time.
+PIECE_CHARS = 1 << 20
+READ_BYTES = 1 << 20
+
+
+def input_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
+    """The files of `inputs`: .txt and .jsonl files and folders of them (recursively, sorted
+    for a deterministic order)."""
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
             if not files:
                 raise DataError(f"{path}: folder holds no .txt or .jsonl files")
+            yield from files
         elif path.is_file():
-            files = [path]
+            yield path
         else:
             raise DataError(f"input not found: {path}")
-        for f in files:
-            yield from _read_file(f)
 
 
-def _read_file(path: Path) -> Iterator[tuple[Path, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix != ".jsonl":
-        yield path, text
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+def iter_pieces(inputs: Iterable[str | Path]) -> Iterator[tuple[Path, str, bool]]:
+    """Yield (source file, text, last) for every document of `inputs` (a .txt file is one
+    document, a .jsonl file one per line's `text` field), cut into pieces of at most
+    PIECE_CHARS characters; `last` marks a document's last piece."""
+    for path in input_files(inputs):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{n}: expected an object with a string 'text' field")
-        yield path, record["text"]
+            yield from (_read_jsonl(path) if path.suffix == ".jsonl" else _read_txt(path))
+        except OSError as e:  # unreadable (permissions, a FIFO gone, an I/O error)
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def split_document(chunks: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """Cut one document, given as consecutive chunks of any size, into (piece, last) pairs of
+    at most PIECE_CHARS characters: each cut follows the window's last newline, or falls at
+    the window's end when it has none. The pieces depend on the text only, not on how it was
+    chunked, and a document that fits in the window is one piece (encoded as before)."""
+    window = PIECE_CHARS
+    buffer, start = "", 0
+    for chunk in chunks:
+        buffer = buffer[start:] + chunk if start < len(buffer) else chunk
+        start = 0
+        while len(buffer) - start > window:
+            cut = buffer.rfind("\n", start, start + window) + 1 or start + window
+            yield buffer[start:cut], False
+            start = cut
+    yield buffer[start:], True
+
+
+def _read_txt(path: Path) -> Iterator[tuple[Path, str, bool]]:
+    # Universal newlines, as Path.read_text: \r\n and \r become \n.
+    with open(path, "rb") as f:
+        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
+
+        def chunks() -> Iterator[str]:
+            offset = 0  # bytes of the file handed to the decoder so far
+            while True:
+                data = f.read(READ_BYTES)
+                pending = len(decoder.getstate()[0])  # bytes of a character cut by the last read
+                try:
+                    yield decoder.decode(data, final=not data)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {offset - pending + e.start})") \
+                        from None
+                offset += len(data)
+                if not data:
+                    return
+
+        for piece, last in split_document(chunks()):
+            yield path, piece, last
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[Path, str, bool]]:
+    # Lines end at \n only: read as bytes, not with splitlines(), which also splits at
+    # U+2028, U+0085 and other characters that JSON strings may hold raw.
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                decoded = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+            del line  # a long line is held once as text, not also as bytes
+            if not decoded.strip():
+                continue
+            try:
+                record = json.loads(decoded)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            del decoded
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path}:{n}: expected an object with a string 'text' field")
+            text = record.pop("text")
+            del record
+            for piece, last in split_document([text]):
+                yield path, piece, last
 
 
 # --------------------------------------------------------------------------------------
@@ -160,24 +226,27 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
 
     Documents are separated by the tokenizer's end-of-text token when it has one. The
     last `val_fraction` of the token stream becomes the validation split. The stream goes
-    to disk as it is made (memory holds one batch of documents, whatever the corpus size);
-    the validation tail is moved out of the last train shards at the end. An existing
-    non-empty `out_dir` is refused unless `force` (then replaced only once the new one
-    is complete).
+    to disk as it is made: memory holds one batch of document pieces (a long document is
+    encoded PIECE_CHARS characters at a time, a .txt file read in chunks), whatever the
+    size of the corpus, of a file or of a document; the validation tail is moved out of the
+    last train shards at the end. An existing non-empty `out_dir` is refused unless `force`,
+    and even then replaced (once the new one is complete) only when it is an earlier
+    output of tokenize (see check_output).
     """
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise DataError(f"{out_dir}: already exists and is not empty (use --force to replace it)")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise DataError(f"shard_tokens: must be a positive number of tokens per shard file, got {shard_tokens!r}")
     if not 0.0 < val_fraction < 0.5:
         raise DataError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    out_dir = Path(out_dir)
+    check_output(out_dir, inputs, force)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
-    def encode(batch: list[tuple[Path, str]]) -> np.ndarray:
-        """The batch's documents as one token array, each followed by end-of-text if any."""
+    def encode(batch: list[tuple[Path, str, bool]]) -> np.ndarray:
+        """The batch's pieces as one token array, a document's last piece followed by end-of-text if any."""
         pieces = [np.zeros(0, dtype=dtype)]
-        for (source, _), ids in zip(batch, tok.encode_batch([text for _, text in batch])):
-            if tok.eos_id is not None:
+        for (source, _, last), ids in zip(batch, tok.encode_batch([text for _, text, _ in batch])):
+            if last and tok.eos_id is not None:
                 ids = list(ids) + [tok.eos_id]
             arr = np.asarray(ids, dtype=np.int64)
             if arr.size and (arr.max() >= tok.vocab_size or arr.min() < 0):
@@ -186,14 +255,19 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
             pieces.append(arr.astype(dtype))
         return np.concatenate(pieces)
 
+    if documents is not None:
+        stream = ((source, piece, last) for source, text in documents for piece, last in split_document([text]))
+    else:
+        stream = iter_pieces(inputs)
+
     def write(tmp: Path) -> None:
         train = ShardWriter(tmp, "train", dtype, shard_tokens)
-        batch: list[tuple[Path, str]] = []
+        batch: list[tuple[Path, str, bool]] = []
         chars = 0
-        for doc in (documents if documents is not None else iter_documents(inputs)):
-            batch.append(doc)
-            chars += len(doc[1])
-            # Batches of documents amortise the tokenizer's calls; their size bounds memory
+        for item in stream:
+            batch.append(item)
+            chars += len(item[1])
+            # Batches of pieces amortise the tokenizer's calls; their size bounds memory
             # (token ids are Python ints until they reach numpy: ~40 bytes each).
             if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARS:
                 train.append(encode(batch))
@@ -223,6 +297,39 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
     index: dict = {}
     write_folder(out_dir, write)
     return index
+
+
+def check_output(out_dir: Path, inputs: Iterable[str | Path], force: bool) -> None:
+    """Refuse an output folder whose replacement could lose the user's files.
+
+    An existing non-empty folder needs `force`, and `force` replaces only an earlier output
+    of tokenize (an index.json of our format) or an empty folder: never a file, another
+    folder, one that is or holds an input, or the current folder.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder (choose another --out)")
+    resolved = out_dir.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if source == resolved or resolved in source.parents:
+            raise DataError(f"{out_dir}: is or contains the input {item}; choose another --out "
+                            f"(inputs are never replaced)")
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise DataError(f"{out_dir}: is or contains the current folder; choose another --out")
+    if not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise DataError(f"{out_dir}: already exists and is not empty (use --force to replace it)")
+    try:
+        ours = json.loads((out_dir / "index.json").read_text()).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        ours = False
+    if not ours:
+        raise DataError(f"{out_dir}: exists and is not an earlier `stackfast tokenize` output (no index.json "
+                        f"of format {FORMAT}); --force replaces only such a folder or an empty one: "
+                        f"choose another --out")
 
 
 class ShardWriter:
@@ -364,12 +471,13 @@ class TokenData:
             raise DataError(f"{self.folder}: not a dataset folder (no index.json; make one with "
                             f"`stackfast tokenize`)")
         try:
-            self.index = json.loads(index_path.read_text())
+            self.index = json.loads(index_path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{index_path}: corrupt index (not UTF-8: {e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{index_path}: corrupt index ({e.msg})") from None
-        if self.index.get("format") != FORMAT:
-            raise DataError(f"{index_path}: unknown format {self.index.get('format')!r} (expected {FORMAT})")
-        self.vocab_size = int(self.index["vocab_size"])
+        check_index(self.index, index_path)
+        self.vocab_size = self.index["vocab_size"]
         self.dtype = np.dtype(self.index["dtype"])
         if vocab_size is not None and self.vocab_size > vocab_size:
             raise DataError(f"{index_path}: tokenizer vocab size {self.vocab_size} exceeds "
@@ -400,6 +508,45 @@ class TokenData:
     def tokenizer_file(self) -> Path | None:
         name = self.index["tokenizer"].get("file")
         return self.folder / name if name else None
+
+
+def check_index(index, index_path: Path) -> None:
+    """Refuse an index.json that lacks a key or holds a value of the wrong type: one line
+    naming the file and the key (not a KeyError or TypeError later on)."""
+    if not isinstance(index, dict):
+        raise DataError(f"{index_path}: corrupt index (expected a JSON object, got {type(index).__name__})")
+    if index.get("format") != FORMAT:
+        raise DataError(f"{index_path}: unknown format {index.get('format')!r} (expected {FORMAT})")
+
+    def require(tree: dict, key: str, types: tuple, name: str):
+        value = tree.get(key)
+        # bool is an int in Python, never a count here
+        if key not in tree or isinstance(value, bool) or not isinstance(value, types):
+            what = "missing" if key not in tree else f"{type(value).__name__} {value!r}"[:80]
+            raise DataError(f"{index_path}: corrupt index: {name} {what} (expected "
+                            f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)})")
+        return value
+
+    if require(index, "vocab_size", (int,), "vocab_size") < 1:
+        raise DataError(f"{index_path}: corrupt index: vocab_size {index['vocab_size']} (expected >= 1)")
+    if require(index, "dtype", (str,), "dtype") not in ("uint16", "uint32"):
+        raise DataError(f"{index_path}: corrupt index: dtype {index['dtype']!r} (expected 'uint16' or 'uint32')")
+    tokenizer = require(index, "tokenizer", (dict,), "tokenizer")
+    require(tokenizer, "spec", (str,), "tokenizer.spec")
+    require(tokenizer, "fingerprint", (str,), "tokenizer.fingerprint")
+    files = [("tokenizer.file", tokenizer.get("file"))] if tokenizer.get("file") is not None else []
+    if "file" in tokenizer:
+        require(tokenizer, "file", (str, type(None)), "tokenizer.file")
+    for split in ("train", "val"):
+        for i, entry in enumerate(require(index, split, (list,), split)):
+            if not isinstance(entry, dict):
+                raise DataError(f"{index_path}: corrupt index: {split}[{i}] is not an object")
+            files.append((f"{split}[{i}].file", require(entry, "file", (str,), f"{split}[{i}].file")))
+            if require(entry, "tokens", (int,), f"{split}[{i}].tokens") < 0:
+                raise DataError(f"{index_path}: corrupt index: {split}[{i}].tokens {entry['tokens']} < 0")
+    for name, file in files:  # the dataset's files live in its folder, not elsewhere
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            raise DataError(f"{index_path}: corrupt index: {name} {file!r} is not a file name")
 
 
 def open_data(data_cfg, vocab_size: int) -> TokenData:
@@ -459,16 +606,29 @@ class TokenLoader:
         n = self.micro_batch * self.world_size
         return self._rows([self.seed, step, 1 + k], n, self.rank * self.micro_batch, self.micro_batch)
 
-    def val_batches(self, n_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's micro-batches of the first n_rows held-out windows (consecutive and
-        non-overlapping; the whole split if it has fewer), cut to a multiple of the number of
-        processes so that every process runs the same number of forwards."""
+    def _val_rows(self) -> list[tuple[Shard, int]]:
+        """(shard, offset) of every held-out window: consecutive, non-overlapping."""
         window = self.seq_len + 1
-        rows = [(s, o) for s in self.data.val for o in range(0, s.tokens.size - window + 1, window)]
+        return [(s, o) for s in self.data.val for o in range(0, s.tokens.size - window + 1, window)]
+
+    def check_validation(self) -> None:
+        """Raise DataError unless the validation split gives every process at least one
+        window: to be called before training, not found at the first evaluation."""
+        window, n_rows = self.seq_len + 1, len(self._val_rows())
+        if n_rows < self.world_size:
+            tokens = sum(s.tokens.size for s in self.data.val)
+            raise DataError(f"{self.data.folder}: validation split has {tokens} tokens, {n_rows} windows of "
+                            f"{window} (seq_len {self.seq_len} + 1); {self.world_size} needed"
+                            + (f" for {self.world_size} processes" if self.world_size > 1 else "")
+                            + ": a shorter seq_len, or tokenize with a larger val_fraction")
+
+    def val_batches(self, n_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's micro-batches of the first n_rows held-out windows (the whole split
+        if it has fewer), cut to a multiple of the number of processes so that every process
+        runs the same number of forwards (sharded forwards never wait on a rank that stopped)."""
+        self.check_validation()
+        rows = self._val_rows()
         rows = rows[:min(n_rows, len(rows) - len(rows) % self.world_size)]
-        if not rows:
-            raise DataError(f"{self.data.folder}: validation split has fewer than {self.world_size} windows of "
-                            f"{window} tokens (data.seq_len + 1)")
         share = len(rows) // self.world_size
         mine = rows[self.rank * share:(self.rank + 1) * share]
         for i in range(0, share, self.micro_batch):

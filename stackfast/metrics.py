@@ -69,9 +69,28 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All rows of a run's metrics.jsonl."""
+    """All rows of a run's metrics.jsonl.
+
+    A last line without its newline (a write cut short by a kill) is dropped; any other
+    line that is not a JSON object is a one-line error naming it."""
+    from stackfast.config import StackfastError
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")  # rows end at \n only (JSON strings may hold other line breaks)
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # torn final write
+                break
+            raise StackfastError(f"{path}:{n}: corrupt metrics row ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise StackfastError(f"{path}:{n}: corrupt metrics row (not a JSON object)")
+        rows.append(row)
+    return rows
 
 
 class Throughput:

@@ -51,6 +51,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
         import matplotlib.pyplot as plt
     except ImportError:
         raise StackfastError("plotting needs matplotlib (pip install 'stackfast[bench]')") from None
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(out).suffix.lstrip(".").lower() not in formats:  # checked before any run is read
+        raise StackfastError(f"--out {out}: not an image file name; use one of {', '.join('.' + f for f in formats)}")
+    if labels and len(labels) != len(run_dirs):  # zip() would drop the runs without one
+        raise StackfastError(f"--label given {len(labels)} times for {len(run_dirs)} runs: one per run, in order")
     labels = labels or [Path(d).name for d in run_dirs]
     runs = []
     for d in run_dirs:

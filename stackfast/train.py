@@ -273,7 +273,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     micro, accum = cfg.batch_split(world.world_size)
     loader = TokenLoader(data, cfg.data.seq_len, cfg.train.global_batch_size, micro, seed=cfg.train.seed,
                          rank=world.rank, world_size=world.world_size)
-    next(loader.val_batches(world.world_size))  # a validation split too short for one window fails now, not after training
+    loader.check_validation()  # a validation split too short fails now, not after training
     total_steps = cfg.total_steps()
     tokens_per_step = cfg.tokens_per_step()
     eval_rows = cfg.train.eval_batches * cfg.train.global_batch_size

@@ -30,6 +30,14 @@ def test_info_json():
     (["train", "--config", "missing.toml"], "config file not found: missing.toml"),
     (["train", "--set", 'data.path="no/such/folder"'], "no/such/folder: not a dataset folder"),
     (["bench", "--cpu", "--out", "README.md"], "--out README.md: exists and is not a folder"),
+    (["train", "--set", 'train.device="cuda:x"'], "train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["train", "--set", "optim.lr=inf"], "optim.lr: must be a finite number, got inf"),
+    (["plan", "--params", "1e30", "--tokens", "3e11"], "target parameters 1e+30: plan covers 2.1e+08 to 1.2e+10"),
+    (["grow", "--checkpoint", "no-ckpt", "--out", "no-out", "--option", "bogus=1"],
+     "stack takes no option 'bogus'; its options: layers='all', order='stack', noise=0.0, seed=0"),
+    (["grow", "--checkpoint", "no-ckpt", "--out", "no-out", "--operator", "depth_zero", "--option", "noise=0.2"],
+     "depth_zero takes no option 'noise'; its options: order='interpolate'"),
+    (["eval", "--checkpoint", "no-ckpt", "--device", "tpu"], "--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     out = stackfast(*args)
@@ -102,3 +110,99 @@ def test_plot_command(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000
     bad = stackfast("plot", tmp_path, "--out", tmp_path / "q.png")
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
+
+
+@pytest.fixture
+def user_files(tmp_path, monkeypatch):
+    """A user's folder (the current one): text, a dataset whose validation split is shorter
+    than a window, a checkpoint folder's config (no weights), an existing file, a Latin-1 config."""
+    from stackfast.config import load_config
+    from stackfast.data import tokenize
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "in.txt").write_text("some text to learn from. " * 80)
+    tokenize(["src/in.txt"], "bytes", "ds", val_fraction=0.01)  # 20 held-out tokens
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.toml").write_text(
+        load_config(None, ['model.preset="tiny"', f'data.path="{tmp_path / "ds"}"']).to_toml())
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    (tmp_path / "exists.json").write_text("{}")
+    (tmp_path / "latin1.toml").write_bytes("[logging]\nrun_dir = 'caf\u00e9'\n".encode("latin-1"))
+    return tmp_path
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["tokenize", "--input", "src", "--tokenizer", "bytes", "--out", "new", "--shard-tokens", "-1"],
+     "--shard-tokens must be a positive number of tokens, got -1"),
+    (["tokenize", "--input", "src/in.txt", "--tokenizer", "bytes", "--out", ".", "--force"],
+     ".: is or contains the input src/in.txt"),
+    (["tokenize", "--input", "src", "--tokenizer", "bytes", "--out", "other", "--force"],
+     "other: exists and is not an earlier `stackfast tokenize` output"),
+    (["tokenize", "--input", "src", "--tokenizer", "bytes", "--out", "new", "--val-fraction", "nan"],
+     "val_fraction must be in (0, 0.5), got nan"),
+    (["eval", "--checkpoint", "ckpt", "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["eval", "--checkpoint", "ckpt", "--seq-len", "-4"], "--seq-len must be a positive integer, got -4"),
+    (["eval", "--checkpoint", "ckpt", "--batches", "0"], "--batches must be a positive integer, got 0"),
+    (["eval", "--checkpoint", "ckpt", "--out", "exists.json"], "--out exists.json: already exists (use --force"),
+    (["eval", "--checkpoint", "ckpt", "--out", "nodir/r.json"], "--out nodir/r.json: folder nodir does not exist"),
+    (["eval", "--checkpoint", "ckpt", "--out", "src"], "--out src: is a folder"),
+    # The validation split is checked before the model is loaded (this checkpoint has no weights).
+    (["eval", "--checkpoint", "ckpt"], "validation split has 20 tokens, 0 windows of 257 (seq_len 256 + 1)"),
+    (["eval", "--checkpoint", "nope"], "nope: no such checkpoint folder"),
+    (["eval", "--checkpoint", "ckpt", "--device", "tpu"], "--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["plot", "ckpt", "--out", "exists.json"], "--out exists.json: already exists (use --force"),
+    (["plot", "ckpt", "--out", "x.toml"], "--out x.toml: not an image file name; use one of"),
+    (["plot", "ckpt", "src", "--label", "a", "--out", "p.png"], "--label given 1 times for 2 runs"),
+    (["plot", "run", "--out", "p.png"], "metrics.jsonl:2: corrupt metrics row"),
+    (["plan", "--params", "7e9", "--tokens", "3e11", "--out", "nodir/p.toml"], "folder nodir does not exist"),
+    (["plan", "--params", "7e9", "--tokens", "3e11", "--out", "src"], "--out src: is a folder"),
+    (["plan", "--params", "7e9", "--tokens", "3e11", "--out", "exists.json"], "already exists (use --force"),
+    (["plan", "--params", "7e9", "--tokens", "1e30", "--out", "p.toml"], "budget of 1e+30 tokens does not fit"),
+    (["plan", "--params", "1e8", "--tokens", "3e11"], "target parameters 1e+08: plan covers 2.1e+08 to 1.2e+10"),
+    (["plan", "--params", "7e9", "--flops", "inf"], "FLOP budget must be a positive finite number, got inf"),
+    (["plan", "--params", "7e9", "--tokens", "nan"], "token budget must be a positive finite number, got nan"),
+    (["plan", "--params", "7e9", "--tokens", "0"], "token budget must be a positive finite number, got 0"),
+    (["grow", "--checkpoint", "ckpt", "--out", "g", "--operator", "bogus"],
+     "unknown growth operator 'bogus'; known: stack, depth_zero"),
+    (["grow", "--checkpoint", "ckpt", "--out", "g", "--option", "noise=abc"],
+     "stack option noise: expected a finite number, got str 'abc'"),
+    (["grow", "--checkpoint", "ckpt", "--out", "g", "--factor", "1"], "growth factor must be an integer >= 2"),
+    (["grow", "--checkpoint", "ckpt", "--out", "."], "--out . overlaps --checkpoint ckpt: the input is never"),
+    (["export-hf", "--checkpoint", "ckpt", "--out", "ckpt", "--force"], "overlaps --checkpoint ckpt: the input is"),
+    (["config", "--show", "latin1.toml"], "latin1.toml: not a UTF-8 text file (invalid continuation byte"),
+    (["config", "--show", "src"], "src: is a folder, not a config file"),
+    (["demo", "--run-dir", "exists.json"], "exists.json already exists and is not empty"),
+    (["demo", "--run-dir", "d", "--flops", "inf"], "--flops must be a positive finite number, got inf"),
+    (["demo", "--run-dir", "d", "--device", "cuda:x"], "--device: expected"),
+])
+def test_more_bad_input_is_one_line_exit_2_and_writes_nothing(user_files, capsys, args, message):
+    """The same contract as above, in-process (no interpreter start per case)."""
+    from stackfast.cli import main
+    before = _tree(user_files)
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stackfast: error: ") and message in lines[0], lines
+    assert _tree(user_files) == before
+
+
+def test_index_without_vocab_size_is_one_line(user_files, capsys):
+    from stackfast.cli import main
+    index = json.loads((user_files / "ds" / "index.json").read_text())
+    del index["vocab_size"]
+    (user_files / "ds" / "index.json").write_text(json.dumps(index))
+    assert main(["eval", "--checkpoint", "ckpt", "--data", "ds"]) == 2
+    assert f"{Path('ds') / 'index.json'}: corrupt index: vocab_size missing" in capsys.readouterr().err
+
+
+def test_a_torn_last_metrics_row_is_dropped(tmp_path):
+    from stackfast.metrics import read_metrics
+    # A kill during a write leaves a last row without its newline; rows end at \n only.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "note": "a\u2028b"}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "note": "a\u2028b"}]

@@ -67,6 +67,18 @@ def test_7b_parameter_count_is_about_7b():
     (["data.seq_len=4096"], "data.seq_len: 4096 exceeds model.max_seq_len"),
     (["optim.beta2=1.0"], "optim.beta2: must be in [0, 1)"),
     (["train.device=tpu"], "train.device: expected"),
+    (['train.device="cuda:x"'], "train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got 'cuda:x'"),
+    (['train.device="cuda:-1"'], "train.device: expected"),
+    (['train.device="cuda:"'], "train.device: expected"),
+    (["optim.lr=inf"], "optim.lr: must be a finite number, got inf"),
+    (["model.rope_theta=inf"], "model.rope_theta: must be a finite number"),
+    (["model.norm_eps=nan"], "model.norm_eps: must be a finite number, got nan"),
+    (["model.init_std=-inf"], "model.init_std: must be a finite number"),
+    (["optim.weight_decay=nan"], "optim.weight_decay: must be a finite number"),
+    (["train.peak_tflops=inf"], "train.peak_tflops: must be a finite number"),
+    (["growth.noise=nan"], "growth.noise: must be a finite number"),
+    (["train.total_tokens=1e30"], "train.total_tokens: 1000000000000000019884624838656 is beyond TOML's 64-bit"),
+    (["train.seed=9223372036854775808"], "train.seed: 9223372036854775808 is beyond TOML's 64-bit"),
     (["nokey"], "expected section.key=value"),
     (["model=3"], "the key must look like section.key"),
 ])
@@ -84,6 +96,17 @@ def test_file_errors(tmp_path):
         load_config(write(tmp_path, "[model\n"))
     with pytest.raises(ConfigError, match="model: expected a table"):
         load_config(write(tmp_path, "model = 3\n"))
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes("[logging]\nrun_dir = 'caf\u00e9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: not a UTF-8 text file \(invalid continuation byte at byte 24\)"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_config(tmp_path)
+
+
+def test_cuda_device_index_is_accepted():
+    assert load_config(None, ['train.device="cuda:1"']).train.device == "cuda:1"
+    assert load_config(None, ["train.seed=9223372036854775807"]).train.seed == (1 << 63) - 1
 
 
 def test_parse_value():

@@ -73,15 +73,158 @@ def test_input_errors(tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
 
 
-def test_existing_output_is_refused_then_replaced_with_force(corpus, tmp_path):
+def test_existing_output_is_refused_and_force_replaces_only_an_earlier_output(corpus, tmp_path, monkeypatch):
     out = tmp_path / "ds"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(DataError, match="already exists and is not empty"):
         tokenize([corpus], "bytes", out)
+    # --force replaces an earlier tokenize output or an empty folder, never a folder of other files.
+    with pytest.raises(DataError, match="is not an earlier `stackfast tokenize` output"):
+        tokenize([corpus], "bytes", out, force=True)
     assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
     tokenize([corpus], "bytes", out, force=True)
-    assert (out / "index.json").is_file() and not (out / "precious.txt").exists()
+    tokenize([corpus / "a.txt"], "bytes", out, force=True)
+    assert TokenData(out).index["total_tokens"] == len((corpus / "a.txt").read_bytes())
+    # Nor the inputs, a folder holding them, a file, or the current folder.
+    for bad, message in ((corpus, "is or contains the input"), (corpus / "sub", "is or contains the input"),
+                         (corpus / "a.txt", "exists and is not a folder")):
+        with pytest.raises(DataError, match=message):
+            tokenize([corpus / "sub" / "b.txt", corpus / "a.txt"], "bytes", bad, force=True)
+    (out / "here").mkdir()
+    monkeypatch.chdir(out / "here")
+    for cwd_or_above in (".", out):
+        with pytest.raises(DataError, match="is or contains the current folder"):
+            tokenize([corpus / "a.txt"], "bytes", cwd_or_above, force=True)
+    assert (corpus / "a.txt").is_file() and (out / "index.json").is_file()
+
+
+@pytest.mark.parametrize("shard_tokens", [0, -1, 2.5, True])
+def test_shard_tokens_must_be_a_positive_integer(corpus, tmp_path, shard_tokens):
+    with pytest.raises(DataError, match="shard_tokens: must be a positive number"):
+        tokenize([corpus], "bytes", tmp_path / "ds", shard_tokens=shard_tokens)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    # Raw U+2028, U+2029, U+0085 and a form feed are valid inside JSON strings; \r\n line ends too.
+    texts = ["one\u2028two", "three\x85four\u2029", "five\x0csix"]
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(b"\r\n".join(json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts) + b"\r\n")
+    tokenize([path], "bytes", tmp_path / "ds", val_fraction=0.1)
+    data = TokenData(tmp_path / "ds")
+    stream = np.concatenate([s.tokens for s in data.train + data.val])
+    assert bytes(stream.astype(np.uint8)) == "".join(texts).encode()
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"odd.jsonl:2: not UTF-8 text"):
+        tokenize([path], "bytes", tmp_path / "ds2")
+
+
+def _spy_encoder(monkeypatch, tok):
+    """Record the length of every text the tokenizer is given."""
+    lengths, encode = [], tok._encode
+    monkeypatch.setattr(tok, "_encode", lambda texts: (lengths.extend(map(len, texts)), encode(texts))[1])
+    return lengths
+
+
+def test_long_documents_are_encoded_in_bounded_pieces(tmp_path, monkeypatch):
+    import stackfast.data as data_module
+    monkeypatch.setattr(data_module, "PIECE_CHARS", 64)
+    monkeypatch.setattr(data_module, "READ_BYTES", 10)
+    big = "".join(f"line {i} " + "x" * (i % 90) + "\n" for i in range(300))  # some lines longer than a piece
+    (tmp_path / "big.txt").write_text(big)
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": big.replace("\n", " ")}) + "\n")  # no newline
+    tok = Tokenizer("bytes")
+    lengths = _spy_encoder(monkeypatch, tok)
+    tokenize([tmp_path / "big.txt", tmp_path / "big.jsonl"], tok, tmp_path / "ds", val_fraction=0.1)
+    assert max(lengths) == 64 and len(lengths) > 2 * len(big) / 64
+    data = TokenData(tmp_path / "ds")
+    stream = bytes(np.concatenate([s.tokens for s in data.train + data.val]).astype(np.uint8))
+    assert stream == (big + big.replace("\n", " ")).encode()
+    # Pieces end after the window's last newline when it has one; they do not depend on the reads.
+    pieces = list(data_module.split_document([big]))
+    assert [p for p, _ in pieces] == [p for p, _ in data_module.split_document(big[i:i + 7] for i in range(0, len(big), 7))]
+    assert all(p.endswith("\n") or len(p) == 64 for p, _ in pieces[:-1]) and [last for _, last in pieces].count(True) == 1
+    assert sum(p.endswith("\n") for p, _ in pieces[:-1]) > len(pieces) // 2
+
+
+def test_end_of_text_follows_a_documents_last_piece_only(tmp_path, monkeypatch):
+    import stackfast.data as data_module
+    tok_path = tmp_path / "tokenizer.json"
+    train_bpe(["hello world, one document after another\n"] * 20, 300, tok_path)
+    tok = Tokenizer(str(tok_path))
+    docs = ["hello world\n" * 30, "one document after another\n" * 20]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    small = tokenize([tmp_path / "a.jsonl"], tok, tmp_path / "small", val_fraction=0.1)
+    # A document that fits in a piece is encoded whole, as before pieces existed.
+    whole = [i for d in docs for i in tok.encode_batch([d])[0] + [tok.eos_id]]
+    data = TokenData(tmp_path / "small")
+    assert np.concatenate([s.tokens for s in data.train + data.val]).tolist() == whole
+    monkeypatch.setattr(data_module, "PIECE_CHARS", 50)
+    lengths = _spy_encoder(monkeypatch, tok)
+    tokenize([tmp_path / "a.jsonl"], tok, tmp_path / "cut", val_fraction=0.1)
+    data = TokenData(tmp_path / "cut")
+    stream = np.concatenate([s.tokens for s in data.train + data.val]).tolist()
+    assert max(lengths) <= 50 and len(lengths) > 10
+    assert stream.count(tok.eos_id) == 2 and stream[-1] == tok.eos_id and small["total_tokens"] == len(whole)
+
+
+def test_not_utf8_text_names_the_byte_across_reads(tmp_path, monkeypatch):
+    import stackfast.data as data_module
+    monkeypatch.setattr(data_module, "READ_BYTES", 8)
+    # Reads of 8 bytes cut the 2-byte characters in two: the decoder holds a byte between reads.
+    (tmp_path / "bad.txt").write_bytes(b"a" + "é".encode() * 20 + b"\xff" + b"abc")
+    with pytest.raises(DataError, match="bad.txt: not UTF-8 text .* at byte 41"):
+        tokenize([tmp_path / "bad.txt"], "bytes", tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i: i.pop("vocab_size"), "vocab_size missing"),
+    (lambda i: i.update(vocab_size="256"), "vocab_size str '256'"),
+    (lambda i: i.update(vocab_size=0), "vocab_size 0"),
+    (lambda i: i.update(dtype="int8"), "dtype 'int8'"),
+    (lambda i: i.pop("tokenizer"), "tokenizer missing"),
+    (lambda i: i["tokenizer"].pop("fingerprint"), "tokenizer.fingerprint missing"),
+    (lambda i: i.update(train={}), "train dict"),
+    (lambda i: i["val"][0].update(tokens=None), r"val\[0\].tokens NoneType"),
+    (lambda i: i["train"][0].update(file="../../etc/passwd"), r"train\[0\].file '../../etc/passwd' is not a file"),
+    (lambda i: i["tokenizer"].update(file="/tmp/x.json"), "tokenizer.file '/tmp/x.json' is not a file"),
+])
+def test_index_with_a_missing_or_wrong_key_names_the_file_and_key(corpus, tmp_path, change, message):
+    tokenize([corpus], "bytes", tmp_path / "ds")
+    path = tmp_path / "ds" / "index.json"
+    index = json.loads(path.read_text())
+    change(index)
+    path.write_text(json.dumps(index))
+    with pytest.raises(DataError, match=f"index.json: corrupt index: {message}"):
+        TokenData(tmp_path / "ds")
+
+
+def test_short_validation_split_is_found_before_training(corpus, tmp_path):
+    tokenize([corpus], "bytes", tmp_path / "ds", val_fraction=0.01)  # 17 held-out tokens
+    data = TokenData(tmp_path / "ds")
+    TokenLoader(data, 16, 2).check_validation()  # one window of 17 tokens: enough
+    with pytest.raises(DataError, match=r"validation split has 17 tokens, 0 windows of 18 \(seq_len 17 \+ 1\)"):
+        TokenLoader(data, 17, 2).check_validation()
+    with pytest.raises(DataError, match="validation split has 17 tokens"):
+        next(TokenLoader(data, 17, 2).val_batches(1))
+
+
+def test_every_rank_gets_the_same_number_of_validation_batches(corpus, tmp_path):
+    tokenize([corpus], "bytes", tmp_path / "ds", val_fraction=0.3)
+    data = TokenData(tmp_path / "ds")
+    n_windows = len(TokenLoader(data, 16, 2)._val_rows())  # 511 held-out tokens: 30 windows of 17
+    assert n_windows == 30
+    # 4 processes: the 30 windows cut to 28, 7 each, in micro-batches of 5 and 2 on every rank (a
+    # rank with a forward more than the others would wait forever on a sharded model).
+    sizes = [[len(x) for x, _ in TokenLoader(data, 16, 20, 5, rank=r, world_size=4).val_batches(40)] for r in range(4)]
+    assert sizes == [[5, 2]] * 4
+    assert [len(x) for x, _ in TokenLoader(data, 16, 7).val_batches(63)] == [7, 7, 7, 7, 2]  # one process: all
+    TokenLoader(data, 16, 30, world_size=30).check_validation()  # a window for each of 30 processes
+    with pytest.raises(DataError, match="40 needed for 40 processes"):
+        TokenLoader(data, 16, 40, world_size=40).check_validation()
 
 
 def test_truncated_shard_and_bad_ids_name_the_file(corpus, tmp_path):

@@ -279,3 +279,18 @@ def test_speedup_from_complete_runs_and_curves():
     assert speedup_from_budgets(5.5, half, full, 100.0)[0] == 1.0
     curve = [(0, 10.0, 6.0), (0, 20.0, 5.0), (0, 30.0, 4.0)]
     assert flops_to_reach(curve, 4.5) == pytest.approx(25.0) and flops_to_reach(curve, 3.0) is None
+
+
+@pytest.mark.parametrize("operator, options, message", [
+    ("depth_zero", {"noise": 0.2}, "depth_zero takes no option 'noise'; its options: order='interpolate'"),
+    ("stack", {"bogus": 1}, "stack takes no option 'bogus'; its options: layers='all', order='stack'"),
+    ("stack", {"layers": 2}, "stack option layers: expected str | list[int], got int 2"),
+    ("width_direct", {"noise": float("nan")}, "width_direct option noise: expected a finite number, got float nan"),
+    ("width_zero", {"seed": True}, "width_zero option seed: expected int, got bool True"),
+    ("depth_random", {"ramp_steps": 0}, "ramp_steps must be >= 1, got 0"),
+    ("width_random", {"ramp_steps": -1}, "ramp_steps must be >= 1, got -1"),
+])
+def test_operator_options_are_checked_against_the_operator(operator, options, message):
+    with pytest.raises(GrowthError) as e:
+        apply_growth(small(2), operator, 4, **options)
+    assert message in str(e.value)

@@ -9,6 +9,11 @@ Width operators are in width.py, LiGO (depth_learn, width_learn) in learned.py.
 """
 from __future__ import annotations
 
+import inspect
+import math
+import types
+from typing import Union, get_args, get_origin, get_type_hints
+
 from stackfast.growth import depth, learned, width
 from stackfast.growth.guidelines import GROWTH_FACTOR, growth_timing, plan
 from stackfast.growth.spec import Growth, GrowthError
@@ -40,12 +45,52 @@ RAMPS = {
 }
 
 
-def apply_growth(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTOR, **options) -> Growth:
-    """Grow `model` with a named operator; returns the Growth (model, spec, ramp)."""
+# Keyword arguments the callers set themselves (how to grow), not the user's options (what to grow).
+INTERNAL_OPTIONS = ("shard", "in_place", "batches")
+
+
+def check_growth(operator: str, factor: int, options: dict) -> None:
+    """Refuse an unknown operator, a factor below 2, or an option the operator does not take
+    or of the wrong type (one line naming the operator's options), before any work."""
     if operator not in OPERATORS:
         raise GrowthError(f"unknown growth operator {operator!r}; known: {', '.join(OPERATORS)}")
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise GrowthError(f"growth factor must be an integer >= 2, got {factor!r}")
+    function = OPERATORS[operator]
+    accepted = {name: p for name, p in inspect.signature(function).parameters.items()
+                if p.kind == inspect.Parameter.KEYWORD_ONLY}
+    hints = get_type_hints(function)
+    valid = ", ".join(f"{name}={p.default!r}" for name, p in accepted.items() if name not in INTERNAL_OPTIONS)
+    for name, value in options.items():
+        if name not in accepted:
+            raise GrowthError(f"{operator} takes no option {name!r}; its options: {valid or 'none'}")
+        if name in hints and not _fits(hints[name], value):
+            hint = hints[name]
+            expected = "a finite number" if hint is float else hint.__name__ if isinstance(hint, type) else hint
+            raise GrowthError(f"{operator} option {name}: expected {expected}, got {type(value).__name__} "
+                              f"{value!r}"[:300])
+
+
+def _fits(hint, value) -> bool:
+    """Whether value is of the annotated type (a float may be given as an int; no bool for a number)."""
+    if isinstance(hint, types.UnionType) or get_origin(hint) is Union:
+        return any(_fits(member, value) for member in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(get_args(hint)[0], v) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    return True  # callables and other internal arguments: the operator checks them
+
+
+def apply_growth(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTOR, **options) -> Growth:
+    """Grow `model` with a named operator; returns the Growth (model, spec, ramp)."""
+    check_growth(operator, factor, options)
     return OPERATORS[operator](model, factor, **options)
 
 
@@ -55,4 +100,4 @@ def grow(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTO
 
 
 __all__ = ["GROWTH_FACTOR", "LAYER_MAP_OPERATORS", "LEARNED_OPERATORS", "OPERATORS", "RAMPS",
-           "Growth", "GrowthError", "apply_growth", "grow", "growth_timing", "plan"]
+           "Growth", "GrowthError", "apply_growth", "check_growth", "grow", "growth_timing", "plan"]

@@ -51,10 +51,14 @@ def small_model(target: ModelConfig, operator: str = "stack", factor: int = GROW
     return dataclasses.replace(target, preset="", n_layers=target.n_layers // factor)
 
 
+PAPER_PRESETS = ("410m", "1.1b", "3b", "7b")
+# Targets plan() answers for: within a factor of 2 of the smallest and largest paper presets.
+PLAN_RANGE = (ModelConfig(**PRESETS["410m"]).num_params() / 2, ModelConfig(**PRESETS["7b"]).num_params() * 2)
+
+
 def nearest_preset(params: float) -> str:
     """The paper preset whose parameter count is closest (in log scale) to `params`."""
-    paper = ["410m", "1.1b", "3b", "7b"]
-    return min(paper, key=lambda name: abs(math.log(ModelConfig(**PRESETS[name]).num_params() / params)))
+    return min(PAPER_PRESETS, key=lambda name: abs(math.log(ModelConfig(**PRESETS[name]).num_params() / params)))
 
 
 def plan(params: float, tokens: float | None = None, flops: float | None = None) -> dict:
@@ -66,10 +70,15 @@ def plan(params: float, tokens: float | None = None, flops: float | None = None)
     """
     if (tokens is None) == (flops is None):
         raise GrowthError("give exactly one of the token budget and the FLOP budget")
-    if tokens is not None and not tokens > 0:
-        raise GrowthError(f"token budget must be positive, got {tokens}")
-    if not params > 0:
-        raise GrowthError(f"target parameters must be positive, got {params}")
+    for name, value in (("token budget", tokens), ("FLOP budget", flops), ("target parameters", params)):
+        if value is not None and not 0 < value < math.inf:
+            raise GrowthError(f"{name} must be a positive finite number, got {value}")
+    low, high = PLAN_RANGE
+    if not low <= params <= high:
+        # The timing formula was fitted on 410M-3B targets and the config's model is a preset:
+        # far outside them, any answer would be made up (a 1e30 target silently became 7b).
+        raise GrowthError(f"target parameters {params:.3g}: plan covers {low:.2g} to {high:.2g} (the paper's "
+                          f"formula was fitted on 410M-3B models; the presets are {', '.join(PAPER_PRESETS)})")
     flops = flops if flops is not None else 6.0 * params * tokens
     tokens = tokens if tokens is not None else flops / (6.0 * params)
     d = growth_timing(params, flops)

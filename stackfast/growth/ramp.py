@@ -16,7 +16,8 @@ from stackfast.model import Transformer
 class Ramp:
     def __init__(self, steps: int):
         if steps < 1:
-            raise ValueError(f"ramp steps must be >= 1, got {steps}")
+            from stackfast.growth.spec import GrowthError  # here: spec.py imports this module
+            raise GrowthError(f"ramp_steps must be >= 1, got {steps}")
         self.steps = steps
         self.value = 0.0
         self.handles: list = []
