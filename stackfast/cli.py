@@ -120,7 +120,9 @@ def cmd_grow(args) -> int:
     from stackfast.checkpoint import is_hf_dir, load_config_of, load_model_source, model_from_weights, save_hf, \
         save_weights_folder
     from stackfast.config import Config, parse_value
-    from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, apply_growth
+    from stackfast.growth import apply_growth
+    from stackfast.growth_operators import operator_spec
+    spec = operator_spec(args.operator)  # an unknown name fails before anything is read
     source, out = Path(args.checkpoint), Path(args.out)
     _refuse_existing(out, args.force, source)
     model_cfg, weights = load_model_source(source, args.allow_unverified)
@@ -131,9 +133,9 @@ def cmd_grow(args) -> int:
         if not key or not _:
             raise StackfastError(f"--option {item!r}: expected key=value")
         options[key.strip()] = parse_value(value.strip())
-    if args.operator in LAYER_MAP_OPERATORS:
+    if spec.sharded:
         options.setdefault("in_place", True)  # the loaded model is used only to grow: adopt, do not copy it
-    if args.operator in LEARNED_OPERATORS:
+    if spec.learns:
         options["batches"] = _learning_batches(args.data, min(256, model_cfg.max_seq_len), model_cfg.vocab_size)
     growth = apply_growth(model, args.operator, args.factor, **options)
     grown = growth.model
@@ -150,7 +152,7 @@ def cmd_grow(args) -> int:
           f"{args.operator} x{args.factor}: {grown.config.n_layers} layers, hidden {grown.config.hidden_size}")
     if "layer_map" in growth.spec:
         print(f"layer map     {growth.spec['layer_map']}  (grown layer i copies small layer map[i]; -1 = new)")
-    if args.operator in RAMPS:
+    if spec.ramp:
         print(f"note          {args.operator} fades new parts in during training; saved here at full strength. "
               f"Use [growth] in a run to get the fade-in.")
     print(f"wrote {out} ({fmt})")

@@ -26,13 +26,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from stackfast.errors import ConfigError, StackfastError  # noqa: F401 - imported from here across the package
+from stackfast.growth_operators import OPERATORS
 
-class StackfastError(Exception):
-    """An error caused by the user's input; the CLI prints it as one line and exits 2."""
 
-
-class ConfigError(StackfastError, ValueError):
-    """A configuration value or file is invalid."""
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
@@ -188,12 +185,6 @@ class TrainConfig:
             raise ConfigError(f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
 
-GROWTH_OPERATORS = ("stack", "depth_zero", "depth_random", "depth_learn",
-                    "width_direct", "width_zero", "width_random", "width_learn")
-# Operators whose grown layers are copies of small-model layers, so Adam moments can be copied too.
-COPYING_OPERATORS = ("stack", "depth_zero")
-
-
 @dataclass
 class GrowthConfig:
     """Growth inside the running job: train the small model, grow it, train the grown one.
@@ -202,7 +193,7 @@ class GrowthConfig:
     model that the operator grows into it (depth: n_layers / factor layers; width: hidden,
     FFN and heads / sqrt(factor)).
     """
-    operator: str = doc("'none' (train [model] from scratch) or an operator: " + ", ".join(GROWTH_OPERATORS) + ".",
+    operator: str = doc("'none' (train [model] from scratch) or an operator: " + ", ".join(OPERATORS) + ".",
                         "none")
     factor: int = doc("Growth factor g (paper: 4).", 4)
     at_tokens: int | str = doc("Grow after this many tokens, or 'auto' for the paper's timing formula "
@@ -221,7 +212,7 @@ class GrowthConfig:
     learn_steps: int = doc("depth_learn / width_learn: steps training the LiGO expansion.", 100)
 
     def validate(self) -> None:
-        _choice(self, "growth", "operator", ("none",) + GROWTH_OPERATORS)
+        _choice(self, "growth", "operator", ("none", *OPERATORS))
         if self.factor < 2:
             raise ConfigError(f"growth.factor: must be an integer >= 2, got {self.factor}")
         if isinstance(self.at_tokens, str) and self.at_tokens != "auto":
@@ -234,9 +225,10 @@ class GrowthConfig:
         _choice(self, "growth", "order", ("stack", "interpolate"))
         _non_negative(self, "growth", ["small_lr", "noise", "learn_steps"])
         _positive(self, "growth", ["ramp_steps"])
-        if self.optimizer == "replicate" and self.operator not in COPYING_OPERATORS + ("none",):
+        if self.optimizer == "replicate" and self.operator != "none" and not OPERATORS[self.operator].copies_layers:
+            copying = [name for name, spec in OPERATORS.items() if spec.copies_layers]
             raise ConfigError(f"growth.optimizer: 'replicate' needs a copying operator "
-                              f"({', '.join(COPYING_OPERATORS)}), not {self.operator!r}")
+                              f"({', '.join(copying)}), not {self.operator!r}")
 
 
 @dataclass
