@@ -15,6 +15,7 @@ from pathlib import Path
 from stackfast import __version__
 from stackfast.config import StackfastError, describe, load_config
 from stackfast.demo import DEFAULT_FLOPS as DEMO_FLOPS
+from stackfast.growth_operators import OPERATORS, operator_spec
 
 
 def cmd_train(args) -> int:
@@ -121,7 +122,6 @@ def cmd_grow(args) -> int:
         save_weights_folder
     from stackfast.config import Config, parse_value
     from stackfast.growth import apply_growth
-    from stackfast.growth_operators import operator_spec
     spec = operator_spec(args.operator)  # an unknown name fails before anything is read
     source, out = Path(args.checkpoint), Path(args.out)
     _refuse_existing(out, args.force, source)
@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("grow", help="grow a checkpoint (stackfast or Hugging Face) with an operator")
     p.add_argument("--checkpoint", required=True, help="stackfast checkpoint folder or Hugging Face Llama folder")
-    p.add_argument("--operator", default="stack", help="growth operator (default stack)")
+    p.add_argument("--operator", default="stack", help="growth operator (default stack): " + "; ".join(
+        f"{name}: {spec.summary}" for name, spec in OPERATORS.items()))
     p.add_argument("--factor", type=int, default=4, help="growth factor g (default 4)")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
     p.add_argument("--format", choices=("stackfast", "hf"), help="output format (default: the input's)")

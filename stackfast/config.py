@@ -27,7 +27,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from stackfast.errors import ConfigError, StackfastError  # noqa: F401 - imported from here across the package
-from stackfast.growth_operators import OPERATORS
+from stackfast.growth_operators import OPERATORS, operators_where
 
 
 
@@ -198,8 +198,8 @@ class GrowthConfig:
     factor: int = doc("Growth factor g (paper: 4).", 4)
     at_tokens: int | str = doc("Grow after this many tokens, or 'auto' for the paper's timing formula "
                                "(growth_timing of the target size and the run's total FLOPs).", "auto")
-    optimizer: str = doc("'reset' (fresh AdamW, the paper's choice) or 'replicate' (copy the Adam moments "
-                         "along with the layers; stack and depth_zero only).", "reset")
+    optimizer: str = doc("'reset' (fresh AdamW, the paper's choice) or 'replicate' (copy the Adam moments along "
+                         "with the layers; " + " and ".join(operators_where("copies_layers")) + " only).", "reset")
     schedule: str = doc("'restart' (warmup + cosine again over the remaining steps, as the paper) or "
                         "'continue' (the run's schedule goes on).", "restart")
     small_lr: float = doc("Peak LR of the small model (paper: 1e-3); 0 = optim.lr.", 0.0)
@@ -208,8 +208,8 @@ class GrowthConfig:
     noise: float = doc("Noise alpha of stack and width_direct: W <- (1 - alpha) W + alpha * eps (paper: 0.2 "
                        "helps G_stack slightly; width_direct: a small alpha, e.g. 0.01, lets copied units diverge).",
                        0.0)
-    ramp_steps: int = doc("depth_random / width_random: steps over which new parts fade in.", 100)
-    learn_steps: int = doc("depth_learn / width_learn: steps training the LiGO expansion.", 100)
+    ramp_steps: int = doc(" / ".join(operators_where("ramp")) + ": steps over which new parts fade in.", 100)
+    learn_steps: int = doc(" / ".join(operators_where("learns")) + ": steps training the LiGO expansion.", 100)
 
     def validate(self) -> None:
         _choice(self, "growth", "operator", ("none", *OPERATORS))
@@ -226,9 +226,8 @@ class GrowthConfig:
         _non_negative(self, "growth", ["small_lr", "noise", "learn_steps"])
         _positive(self, "growth", ["ramp_steps"])
         if self.optimizer == "replicate" and self.operator != "none" and not OPERATORS[self.operator].copies_layers:
-            copying = [name for name, spec in OPERATORS.items() if spec.copies_layers]
             raise ConfigError(f"growth.optimizer: 'replicate' needs a copying operator "
-                              f"({', '.join(copying)}), not {self.operator!r}")
+                              f"({', '.join(operators_where('copies_layers'))}), not {self.operator!r}")
 
 
 @dataclass

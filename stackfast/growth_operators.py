@@ -111,8 +111,14 @@ OPERATORS = {spec.name: spec for spec in [
                  options=WIDTH_TARGET + (Option("ramp_steps", 100, "growth.ramp_steps"), SEED),
                  summary="new units random, faded in over ramp_steps (MSG)"),
     OperatorSpec("width_learn", "learned", "width", sharded=False, learns=True, copies_layers=False, ramp=False,
-                 options=LIGO[:2] + WIDTH_TARGET + (SEED,), summary="LiGO width: expansion learned for learn_steps steps"),
+                 options=LIGO[:2] + WIDTH_TARGET + (SEED,),
+                 summary="LiGO width: expansion learned for learn_steps steps"),
 ]}
+
+
+def operators_where(flag: str) -> list[str]:
+    """The names of the operators whose spec has `flag` ("sharded", "learns", ...) set."""
+    return [name for name, spec in OPERATORS.items() if getattr(spec, flag)]
 
 
 def operator_spec(name: str) -> OperatorSpec:

@@ -47,7 +47,7 @@ from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_data
 from stackfast.growth import apply_growth, growth_timing, rebuild_ramp
 from stackfast.growth.depth import copy_optimizer_state
-from stackfast.growth_operators import OPERATORS
+from stackfast.growth_operators import OPERATORS, operators_where
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer
 from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, init_parameters,
@@ -346,6 +346,28 @@ def should_stop(stop: StopSignal, world: World, device: torch.device, host_sync:
     return host_sync and agree_to_stop(stop.requested, device)
 
 
+def start_or_resume(cfg: Config, world: World, run_dir: Path) -> tuple[TrainState, Path | None, list[str]]:
+    """The run's state, fresh or read from the checkpoint to resume from (its checksums
+    verified first); that checkpoint (None: a fresh start) and the settings changed since."""
+    resume_from = find_resume(cfg)
+    state = TrainState(seed=cfg.train.seed, world_size=world.world_size)
+    # A fresh run, or a resume from another folder's checkpoint, must not mix into a run here.
+    if resume_from is None or resume_from.resolve().parent != (run_dir / "checkpoints").resolve():
+        if world.main:
+            prepare_fresh(run_dir, cfg)  # refuses to overwrite another run unless told to
+        barrier(world)
+    if resume_from is None:
+        return state, None, []
+    if not cfg.checkpoint.allow_unverified:
+        verify_checksums(resume_from, world)  # collective: before anything of it is read
+    state.load_state_dict(load_state(resume_from))
+    named = STEP_DIR.match(resume_from.name)
+    if named and int(named.group(1)) != state.step:
+        raise CheckpointError(f"{resume_from}: state.json is step {state.step}, the folder name says "
+                              f"{int(named.group(1))}: renamed or mixed up; not resuming from it")
+    return state, resume_from, check_resume(load_config_of(resume_from), cfg, resume_from)
+
+
 def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) -> dict:
     autocast = autocast_context(cfg.train.dtype, device)
     run_dir = Path(cfg.logging.run_dir)
@@ -356,11 +378,10 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     torch.manual_seed(cfg.train.seed)
     operator = None if cfg.growth.operator == "none" else OPERATORS[cfg.growth.operator]
     if world.distributed and operator is not None and not operator.sharded:
-        sharded = [name for name, spec in OPERATORS.items() if spec.sharded]
         raise ConfigError(f"growth.operator: {operator.name!r} changes tensor shapes, which under torchrun "
                           f"(FSDP) would gather the whole model on every process; it runs in a single process "
-                          f"only. Under torchrun use {', '.join(sharded)}, or grow with `stackfast grow` "
-                          f"and continue from its output with checkpoint.init_from")
+                          f"only. Under torchrun use {', '.join(operators_where('sharded'))}, or grow with "
+                          f"`stackfast grow` and continue from its output with checkpoint.init_from")
 
     if not world.main:
         barrier(world)  # rank 0 opens the data first: it may build the built-in corpus's cache
@@ -375,28 +396,12 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     tokens_per_step = cfg.tokens_per_step()
     eval_rows = cfg.train.eval_batches * cfg.train.global_batch_size
 
-    resume_from = find_resume(cfg)
-    state = TrainState(seed=cfg.train.seed, world_size=world.world_size)
-    changes = []
-    # A fresh run, or a resume from another folder's checkpoint, must not mix into a run here.
-    if resume_from is None or resume_from.resolve().parent != (run_dir / "checkpoints").resolve():
+    state, resume_from, changes = start_or_resume(cfg, world, run_dir)
+    if resume_from is not None and state.step >= total_steps:
         if world.main:
-            prepare_fresh(run_dir, cfg)  # refuses to overwrite another run unless told to
-        barrier(world)
-    if resume_from is not None:
-        if not cfg.checkpoint.allow_unverified:
-            verify_checksums(resume_from, world)  # collective: before anything of it is read
-        state.load_state_dict(load_state(resume_from))
-        named = STEP_DIR.match(resume_from.name)
-        if named and int(named.group(1)) != state.step:
-            raise CheckpointError(f"{resume_from}: state.json is step {state.step}, the folder name says "
-                                  f"{int(named.group(1))}: renamed or mixed up; not resuming from it")
-        changes = check_resume(load_config_of(resume_from), cfg, resume_from)
-        if state.step >= total_steps:
-            if world.main:
-                print(f"stackfast: the run in {resume_from} is finished ({state.step} of {total_steps} steps); "
-                      f"nothing to do (raise train.total_tokens or train.max_steps to train on)")
-            return {"steps": state.step, "rank": world.rank, "finished": True, "stopped": False}
+            print(f"stackfast: the run in {resume_from} is finished ({state.step} of {total_steps} steps); "
+                  f"nothing to do (raise train.total_tokens or train.max_steps to train on)")
+        return {"steps": state.step, "rank": world.rank, "finished": True, "stopped": False}
     # A run that has grown keeps the growth step it grew at, even if its token budget changed since.
     grow_at = state.growth_step if state.growth_step is not None else growth_step(cfg, total_steps)
     if resume_from is None:

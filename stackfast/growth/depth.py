@@ -212,7 +212,8 @@ def add_noise(model: Transformer, alpha: float, seed: int) -> None:
         local(p).mul_(1.0 - alpha).add_(local_part(p, eps), alpha=alpha)
 
 
-def depth_zero(model: Transformer, factor: int, *, order: str = "interpolate", shard=None, in_place: bool = False) -> Growth:
+def depth_zero(model: Transformer, factor: int, *, order: str = "interpolate", shard=None,
+               in_place: bool = False) -> Growth:
     """depth_zero: duplicate blocks; each new copy's attention output and MLP down
     projections are zero, so it is the identity at growth time (function preserving).
     The reference code interleaves copies (1,1,2,2,...), the default order here."""
