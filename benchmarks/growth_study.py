@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import RESULTS_DIR, markdown_table, write_results  # noqa: E402
-from stackfast.config import GROWTH_OPERATORS, ModelConfig  # noqa: E402
+from stackfast.config import ModelConfig  # noqa: E402
 from stackfast.demo import growth_overrides, steps_for_flops, train_labeled  # noqa: E402
-from stackfast.growth import LEARNED_OPERATORS  # noqa: E402
+from stackfast.growth_operators import OPERATORS  # noqa: E402
 from stackfast.metrics import read_metrics  # noqa: E402
 from stackfast.plot import plot_runs, speedup_vs, val_curve  # noqa: E402
 
@@ -37,7 +37,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flops", type=float, default=9e12, help="FLOP budget of every run (default 9e12)")
     parser.add_argument("--small-share", type=float, default=0.2, help="share of the budget on the small model")
-    parser.add_argument("--operators", nargs="+", default=list(GROWTH_OPERATORS), choices=GROWTH_OPERATORS)
+    parser.add_argument("--operators", nargs="+", default=list(OPERATORS), choices=OPERATORS)
     parser.add_argument("--learn-steps", type=int, default=20, help="LiGO training steps")
     parser.add_argument("--ramp-fraction", type=float, default=0.2,
                         help="G_random fade-in length as a fraction of the run's steps")
@@ -56,7 +56,7 @@ def main(argv=None) -> list[dict]:
                                              steps_for_flops(args.flops, small), "small alone", args.device))]
     for op in args.operators:
         overrides, steps = growth_overrides(args.flops, args.small_share, op)
-        if op in LEARNED_OPERATORS:
+        if OPERATORS[op].learns:
             steps -= args.learn_steps  # one LiGO step costs one grown-model training step
         overrides += [f"growth.learn_steps={args.learn_steps}",
                       f"growth.ramp_steps={max(1, int(args.ramp_fraction * steps))}"]

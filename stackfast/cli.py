@@ -16,6 +16,7 @@ from pathlib import Path
 from stackfast import __version__
 from stackfast.config import StackfastError, check_device, describe, load_config
 from stackfast.demo import DEFAULT_FLOPS as DEMO_FLOPS
+from stackfast.growth_operators import OPERATORS, operator_spec
 
 
 def cmd_train(args) -> int:
@@ -145,7 +146,8 @@ def cmd_grow(args) -> int:
     from stackfast.checkpoint import is_hf_dir, load_config_of, load_model_source, model_from_weights, save_hf, \
         save_weights_folder
     from stackfast.config import Config, parse_value
-    from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, apply_growth, check_growth
+    from stackfast.growth import apply_growth, check_growth
+    spec = operator_spec(args.operator)  # an unknown name fails before anything is read
     source, out = Path(args.checkpoint), Path(args.out)
     _refuse_existing(out, args.force, source)
     options = {}
@@ -157,9 +159,9 @@ def cmd_grow(args) -> int:
     check_growth(args.operator, args.factor, options)  # before the checkpoint is read
     model_cfg, weights = load_model_source(source, args.allow_unverified)
     model = model_from_weights(dataclasses.replace(model_cfg, kernels="torch"), weights, source)
-    if args.operator in LAYER_MAP_OPERATORS:
+    if spec.sharded:
         options.setdefault("in_place", True)  # the loaded model is used only to grow: adopt, do not copy it
-    if args.operator in LEARNED_OPERATORS:
+    if spec.learns:
         options["batches"] = _learning_batches(args.data, min(256, model_cfg.max_seq_len), model_cfg.vocab_size)
     growth = apply_growth(model, args.operator, args.factor, **options)
     grown = growth.model
@@ -176,7 +178,7 @@ def cmd_grow(args) -> int:
           f"{args.operator} x{args.factor}: {grown.config.n_layers} layers, hidden {grown.config.hidden_size}")
     if "layer_map" in growth.spec:
         print(f"layer map     {growth.spec['layer_map']}  (grown layer i copies small layer map[i]; -1 = new)")
-    if args.operator in RAMPS:
+    if spec.ramp:
         print(f"note          {args.operator} fades new parts in during training; saved here at full strength. "
               f"Use [growth] in a run to get the fade-in.")
     print(f"wrote {out} ({fmt})")
@@ -385,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("grow", help="grow a checkpoint (stackfast or Hugging Face) with an operator")
     p.add_argument("--checkpoint", required=True, help="stackfast checkpoint folder or Hugging Face Llama folder")
-    p.add_argument("--operator", default="stack", help="growth operator (default stack)")
+    p.add_argument("--operator", default="stack", help="growth operator (default stack): " + "; ".join(
+        f"{name}: {spec.summary}" for name, spec in OPERATORS.items()))
     p.add_argument("--factor", type=int, default=4, help="growth factor g (default 4)")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
     p.add_argument("--format", choices=("stackfast", "hf"), help="output format (default: the input's)")

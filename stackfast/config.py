@@ -27,13 +27,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from stackfast.errors import ConfigError, StackfastError  # noqa: F401 - imported from here across the package
+from stackfast.growth_operators import OPERATORS, operators_where
 
-class StackfastError(Exception):
-    """An error caused by the user's input; the CLI prints it as one line and exits 2."""
 
-
-class ConfigError(StackfastError, ValueError):
-    """A configuration value or file is invalid."""
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
@@ -194,12 +191,6 @@ def check_device(name: str, key: str) -> None:
         raise ConfigError(f"{key}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {name!r}")
 
 
-GROWTH_OPERATORS = ("stack", "depth_zero", "depth_random", "depth_learn",
-                    "width_direct", "width_zero", "width_random", "width_learn")
-# Operators whose grown layers are copies of small-model layers, so Adam moments can be copied too.
-COPYING_OPERATORS = ("stack", "depth_zero")
-
-
 @dataclass
 class GrowthConfig:
     """Growth inside the running job: train the small model, grow it, train the grown one.
@@ -208,13 +199,13 @@ class GrowthConfig:
     model that the operator grows into it (depth: n_layers / factor layers; width: hidden,
     FFN and heads / sqrt(factor)).
     """
-    operator: str = doc("'none' (train [model] from scratch) or an operator: " + ", ".join(GROWTH_OPERATORS) + ".",
+    operator: str = doc("'none' (train [model] from scratch) or an operator: " + ", ".join(OPERATORS) + ".",
                         "none")
     factor: int = doc("Growth factor g (paper: 4).", 4)
     at_tokens: int | str = doc("Grow after this many tokens, or 'auto' for the paper's timing formula "
                                "(growth_timing of the target size and the run's total FLOPs).", "auto")
-    optimizer: str = doc("'reset' (fresh AdamW, the paper's choice) or 'replicate' (copy the Adam moments "
-                         "along with the layers; stack and depth_zero only).", "reset")
+    optimizer: str = doc("'reset' (fresh AdamW, the paper's choice) or 'replicate' (copy the Adam moments along "
+                         "with the layers; " + " and ".join(operators_where("copies_layers")) + " only).", "reset")
     schedule: str = doc("'restart' (warmup + cosine again over the remaining steps, as the paper) or "
                         "'continue' (the run's schedule goes on).", "restart")
     small_lr: float = doc("Peak LR of the small model (paper: 1e-3); 0 = optim.lr.", 0.0)
@@ -223,11 +214,11 @@ class GrowthConfig:
     noise: float = doc("Noise alpha of stack and width_direct: W <- (1 - alpha) W + alpha * eps (paper: 0.2 "
                        "helps G_stack slightly; width_direct: a small alpha, e.g. 0.01, lets copied units diverge).",
                        0.0)
-    ramp_steps: int = doc("depth_random / width_random: steps over which new parts fade in.", 100)
-    learn_steps: int = doc("depth_learn / width_learn: steps training the LiGO expansion.", 100)
+    ramp_steps: int = doc(" / ".join(operators_where("ramp")) + ": steps over which new parts fade in.", 100)
+    learn_steps: int = doc(" / ".join(operators_where("learns")) + ": steps training the LiGO expansion.", 100)
 
     def validate(self) -> None:
-        _choice(self, "growth", "operator", ("none",) + GROWTH_OPERATORS)
+        _choice(self, "growth", "operator", ("none", *OPERATORS))
         if self.factor < 2:
             raise ConfigError(f"growth.factor: must be an integer >= 2, got {self.factor}")
         if isinstance(self.at_tokens, str) and self.at_tokens != "auto":
@@ -240,9 +231,9 @@ class GrowthConfig:
         _choice(self, "growth", "order", ("stack", "interpolate"))
         _non_negative(self, "growth", ["small_lr", "noise", "learn_steps"])
         _positive(self, "growth", ["ramp_steps"])
-        if self.optimizer == "replicate" and self.operator not in COPYING_OPERATORS + ("none",):
+        if self.optimizer == "replicate" and self.operator != "none" and not OPERATORS[self.operator].copies_layers:
             raise ConfigError(f"growth.optimizer: 'replicate' needs a copying operator "
-                              f"({', '.join(COPYING_OPERATORS)}), not {self.operator!r}")
+                              f"({', '.join(operators_where('copies_layers'))}), not {self.operator!r}")
 
 
 @dataclass

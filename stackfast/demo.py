@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from stackfast.config import ModelConfig, StackfastError, load_config
-from stackfast.growth.guidelines import small_model
+from stackfast.growth_operators import OPERATORS
 from stackfast.metrics import read_metrics
 from stackfast.plot import plot_runs, val_curve
 from stackfast.train import run
@@ -58,7 +58,7 @@ def train_labeled(run_dir: Path, overrides: list[str], steps: int, label: str, d
 def growth_overrides(budget: float, small_share: float, operator: str) -> tuple[list[str], int]:
     """Config overrides and total steps of a toy run that grows with `operator` after
     spending `small_share` of `budget` FLOPs on the small model."""
-    small = small_model(ModelConfig.from_preset("toy"), operator, 4)
+    small = OPERATORS[operator].small_model(ModelConfig.from_preset("toy"), 4)
     small_steps = steps_for_flops(small_share * budget, small)
     steps = small_steps + steps_for_flops((1 - small_share) * budget, ModelConfig.from_preset("toy"))
     return (['model.preset="toy"', f'growth.operator="{operator}"', "growth.factor=4",

@@ -35,6 +35,7 @@ import signal
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -44,9 +45,9 @@ from stackfast.checkpoint import (STEP_DIR, CheckpointError, latest_checkpoint, 
                                   load_model_source, load_state, model_from_weights, save_checkpoint, verify_checksums)
 from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_data
-from stackfast.growth import LAYER_MAP_OPERATORS, LEARNED_OPERATORS, RAMPS, GrowthError, apply_growth, growth_timing
+from stackfast.growth import apply_growth, growth_timing, rebuild_ramp
 from stackfast.growth.depth import copy_optimizer_state
-from stackfast.growth.guidelines import small_model
+from stackfast.growth_operators import OPERATORS, operators_where
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer
 from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, init_parameters,
@@ -183,29 +184,10 @@ def scheduled_lr(cfg: Config, step: int, total_steps: int, grow_at: int | None) 
     return lr_at(step - grow_at, total_steps - grow_at, peak, s.warmup_steps, s.min_lr_ratio)
 
 
-def growth_options(cfg: Config, batches) -> dict:
-    """The [growth] fields that the configured operator takes."""
-    g, seed = cfg.growth, cfg.train.seed
-    return {
-        "stack": dict(layers=g.layers, order=g.order, noise=g.noise, seed=seed),
-        "depth_zero": {},
-        "depth_random": dict(ramp_steps=g.ramp_steps, seed=seed),
-        "depth_learn": dict(batches=batches, steps=g.learn_steps, seed=seed),
-        "width_direct": dict(seed=seed, noise=g.noise),
-        "width_zero": dict(seed=seed),
-        "width_random": dict(ramp_steps=g.ramp_steps, seed=seed),
-        "width_learn": dict(batches=batches, steps=g.learn_steps, seed=seed),
-    }[g.operator]
-
-
 def replicate_optimizer_state(old_opt, old_model, new_opt, new_model, mapping: list[int]) -> None:
     """Give every grown parameter a copy of its source parameter's AdamW state (moments, step)."""
     old_state = {name: old_opt.state[p] for name, p in old_model.named_parameters() if p in old_opt.state}
     new_opt.state.update(copy_optimizer_state(old_state, new_model, mapping, old_model))
-
-
-def shape_of(cfg) -> tuple:
-    return (cfg.vocab_size, cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size)
 
 
 def run(cfg: Config) -> dict:
@@ -251,6 +233,141 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+@dataclass
+class TrainState:
+    """Where the run is and what it has done: what state.json holds (state_dict), besides
+    the weights, optimizer and RNG. A resume continues from it exactly."""
+    seed: int  # train.seed; with `step` it says where the data continues
+    world_size: int  # processes of the job that wrote it (recorded; a resume may use any count)
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    skipped_steps: int = 0  # steps whose update a non-finite loss or gradient norm skipped
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # checkpoint lineage (keep_last)
+    grown: bool = False  # the model is the [model] target: the run has grown, or never grows
+    growth_step: int | None = None  # once grown: the step it grew at, kept if the budget changes later
+    growth_spec: dict | None = None  # once grown: the operator's spec (rebuilds a ramp on resume)
+
+    # What a checkpoint resumes from; seed and world_size are the resuming job's own.
+    PROGRESS = ("step", "tokens", "flops", "skipped_steps", "run_id", "grown", "growth_step", "growth_spec")
+
+    def state_dict(self) -> dict:
+        progress = {key: getattr(self, key) for key in self.PROGRESS if getattr(self, key) is not None}
+        return {**progress, "data": {"seed": self.seed, "next_step": self.step}, "world_size": self.world_size}
+
+    def load_state_dict(self, saved: dict) -> None:
+        for key in self.PROGRESS:
+            if key in saved:
+                setattr(self, key, saved[key])
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step as the metrics log shows it; loss, grad_norm and bad (1.0: the
+    update was skipped) are still on the device until the next flush."""
+    step: int
+    tokens: int
+    flops: float
+    lr: float
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    bad: torch.Tensor
+
+
+class PendingSteps:
+    """The steps not yet logged, and the bad-step policy: flush() brings them to the host
+    with one transfer, writes their rows, counts skipped steps and stops the run after
+    train.max_bad_steps bad steps in a row (however many flushes they span)."""
+
+    def __init__(self, log: MetricsLog, throughput: Throughput, progress: Progress, world: World,
+                 max_bad_steps: int, checkpoints: Path):
+        self.log, self.throughput, self.progress, self.world = log, throughput, progress, world
+        self.max_bad_steps, self.checkpoints = max_bad_steps, checkpoints
+        self.records: list[StepRecord] = []
+        self.bad_in_row = 0
+        self.last_loss: float | None = None  # mean over ranks, of the last flushed step
+
+    def add(self, record: StepRecord) -> None:
+        self.records.append(record)
+
+    def flush(self, state: TrainState) -> None:
+        if not self.records:
+            return
+        records, self.records = self.records, []
+        losses = torch.stack([r.loss for r in records])
+        if self.world.distributed:
+            dist.all_reduce(losses)  # collective: sum of the ranks' losses (gloo has no average)
+            losses /= self.world.world_size
+        rows = torch.stack([losses, torch.stack([r.grad_norm for r in records]),
+                            torch.stack([r.bad for r in records])], dim=1).tolist()  # host sync: logging
+        tokens_per_s, mfu = self.throughput.update(records[-1].tokens)
+        for record, (loss, norm, bad) in zip(records, rows):
+            self.log.write({"step": record.step, "tokens": record.tokens, "flops": record.flops, "loss": loss,
+                            "lr": record.lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                            **({"skipped": True} if bad else {})})
+        self.last_loss = rows[-1][0]
+        self.progress.update(records[-1].step, self.last_loss, tokens_per_s, mfu)
+        for record, (_, _, bad) in zip(records, rows):  # in step order: a good step ends a bad run
+            self.bad_in_row = self.bad_in_row + 1 if bad else 0
+            if bad:
+                self._skipped(state, record.step)
+
+    def _skipped(self, state: TrainState, step: int) -> None:
+        state.skipped_steps += 1
+        self.progress.message(f"step {step}: non-finite loss or gradient norm; update skipped "
+                              f"({self.bad_in_row} in a row, train.max_bad_steps = {self.max_bad_steps})")
+        if self.bad_in_row >= self.max_bad_steps:
+            self.log.close()
+            last_good = latest_checkpoint(self.checkpoints)
+            raise StackfastError(
+                f"{self.bad_in_row} steps in a row (up to step {step}) had a non-finite loss or gradient norm "
+                f"(train.max_bad_steps); stopped. Last checkpoint: {last_good or 'none'}; resume from it with a "
+                f"lower optim.lr or other data")
+
+
+def should_grow(state: TrainState, grow_at: int | None) -> bool:
+    return not state.grown and state.step >= grow_at
+
+
+def should_eval(cfg: Config, step: int, done: bool) -> bool:
+    return bool(cfg.train.eval_every and step % cfg.train.eval_every == 0) or done
+
+
+def should_save(cfg: Config, step: int, done: bool) -> bool:
+    return bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or done
+
+
+def should_stop(stop: StopSignal, world: World, device: torch.device, host_sync: bool) -> bool:
+    """Whether to checkpoint and stop after this step for a signal. One process acts on it
+    at once; several must agree on the step, which they do (a collective) only at steps
+    that sync with the host anyway (logging, validation, checkpoint)."""
+    if not world.distributed:
+        return stop.requested
+    return host_sync and agree_to_stop(stop.requested, device)
+
+
+def start_or_resume(cfg: Config, world: World, run_dir: Path) -> tuple[TrainState, Path | None, list[str]]:
+    """The run's state, fresh or read from the checkpoint to resume from (its checksums
+    verified first); that checkpoint (None: a fresh start) and the settings changed since."""
+    resume_from = find_resume(cfg)
+    state = TrainState(seed=cfg.train.seed, world_size=world.world_size)
+    # A fresh run, or a resume from another folder's checkpoint, must not mix into a run here.
+    if resume_from is None or resume_from.resolve().parent != (run_dir / "checkpoints").resolve():
+        if world.main:
+            prepare_fresh(run_dir, cfg)  # refuses to overwrite another run unless told to
+        barrier(world)
+    if resume_from is None:
+        return state, None, []
+    if not cfg.checkpoint.allow_unverified:
+        verify_checksums(resume_from, world)  # collective: before anything of it is read
+    state.load_state_dict(load_state(resume_from))
+    named = STEP_DIR.match(resume_from.name)
+    if named and int(named.group(1)) != state.step:
+        raise CheckpointError(f"{resume_from}: state.json is step {state.step}, the folder name says "
+                              f"{int(named.group(1))}: renamed or mixed up; not resuming from it")
+    return state, resume_from, check_resume(load_config_of(resume_from), cfg, resume_from)
+
+
 def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) -> dict:
     autocast = autocast_context(cfg.train.dtype, device)
     run_dir = Path(cfg.logging.run_dir)
@@ -259,11 +376,12 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)
-    if world.distributed and cfg.growth.operator not in ("none",) + LAYER_MAP_OPERATORS:
-        raise ConfigError(f"growth.operator: {cfg.growth.operator!r} changes tensor shapes, which under torchrun "
+    operator = None if cfg.growth.operator == "none" else OPERATORS[cfg.growth.operator]
+    if world.distributed and operator is not None and not operator.sharded:
+        raise ConfigError(f"growth.operator: {operator.name!r} changes tensor shapes, which under torchrun "
                           f"(FSDP) would gather the whole model on every process; it runs in a single process "
-                          f"only. Under torchrun use {', '.join(LAYER_MAP_OPERATORS)}, or grow with `stackfast grow` "
-                          f"and continue from its output with checkpoint.init_from")
+                          f"only. Under torchrun use {', '.join(operators_where('sharded'))}, or grow with "
+                          f"`stackfast grow` and continue from its output with checkpoint.init_from")
 
     if not world.main:
         barrier(world)  # rank 0 opens the data first: it may build the built-in corpus's cache
@@ -278,53 +396,38 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     tokens_per_step = cfg.tokens_per_step()
     eval_rows = cfg.train.eval_batches * cfg.train.global_batch_size
 
-    resume_from = find_resume(cfg)
-    state = {"step": 0, "tokens": 0, "flops": 0.0, "skipped_steps": 0, "run_id": uuid.uuid4().hex}
-    changes = []
-    # A fresh run, or a resume from another folder's checkpoint, must not mix into a run here.
-    if resume_from is None or resume_from.resolve().parent != (run_dir / "checkpoints").resolve():
+    state, resume_from, changes = start_or_resume(cfg, world, run_dir)
+    if resume_from is not None and state.step >= total_steps:
         if world.main:
-            prepare_fresh(run_dir, cfg)  # refuses to overwrite another run unless told to
-        barrier(world)
-    if resume_from is not None:
-        if not cfg.checkpoint.allow_unverified:
-            verify_checksums(resume_from, world)  # collective: before anything of it is read
-        state.update(load_state(resume_from))
-        named = STEP_DIR.match(resume_from.name)
-        if named and int(named.group(1)) != state["step"]:
-            raise CheckpointError(f"{resume_from}: state.json is step {state['step']}, the folder name says "
-                                  f"{int(named.group(1))}: renamed or mixed up; not resuming from it")
-        changes = check_resume(load_config_of(resume_from), cfg, resume_from)
-        if state["step"] >= total_steps:
-            if world.main:
-                print(f"stackfast: the run in {resume_from} is finished ({state['step']} of {total_steps} steps); "
-                      f"nothing to do (raise train.total_tokens or train.max_steps to train on)")
-            return {"steps": state["step"], "rank": world.rank, "finished": True, "stopped": False}
+            print(f"stackfast: the run in {resume_from} is finished ({state.step} of {total_steps} steps); "
+                  f"nothing to do (raise train.total_tokens or train.max_steps to train on)")
+        return {"steps": state.step, "rank": world.rank, "finished": True, "stopped": False}
     # A run that has grown keeps the growth step it grew at, even if its token budget changed since.
-    grow_at = state.get("growth_step") or growth_step(cfg, total_steps)
-    state.setdefault("grown", grow_at is None)
-    small_cfg = small_model(cfg.model, cfg.growth.operator, cfg.growth.factor) if grow_at is not None else None
+    grow_at = state.growth_step if state.growth_step is not None else growth_step(cfg, total_steps)
+    if resume_from is None:
+        state.grown = grow_at is None
+    small_cfg = operator.small_model(cfg.model, cfg.growth.factor) if grow_at is not None else None
     shard = functools.partial(wrap_model, cfg=cfg.parallel, world=world, bf16=use_bf16(cfg.train.dtype, device))
     init_from = cfg.checkpoint.init_from if resume_from is None else ""
-    model = build_model(cfg.model if state["grown"] else small_cfg, device, shard, init_from,
+    model = build_model(cfg.model if state.grown else small_cfg, device, shard, init_from,
                         seeded=resume_from is None, allow_unverified=cfg.checkpoint.allow_unverified)
     optimizer = build_optimizer(model, cfg.optim)
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=world.main)
     ramp = None
     if resume_from is not None:
         load_checkpoint(resume_from, model, optimizer, world)
-        if state.get("growth_spec", {}).get("operator") in RAMPS:
-            spec = state["growth_spec"]
-            ramp = RAMPS[spec["operator"]](model, spec)
-            ramp.set_step(state["step"] - grow_at)
-        log.truncate_after(state["step"])
+        if state.growth_spec is not None:
+            ramp = rebuild_ramp(model, state.growth_spec)
+        if ramp is not None:
+            ramp.set_step(state.step - grow_at)
+        log.truncate_after(state.step)
     if world.main:
         (run_dir / "config.toml").write_text(cfg.to_toml())
 
     flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
     throughput = Throughput(flops_per_token, peak_flops(device, cfg.train.peak_tflops))
-    throughput.last_tokens = state["tokens"]
-    progress = Progress(total_steps, cfg.logging.progress and world.main, initial=state["step"])
+    throughput.last_tokens = state.tokens
+    progress = Progress(total_steps, cfg.logging.progress and world.main, initial=state.step)
     where = f"{world.world_size} processes ({device.type}, FSDP)" if world.distributed else str(device)
     for change in changes:
         progress.message(f"resuming with a changed setting: {change}")
@@ -332,82 +435,51 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
                      f"{tokens_per_step} tokens ({cfg.train.global_batch_size} sequences: {accum} x {micro} on each "
                      f"of {world.world_size} processes) on {where}; logs in {run_dir}"
                      + (f"; grows ({cfg.growth.operator}, x{cfg.growth.factor}) after step {grow_at}"
-                        if grow_at is not None and not state["grown"] else "")
+                        if not state.grown else "")
                      + (f"; resumed from {resume_from}" if resume_from else ""))
-    pending: list[tuple] = []  # per-step values still on the device, flushed at log steps
-    last_loss = val_loss = None
-    bad_in_row = 0
+    pending = PendingSteps(log, throughput, progress, world, cfg.train.max_bad_steps, run_dir / "checkpoints")
+    val_loss = None
     started = time.perf_counter()
-    start_tokens = state["tokens"]
+    start_tokens = state.tokens
     model.train()
 
     # The loader runs ahead on a background thread (pinned memory on GPU): the device never
     # waits for data. The keys are the loop's own (step, micro-step) order.
-    keys = ((s, m) for s in range(state["step"], total_steps) for m in range(accum))
+    keys = ((s, m) for s in range(state.step, total_steps) for m in range(accum))
     with contextlib.closing(Prefetcher(loader, keys, pin_memory=device.type == "cuda")) as batches:
-        while state["step"] < total_steps:
-            step = state["step"]
-            if not state["grown"] and step >= grow_at:
-                if pending:
-                    last_loss = _flush(pending, log, throughput, progress, world)
-                model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, step,
-                                                          world, shard)
-                state.update(grown=True, growth_spec=row["spec"], growth_step=step,
-                             flops=state["flops"] + row["growth_flops"])
-                log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], **row})
-                progress.message(f"step {step}: grew {row['params_before'] / 1e6:.1f}M -> "
-                                 f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}) in "
-                                 f"{row['growth_s']:.2f} s; probe loss {row['loss_before']:.4f} -> "
-                                 f"{row['loss_after']:.4f}")
+        while state.step < total_steps:
+            if should_grow(state, grow_at):
+                pending.flush(state)  # the small model's last steps: logged, bad ones counted
+                model, optimizer, ramp = grow_and_log(cfg, state, model, optimizer, loader, device, autocast,
+                                                      world, shard, log, progress)
                 flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
                 throughput.flops_per_token = flops_per_token
             if ramp is not None:
-                ramp.set_step(step - grow_at)
-            lr = scheduled_lr(cfg, step, total_steps, grow_at)
+                ramp.set_step(state.step - grow_at)
+            lr = scheduled_lr(cfg, state.step, total_steps, grow_at)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [tuple(t.to(device, non_blocking=True) for t in batches.batch(step, m))
+            micro_batches = [tuple(t.to(device, non_blocking=True) for t in batches.batch(state.step, m))
                              for m in range(accum)]
             loss, grad_norm, bad = train_step(model, optimizer, micro_batches, autocast, cfg.optim.grad_clip,
                                               world, cfg.parallel.defer_grad_sync)
-            state["step"] += 1
-            state["tokens"] += tokens_per_step
-            state["flops"] += flops_per_token * tokens_per_step
-            pending.append((dict(state), loss, lr, grad_norm, bad))
+            state.step += 1
+            state.tokens += tokens_per_step
+            state.flops += flops_per_token * tokens_per_step
+            pending.add(StepRecord(state.step, state.tokens, state.flops, lr, loss, grad_norm, bad))
 
-            step = state["step"]
-            done = step == total_steps
-            eval_now = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0) or done
-            save_now = bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or done
-            # A single process acts on a signal after this step; several processes must agree on
-            # the step, which they do at the next host sync (logging, validation or checkpoint).
-            stopping = stop.requested and not world.distributed
-            if step % cfg.logging.log_every == 0 or eval_now or save_now or stopping:
-                last_loss, flags = _flush(pending, log, throughput, progress, world)
-                for flushed_step, was_bad in flags:  # the steps since the last flush, in order
-                    bad_in_row = bad_in_row + 1 if was_bad else 0
-                    if not was_bad:
-                        continue
-                    state["skipped_steps"] += 1
-                    progress.message(f"step {flushed_step}: non-finite loss or gradient norm; update skipped "
-                                     f"({bad_in_row} in a row, train.max_bad_steps = {cfg.train.max_bad_steps})")
-                    if bad_in_row >= cfg.train.max_bad_steps:
-                        log.close()
-                        last_good = latest_checkpoint(run_dir / "checkpoints")
-                        raise StackfastError(
-                            f"{bad_in_row} steps in a row (up to step {flushed_step}) had a non-finite loss or "
-                            f"gradient norm (train.max_bad_steps); stopped. Last checkpoint: {last_good or 'none'}; "
-                            f"resume from it with a lower optim.lr or other data")
-                if world.distributed:
-                    stopping = agree_to_stop(stop.requested, device)
+            step, done = state.step, state.step == total_steps
+            eval_now, save_now = should_eval(cfg, step, done), should_save(cfg, step, done)
+            host_sync = eval_now or save_now or step % cfg.logging.log_every == 0
+            stopping = should_stop(stop, world, device, host_sync)
+            if host_sync or stopping:
+                pending.flush(state)
             if eval_now:
                 val_loss = evaluate(model, loader, eval_rows, device, autocast, world)
-                log.write({"step": step, "tokens": state["tokens"], "flops": state["flops"], "val_loss": val_loss})
+                log.write({"step": step, "tokens": state.tokens, "flops": state.flops, "val_loss": val_loss})
                 progress.message(f"step {step}: val_loss {val_loss:.4f}")
             if save_now or stopping:
-                saved = save_checkpoint(run_dir / "checkpoints", step, model, optimizer,
-                                        {**state, "data": {"seed": cfg.train.seed, "next_step": step},
-                                         "world_size": world.world_size},
+                saved = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, state.state_dict(),
                                         cfg, cfg.checkpoint.keep_last, world)
             if stopping and not done:
                 progress.message(f"step {step}: stopped by a signal; wrote {saved}. Run the same command with "
@@ -417,12 +489,12 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     progress.close()
     log.close()
     wall = time.perf_counter() - started
-    tokens_per_s = (state["tokens"] - start_tokens) / wall if wall > 0 else 0.0
-    return {"steps": state["step"], "tokens": state["tokens"], "flops": state["flops"],
-            "loss": last_loss, "val_loss": val_loss, "wall_s": wall, "tokens_per_s": tokens_per_s,
+    tokens_per_s = (state.tokens - start_tokens) / wall if wall > 0 else 0.0
+    return {"steps": state.step, "tokens": state.tokens, "flops": state.flops,
+            "loss": pending.last_loss, "val_loss": val_loss, "wall_s": wall, "tokens_per_s": tokens_per_s,
             "params": model.num_params(), "device": str(device), "run_dir": str(run_dir),
             "growth_step": grow_at, "mfu_convention": MFU_CONVENTION, "world_size": world.world_size,
-            "rank": world.rank, "stopped": state["step"] < total_steps, "skipped_steps": state["skipped_steps"]}
+            "rank": world.rank, "stopped": state.step < total_steps, "skipped_steps": state.skipped_steps}
 
 
 def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -472,6 +544,21 @@ def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
     return norm
 
 
+def grow_and_log(cfg: Config, state: TrainState, model: Transformer, optimizer, loader: TokenLoader,
+                 device: torch.device, autocast, world: World, shard, log: MetricsLog, progress: Progress):
+    """The growth event of a run: grow (grow_in_job), record it in `state` (saved with every
+    later checkpoint) and the metrics log. Returns (model, optimizer, ramp)."""
+    model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, state.step,
+                                              world, shard)
+    state.grown, state.growth_spec, state.growth_step = True, row["spec"], state.step
+    state.flops += row["growth_flops"]
+    log.write({"step": state.step, "tokens": state.tokens, "flops": state.flops, **row})
+    progress.message(f"step {state.step}: grew {row['params_before'] / 1e6:.1f}M -> "
+                     f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}) in "
+                     f"{row['growth_s']:.2f} s; probe loss {row['loss_before']:.4f} -> {row['loss_after']:.4f}")
+    return model, optimizer, ramp
+
+
 def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader, device: torch.device,
                 autocast, step: int, world: World = World(), shard=apply_block_options):
     """Grow the small model at `step`: new model, optimizer (fresh or with copied moments), ramp.
@@ -481,6 +568,7 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
     the run does (wrap_model): under FSDP the depth operators build the grown model with
     it and copy local shards; in one process the grown model is wrapped afterwards.
     """
+    operator = OPERATORS[cfg.growth.operator]
     if not world.distributed:
         strip_block_options(model)  # operators copy plain blocks
     probe_rows = loader.micro_batch * world.world_size  # one micro-batch on each process
@@ -491,17 +579,16 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
         x, y = loader.extra_batch(step, k)
         return x.to(device), y.to(device)
 
-    options = growth_options(cfg, batches)
+    options = operator.options_from(cfg)
+    if operator.learns:
+        options["batches"] = batches
     if world.distributed:
         options["shard"] = shard
-    elif cfg.growth.operator in LAYER_MAP_OPERATORS:
+    elif operator.sharded:
         options["in_place"] = True  # the small model is dropped after growth: adopt its modules, copy the rest
-    growth = apply_growth(model, cfg.growth.operator, cfg.growth.factor, **options)
+    growth = apply_growth(model, operator.name, cfg.growth.factor, **options)
     grown = growth.model
-    if shape_of(grown.config) != shape_of(cfg.model):
-        raise GrowthError(f"growth produced shape {shape_of(grown.config)}, not the [model] target "
-                          f"{shape_of(cfg.model)}")
-    grown.config = cfg.model
+    grown.config = cfg.model  # the same shape (OperatorSpec.small_model inverts the operator), and [model]'s kernels
     new_optimizer = build_optimizer(grown, cfg.optim)
     if cfg.growth.optimizer == "replicate":
         replicate_optimizer_state(optimizer, model, new_optimizer, grown, growth.spec["layer_map"])
@@ -513,8 +600,7 @@ def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader,
     loss_after = evaluate(grown, loader, probe_rows, device, autocast, world)
     # LiGO's training steps run the grown model on one micro-batch each: counted like training.
     learned_tokens = cfg.growth.learn_steps * loader.micro_batch * cfg.data.seq_len
-    growth_flops = (learned_tokens * grown.config.flops_per_token(cfg.data.seq_len)
-                    if cfg.growth.operator in LEARNED_OPERATORS else 0.0)
+    growth_flops = learned_tokens * grown.config.flops_per_token(cfg.data.seq_len) if operator.learns else 0.0
     row = {"event": "growth", "spec": growth.spec, "loss_before": loss_before, "loss_after": loss_after,
            "growth_s": growth_s, "growth_flops": growth_flops, "params_before": model.num_params(),
            "params_after": grown.num_params()}
@@ -527,27 +613,6 @@ def agree_to_stop(requested: bool, device: torch.device) -> bool:
     flag = torch.tensor(float(requested), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0  # host sync: already at a logging, validation or checkpoint step
-
-
-def _flush(pending: list, log: MetricsLog, throughput: Throughput, progress: Progress,
-           world: World) -> tuple[float, list[int]]:
-    """Write the pending steps' rows with one host sync; returns the last loss (mean over
-    ranks) and the steps whose update was skipped."""
-    losses = torch.stack([p[1] for p in pending])
-    if world.distributed:
-        dist.all_reduce(losses)  # collective: sum of the ranks' losses (gloo has no average)
-        losses /= world.world_size
-    rows = torch.stack([losses, torch.stack([p[3] for p in pending]),
-                        torch.stack([p[4] for p in pending])], dim=1).tolist()  # host sync: logging
-    tokens_per_s, mfu = throughput.update(pending[-1][0]["tokens"])
-    for (state, _, lr, _, _), (loss, norm, bad) in zip(pending, rows):
-        log.write({"step": state["step"], "tokens": state["tokens"], "flops": state["flops"], "loss": loss,
-                   "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                   **({"skipped": True} if bad else {})})
-    progress.update(pending[-1][0]["step"], rows[-1][0], tokens_per_s, mfu)
-    flags = [(p[0]["step"], bool(bad)) for p, (_, _, bad) in zip(pending, rows)]
-    pending.clear()
-    return rows[-1][0], flags
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -34,3 +34,22 @@ def stackfast_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("stackfast-cache")
     os.environ["STACKFAST_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture
+def poisoned_steps(monkeypatch):
+    """Training forwards at these (0-based) optimizer steps return a NaN loss (runs with one
+    micro-batch per step)."""
+    from stackfast.model import Transformer  # here, not at the top: after the environment above is set
+    steps, calls = set(), {"n": 0}
+    forward = Transformer.forward
+
+    def poisoned(self, input_ids, targets=None):
+        out = forward(self, input_ids, targets)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] - 1 in steps:
+                return out * float("nan")
+        return out
+    monkeypatch.setattr(Transformer, "forward", poisoned)
+    return steps

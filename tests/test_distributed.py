@@ -279,23 +279,6 @@ def test_a_flipped_bit_in_a_shard_is_caught_by_its_checksum(two_proc, tmp_path):
     assert not list_checkpoints(tmp_path / "resumed" / "checkpoints")  # nothing trained on the bad shard
 
 
-@pytest.fixture
-def poisoned_steps(monkeypatch):
-    """Training forwards at these (0-based) optimizer steps return a NaN loss."""
-    steps, calls = set(), {"n": 0}
-    forward = Transformer.forward
-
-    def poisoned(self, input_ids, targets=None):
-        out = forward(self, input_ids, targets)
-        if self.training and targets is not None:
-            calls["n"] += 1
-            if calls["n"] - 1 in steps:  # one micro-batch per step in these runs
-                return out * float("nan")
-        return out
-    monkeypatch.setattr(Transformer, "forward", poisoned)
-    return steps
-
-
 def test_non_finite_steps_are_skipped_logged_and_counted(poisoned_steps, tmp_path):
     poisoned_steps.update({2, 3})
     summary = run(load_config(None, overrides(tmp_path, 1, "train.max_steps=6", "train.max_bad_steps=3")))

@@ -5,10 +5,8 @@ import pytest
 import torch
 
 from stackfast.config import ModelConfig, load_config
-from stackfast.growth import (GROWTH_FACTOR, OPERATORS, GrowthError, apply_growth, grow, growth_timing,
-                              plan)
+from stackfast.growth import OPERATORS, GrowthError, apply_growth, grow, growth_timing, plan
 from stackfast.growth.depth import layer_map
-from stackfast.growth.guidelines import small_model
 from stackfast.metrics import read_metrics
 from stackfast.model import Transformer
 from stackfast.train import run, scheduled_lr
@@ -17,11 +15,6 @@ from stackfast.train import run, scheduled_lr
 def small(n_layers=2, **kw):
     torch.manual_seed(0)
     return Transformer(ModelConfig.from_preset("tiny", kernels="torch", n_layers=n_layers, **kw))
-
-
-def test_registry_names_match_the_config_choices():
-    from stackfast.config import GROWTH_OPERATORS
-    assert set(GROWTH_OPERATORS) >= set(OPERATORS) and GROWTH_FACTOR == 4
 
 
 def test_stack_copies_layers_by_map_and_keeps_embeddings_norm_head():
@@ -129,11 +122,11 @@ def test_plan_for_7b():
 
 def test_small_model_shapes():
     target = ModelConfig.from_preset("toy")
-    assert small_model(target, "stack", 4).n_layers == 2
-    wide = small_model(target, "width_direct", 4)
+    assert OPERATORS["stack"].small_model(target, 4).n_layers == 2
+    wide = OPERATORS["width_direct"].small_model(target, 4)
     assert (wide.hidden_size, wide.ffn_size, wide.n_heads, wide.head_dim) == (128, 344, 2, 64)
     with pytest.raises(GrowthError, match="not divisible by 3"):
-        small_model(target, "stack", 3)
+        OPERATORS["stack"].small_model(target, 3)
 
 
 JOB = ['model.preset="tiny"', "model.n_layers=4", "model.kernels=torch", "data.seq_len=32",
@@ -197,7 +190,7 @@ def test_job_grows_mid_run_and_counts_small_model_flops(tmp_path):
     event = next(r for r in rows if r.get("event") == "growth")
     assert event["step"] == 4 and event["spec"]["layer_map"] == [0, 1, 0, 1]
     assert event["params_after"] > event["params_before"] and event["growth_s"] >= 0
-    small_fpt = small_model(cfg.model, "stack", 2).flops_per_token(32)
+    small_fpt = OPERATORS["stack"].small_model(cfg.model, 2).flops_per_token(32)
     tokens = 4 * 32
     flops = {r["step"]: r["flops"] for r in rows if "loss" in r}
     assert flops[4] == pytest.approx(4 * tokens * small_fpt)
@@ -212,7 +205,7 @@ def test_ligo_training_counts_in_the_runs_flops(tmp_path):
     event = next(r for r in rows if r.get("event") == "growth")
     tokens = 4 * 32  # micro-batch 4 x seq 32: one LiGO step and one optimizer step alike
     assert event["growth_flops"] == pytest.approx(3 * tokens * cfg.model.flops_per_token(32))
-    small_fpt = small_model(cfg.model, "depth_learn", 2).flops_per_token(32)
+    small_fpt = OPERATORS["depth_learn"].small_model(cfg.model, 2).flops_per_token(32)
     flops = {r["step"]: r["flops"] for r in rows if "loss" in r}
     assert flops[8] == pytest.approx(4 * tokens * small_fpt + event["growth_flops"]
                                      + 4 * tokens * cfg.model.flops_per_token(32))

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from stackfast.checkpoint import CheckpointError, list_checkpoints
-from stackfast.config import load_config
+from stackfast.config import StackfastError, load_config
 from stackfast.metrics import read_metrics
 from stackfast.train import lr_at, run
 
@@ -119,6 +119,24 @@ def test_a_pickled_object_inside_a_dcp_shard_is_refused_without_running_code(tmp
     assert not (tmp_path / "PWNED").exists()
     load_weights(folder)  # the model's tensors alone are safe to read: no pickled entry among them
     assert not (tmp_path / "PWNED").exists()
+
+
+GROW_AT_4 = ['growth.operator="stack"', "growth.factor=2", "growth.at_tokens=1024", "train.max_steps=6"]
+
+
+def test_a_non_finite_step_just_before_growth_is_counted(poisoned_steps, tmp_path):
+    # Steps 3 and 4 (1-based) are bad; log_every = 3 flushes step 3 with the loop's other
+    # steps, and step 4 in the flush just before growth at step 4.
+    poisoned_steps.update({2, 3})
+    summary = run(tiny_config(tmp_path, *GROW_AT_4))
+    assert summary["growth_step"] == 4 and summary["skipped_steps"] == 2
+    assert [r["step"] for r in read_metrics(tmp_path) if r.get("skipped")] == [3, 4]
+
+
+def test_bad_steps_up_to_growth_stop_the_run(poisoned_steps, tmp_path):
+    poisoned_steps.update({2, 3})
+    with pytest.raises(StackfastError, match=r"2 steps in a row \(up to step 4\)"):
+        run(tiny_config(tmp_path, *GROW_AT_4, "train.max_bad_steps=2"))
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():

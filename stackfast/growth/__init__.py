@@ -3,66 +3,41 @@
     from stackfast.growth import grow
     big = grow(small, operator="stack", factor=4)      # G_stack: layers 0..n-1 repeated 4 times
 
-OPERATORS maps each name to a function (model, factor, **options) -> Growth (the grown
-model, its spec as plain data and, for the G_random operators, the fade-in ramp).
-Width operators are in width.py, LiGO (depth_learn, width_learn) in learned.py.
+OPERATORS (stackfast/growth_operators.py) holds one OperatorSpec per operator; the
+function that grows is the one of the same name in depth.py (depth operators), width.py
+(width operators) or learned.py (LiGO: depth_learn, width_learn): (model, factor,
+**options) -> Growth (the grown model, its spec as plain data and, for the G_random
+operators, the fade-in ramp).
 """
 from __future__ import annotations
 
-import inspect
+import importlib
 import math
 import types
 from typing import Union, get_args, get_origin, get_type_hints
 
-from stackfast.growth import depth, learned, width
+from stackfast.errors import GrowthError
 from stackfast.growth.guidelines import GROWTH_FACTOR, growth_timing, plan
-from stackfast.growth.spec import Growth, GrowthError
+from stackfast.growth.ramp import Ramp
+from stackfast.growth.spec import Growth
+from stackfast.growth_operators import OPERATORS, operator_spec
 from stackfast.model import Transformer
 
-OPERATORS = {
-    "stack": depth.stack,
-    "depth_zero": depth.zero,
-    "depth_random": depth.random,
-    "depth_learn": learned.depth_learn,
-    "width_direct": width.direct,
-    "width_zero": width.zero,
-    "width_random": width.random,
-    "width_learn": learned.width_learn,
-}
 
-# The depth operators, built from a layer map (depth.build_from_map): they grow an
-# FSDP-sharded model by local copies (`shard=`) and can consume the small model
-# (`in_place=True`); the others change tensor shapes.
-LAYER_MAP_OPERATORS = ("stack", "depth_zero", "depth_random")
-# The LiGO operators: they train their expansion on the LM loss (growth.learn_steps steps of
-# one micro-batch on the grown model), compute that a run counts in its FLOPs.
-LEARNED_OPERATORS = ("depth_learn", "width_learn")
-
-# Operators whose new parts fade in: rebuild the ramp from a saved spec (resume mid-ramp).
-RAMPS = {
-    "depth_random": depth.random_ramp,
-    "width_random": width.random_ramp,
-}
-
-
-# Keyword arguments the callers set themselves (how to grow), not the user's options (what to grow).
-INTERNAL_OPTIONS = ("shard", "in_place", "batches")
+def _function(operator: str, suffix: str = ""):
+    return getattr(importlib.import_module(f"stackfast.growth.{OPERATORS[operator].module}"), operator + suffix)
 
 
 def check_growth(operator: str, factor: int, options: dict) -> None:
     """Refuse an unknown operator, a factor below 2, or an option the operator does not take
     or of the wrong type (one line naming the operator's options), before any work."""
-    if operator not in OPERATORS:
-        raise GrowthError(f"unknown growth operator {operator!r}; known: {', '.join(OPERATORS)}")
+    spec = operator_spec(operator)
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise GrowthError(f"growth factor must be an integer >= 2, got {factor!r}")
-    function = OPERATORS[operator]
-    accepted = {name: p for name, p in inspect.signature(function).parameters.items()
-                if p.kind == inspect.Parameter.KEYWORD_ONLY}
-    hints = get_type_hints(function)
-    valid = ", ".join(f"{name}={p.default!r}" for name, p in accepted.items() if name not in INTERNAL_OPTIONS)
+    hints = get_type_hints(_function(operator))
+    valid = ", ".join(f"{o.name}={o.default!r}" for o in spec.options)
     for name, value in options.items():
-        if name not in accepted:
+        if name not in spec.accepted_options():
             raise GrowthError(f"{operator} takes no option {name!r}; its options: {valid or 'none'}")
         if name in hints and not _fits(hints[name], value):
             hint = hints[name]
@@ -91,7 +66,15 @@ def _fits(hint, value) -> bool:
 def apply_growth(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTOR, **options) -> Growth:
     """Grow `model` with a named operator; returns the Growth (model, spec, ramp)."""
     check_growth(operator, factor, options)
-    return OPERATORS[operator](model, factor, **options)
+    return _function(operator)(model, factor, **options)
+
+
+def rebuild_ramp(model: Transformer, growth_spec: dict) -> Ramp | None:
+    """The fade-in of a grown model from its saved growth spec (resuming mid-ramp); None
+    for an operator without one."""
+    if not OPERATORS[growth_spec["operator"]].ramp:
+        return None
+    return _function(growth_spec["operator"], "_ramp")(model, growth_spec)
 
 
 def grow(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTOR, **options) -> Transformer:
@@ -99,5 +82,5 @@ def grow(model: Transformer, operator: str = "stack", factor: int = GROWTH_FACTO
     return apply_growth(model, operator, factor, **options).model
 
 
-__all__ = ["GROWTH_FACTOR", "LAYER_MAP_OPERATORS", "LEARNED_OPERATORS", "OPERATORS", "RAMPS",
-           "Growth", "GrowthError", "apply_growth", "check_growth", "grow", "growth_timing", "plan"]
+__all__ = ["GROWTH_FACTOR", "OPERATORS", "Growth", "GrowthError", "apply_growth", "check_growth", "grow",
+           "growth_timing", "plan", "rebuild_ramp"]

@@ -19,8 +19,9 @@ import math
 
 import torch
 
+from stackfast.errors import GrowthError
 from stackfast.growth.ramp import Ramp
-from stackfast.growth.spec import Growth, GrowthError
+from stackfast.growth.spec import Growth
 from stackfast.model import Transformer
 from stackfast.ops import replicate_
 from stackfast.parallel import init_parameters, local, local_part
@@ -211,7 +212,8 @@ def add_noise(model: Transformer, alpha: float, seed: int) -> None:
         local(p).mul_(1.0 - alpha).add_(local_part(p, eps), alpha=alpha)
 
 
-def zero(model: Transformer, factor: int, *, order: str = "interpolate", shard=None, in_place: bool = False) -> Growth:
+def depth_zero(model: Transformer, factor: int, *, order: str = "interpolate", shard=None,
+               in_place: bool = False) -> Growth:
     """depth_zero: duplicate blocks; each new copy's attention output and MLP down
     projections are zero, so it is the identity at growth time (function preserving).
     The reference code interleaves copies (1,1,2,2,...), the default order here."""
@@ -227,7 +229,7 @@ def zero(model: Transformer, factor: int, *, order: str = "interpolate", shard=N
     return Growth(grown, {"operator": "depth_zero", "factor": factor, "layer_map": mapping, "order": order})
 
 
-def random(model: Transformer, factor: int, *, ramp_steps: int = 100, seed: int = 0, shard=None,
+def depth_random(model: Transformer, factor: int, *, ramp_steps: int = 100, seed: int = 0, shard=None,
            in_place: bool = False) -> Growth:
     """depth_random: each small-model layer is followed by factor-1 freshly initialised
     blocks, faded in as y = x + c * Block(x) with c ramping 0 -> 1 over ramp_steps (MSG)."""
@@ -237,10 +239,10 @@ def random(model: Transformer, factor: int, *, ramp_steps: int = 100, seed: int 
     grown = build_from_map(model, mapping, shard, generator, in_place)
     spec = {"operator": "depth_random", "factor": factor, "layer_map": mapping, "ramp_steps": ramp_steps,
             "seed": seed}
-    return Growth(grown, spec, random_ramp(grown, spec))
+    return Growth(grown, spec, depth_random_ramp(grown, spec))
 
 
-def random_ramp(model: Transformer, spec: dict) -> Ramp:
+def depth_random_ramp(model: Transformer, spec: dict) -> Ramp:
     """The fade-in of depth_random's new blocks (also re-created on resume)."""
     ramp = Ramp(spec["ramp_steps"])
     ramp.fade_blocks(model, [i for i, m in enumerate(spec["layer_map"]) if m == -1])

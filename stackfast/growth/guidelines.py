@@ -14,7 +14,8 @@ import dataclasses
 import math
 
 from stackfast.config import PRESETS, ModelConfig
-from stackfast.growth.spec import GrowthError
+from stackfast.errors import GrowthError
+from stackfast.growth_operators import OPERATORS
 
 GROWTH_FACTOR = 4
 
@@ -25,30 +26,6 @@ def growth_timing(target_params: float, flops: float) -> float:
     if not target_params > 0 or not flops > 1:
         raise GrowthError(f"growth_timing needs positive parameters and FLOPs > 1, got {target_params}, {flops}")
     return 10 ** (0.88 * math.log10(target_params) + 163.27 / math.log10(flops) - 5.74)
-
-
-def small_model(target: ModelConfig, operator: str = "stack", factor: int = GROWTH_FACTOR) -> ModelConfig:
-    """The small model a job starts from so that growing it by `factor` gives `target`.
-
-    Depth operators divide the layers by factor; width operators divide hidden size, FFN
-    size and head counts by sqrt(factor) (a factor in parameters), keeping head_dim.
-    """
-    if operator.startswith("width"):
-        scale = math.isqrt(factor)
-        if scale * scale != factor:
-            raise GrowthError(f"width growth by factor {factor}: the small model needs an integer "
-                              f"width ratio sqrt({factor})")
-        fields = {"hidden_size": target.hidden_size, "ffn_size": target.ffn_size,
-                  "n_heads": target.n_heads, "n_kv_heads": target.n_kv_heads}
-        bad = [k for k, v in fields.items() if v % scale]
-        if bad:
-            raise GrowthError(f"width growth by factor {factor}: model.{bad[0]} {fields[bad[0]]} is not "
-                              f"divisible by {scale}")
-        return dataclasses.replace(target, preset="", **{k: v // scale for k, v in fields.items()})
-    if target.n_layers % factor:
-        raise GrowthError(f"depth growth by factor {factor}: model.n_layers {target.n_layers} is not "
-                          f"divisible by {factor}")
-    return dataclasses.replace(target, preset="", n_layers=target.n_layers // factor)
 
 
 PAPER_PRESETS = ("410m", "1.1b", "3b", "7b")
@@ -87,7 +64,7 @@ def plan(params: float, tokens: float | None = None, flops: float | None = None)
                           f"of {tokens:.3g} tokens: train a smaller target or with more tokens")
     preset = nearest_preset(params)
     target = ModelConfig.from_preset(preset)
-    small = small_model(target)
+    small = OPERATORS["stack"].small_model(target, GROWTH_FACTOR)
     small_flops = 6.0 * small.num_params() * d
     grown_flops = 6.0 * target.num_params() * (tokens - d)
     return {

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from stackfast.errors import GrowthError
 from stackfast.growth import width
 from stackfast.growth.depth import layer_map
-from stackfast.growth.spec import Growth, GrowthError
+from stackfast.growth.spec import Growth
 from stackfast.model import Transformer
 
 # batches(step) -> (inputs, targets): int64 (batch, seq) tensors on the model's device.

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from stackfast.errors import GrowthError
 from stackfast.model import Transformer
 
 
 class Ramp:
     def __init__(self, steps: int):
         if steps < 1:
-            from stackfast.growth.spec import GrowthError  # here: spec.py imports this module
             raise GrowthError(f"ramp_steps must be >= 1, got {steps}")
         self.steps = steps
         self.value = 0.0

@@ -1,15 +1,10 @@
-"""What a growth operator returns, and the error it raises on bad input."""
+"""What a growth operator returns."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stackfast.config import StackfastError
 from stackfast.growth.ramp import Ramp
 from stackfast.model import Transformer
-
-
-class GrowthError(StackfastError, ValueError):
-    """Growth asked for with impossible settings (factor, layer map, width target...)."""
 
 
 @dataclass

@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from stackfast.config import ModelConfig
+from stackfast.errors import GrowthError
 from stackfast.growth.depth import add_noise, check_noise
 from stackfast.growth.ramp import Ramp
-from stackfast.growth.spec import Growth, GrowthError
+from stackfast.growth.spec import Growth
+from stackfast.growth_operators import width_scale
 from stackfast.model import RMSNorm, Transformer, init_parameter
 
 # How each weight widens (matched on the end of its name): (axis, kind, side). Side "out":
@@ -49,13 +51,11 @@ WIDTH_AXES = {
 
 def target_config(cfg: ModelConfig, factor: int, hidden_size: int | None = None,
                   ffn_size: int | None = None) -> ModelConfig:
-    """The grown model's config: hidden and FFN sizes (default: times sqrt(factor)), heads
-    scaled with the hidden size at the same head_dim and query heads per kv head."""
+    """The grown model's config: hidden and FFN sizes (default: times width_scale(factor), the
+    rule OperatorSpec.small_model inverts), heads scaled with the hidden size at the same
+    head_dim and query heads per kv head."""
     if hidden_size is None or ffn_size is None:
-        scale = math.isqrt(factor)
-        if scale * scale != factor:
-            raise GrowthError(f"width growth by factor {factor}: the default target multiplies hidden and FFN "
-                              f"sizes by sqrt({factor}), which is not an integer; give hidden_size and ffn_size")
+        scale = width_scale(factor)
         hidden_size = cfg.hidden_size * scale if hidden_size is None else hidden_size
         ffn_size = cfg.ffn_size * scale if ffn_size is None else ffn_size
     for name, new, old in (("hidden_size", hidden_size, cfg.hidden_size), ("ffn_size", ffn_size, cfg.ffn_size)):
@@ -130,7 +130,7 @@ def copy_maps(old: ModelConfig, new: ModelConfig, seed: int) -> dict[str, torch.
     return maps
 
 
-def direct(model: Transformer, factor: int, *, hidden_size: int | None = None, ffn_size: int | None = None,
+def width_direct(model: Transformer, factor: int, *, hidden_size: int | None = None, ffn_size: int | None = None,
            seed: int = 0, noise: float = 0.0) -> Growth:
     """width_direct (Net2Net / bert2BERT split): every new unit copies an old one chosen at
     random (copy_maps): its fan-out rows (and its norm weight, its embedding column) are
@@ -196,7 +196,7 @@ def _norm_weights(model: Transformer) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, RMSNorm)]
 
 
-def zero(model: Transformer, factor: int, *, hidden_size: int | None = None, ffn_size: int | None = None,
+def width_zero(model: Transformer, factor: int, *, hidden_size: int | None = None, ffn_size: int | None = None,
          seed: int = 0) -> Growth:
     """width_zero: new units' output rows are zero, their input columns (and all other new
     entries) random as at init, so every new channel is exactly zero at growth time.
@@ -226,7 +226,7 @@ def zero(model: Transformer, factor: int, *, hidden_size: int | None = None, ffn
     return Growth(grown, width_spec("width_zero", factor, old, cfg, seed))
 
 
-def random(model: Transformer, factor: int, *, hidden_size: int | None = None, ffn_size: int | None = None,
+def width_random(model: Transformer, factor: int, *, hidden_size: int | None = None, ffn_size: int | None = None,
            ramp_steps: int = 100, seed: int = 0) -> Growth:
     """width_random (MSG): all new entries random as at init; the outputs that carry new
     units (those width_zero zeroes) are multiplied by a mask c ramping 0 -> 1 over
@@ -240,10 +240,10 @@ def random(model: Transformer, factor: int, *, hidden_size: int | None = None, f
         for weight in _norm_weights(grown):
             weight *= math.sqrt(model.config.hidden_size / cfg.hidden_size)
     spec = width_spec("width_random", factor, model.config, cfg, seed, ramp_steps=ramp_steps)
-    return Growth(grown, spec, random_ramp(grown, spec))
+    return Growth(grown, spec, width_random_ramp(grown, spec))
 
 
-def random_ramp(model: Transformer, spec: dict) -> Ramp:
+def width_random_ramp(model: Transformer, spec: dict) -> Ramp:
     """The fade-in of width_random's new units, from the spec's old sizes (also on resume)."""
     ramp = Ramp(spec["ramp_steps"])
     for module, start in _new_outputs(model, spec["old_hidden_size"], spec["old_ffn_size"],
