@@ -225,12 +225,18 @@ def _lm_eval(args, source: Path, device) -> int:
                              "must be available locally or downloadable)") from None
     from stackfast.checkpoint import is_hf_dir, load_model, save_hf
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.task_path and not Path(args.task_path).is_dir():
+        raise StackfastError(f"--task-path {args.task_path}: not a folder")
+    task_manager = TaskManager(include_path=args.task_path)
+    unknown = [t for t in tasks if t not in task_manager.all_tasks]
+    if unknown:
+        raise StackfastError(f"--tasks: unknown to lm-evaluation-harness: {', '.join(unknown)} "
+                             "(`lm-eval ls tasks` lists them; --task-path adds a folder of task YAML files)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = source
         if not is_hf_dir(source):
             folder = Path(tmp) / "hf"
             save_hf(folder, load_model(source), _run_tokenizer(source))
-        task_manager = TaskManager(include_path=args.task_path) if args.task_path else None
         results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
                                           tasks=tasks, task_manager=task_manager, device=str(device),
                                           batch_size=args.batch_size, limit=args.limit)

@@ -90,3 +90,5 @@ def test_eval_tasks_scores_a_local_multiple_choice_task(trained, tmp_path):
     accuracy = scores["stackfast_tiny_mc"]["acc,none"]
     assert 0.0 <= accuracy <= 1.0
     assert "stackfast_tiny_mc" in out.stderr and "acc" in out.stderr
+    unknown = stackfast("eval", "--checkpoint", trained, "--tasks", "stackfast_tiny_mcq", "--task-path", TASKS)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("stackfast: error: --tasks: unknown"), unknown.stderr
