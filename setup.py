@@ -7,34 +7,31 @@ Two optional extension modules carry `stackfast.ops.replicate_`:
   (a failure is then an error). It targets Ampere (sm_80) and Hopper (sm_90) unless
   TORCH_CUDA_ARCH_LIST says otherwise.
 A failed optional build is one warning: the package still installs and replicate_ uses
-its PyTorch fallback. Install with `pip install --no-build-isolation -e .` so the build
-sees the torch it will run with.
+its PyTorch fallback.
+
+torch is not a build requirement: the extension must be compiled against the very torch
+it will run with, and an isolated build environment would download its own (a bare
+`torch` requirement pulls a multi-GB CUDA build, whose ABI need not match the user's).
+So `pip install .` (build isolation, no torch in the build environment) builds the
+pure-Python package, and `pip install --no-build-isolation .` (or `-e .`) builds the
+extension against the torch already installed. `stackfast info` says which one is there.
 """
 import os
 import subprocess
+import sys
 
-import torch
 from setuptools import setup
 from setuptools.errors import CompileError
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # an isolated build: no extension, the PyTorch fallback runs
+    torch = None
 
 CXX_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's CPU builds
 CPU_SOURCES = ["csrc/replicate.cpp", "csrc/bindings.cpp"]
 HEADERS = ["csrc/replicate.h"]  # rebuild when it changes
-
-
-class OptionalBuildExtension(BuildExtension):
-    """Turns a failed compile of an optional extension into setuptools' warning.
-
-    torch's ninja build raises RuntimeError (and a missing compiler OSError), which
-    setuptools would not treat as a build error; CompileError makes it honour `optional`.
-    """
-
-    def build_extension(self, ext):
-        try:
-            super().build_extension(ext)
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
-            raise CompileError(str(error)) from error
 
 
 def extensions():
@@ -52,4 +49,23 @@ def extensions():
     return modules
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExtension})
+if torch is None:
+    print("stackfast: torch is not importable in this build environment, so the C++/CUDA extension is "
+          "skipped (replicate_ uses its PyTorch fallback); `pip install --no-build-isolation .` builds it "
+          "against the installed torch", file=sys.stderr)
+    setup()
+else:
+    class OptionalBuildExtension(BuildExtension):
+        """Turns a failed compile of an optional extension into setuptools' warning.
+
+        torch's ninja build raises RuntimeError (and a missing compiler OSError), which
+        setuptools would not treat as a build error; CompileError makes it honour `optional`.
+        """
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+                raise CompileError(str(error)) from error
+
+    setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExtension})

@@ -5,7 +5,7 @@ runs it in one process: the small model's modules become the grown model's first
 the 24 further layers are allocated and written with replicate_. Then the same plus the
 two AdamW moments of every parameter, as a job with growth.optimizer = "replicate" copies
 them (`stackfast.growth.depth.copy_optimizer_state`, replicate_ again). One process, no
-collective calls; the target is < 1 s on GPU (design.md). fp32 weights and moments: the
+collective calls; the target is < 1 s on GPU (docs/design.md). fp32 weights and moments: the
 7B target with moments needs 12 bytes a parameter (71 GB); a case that does not fit the
 GPU's free memory is reported as skipped. On CPU a scaled-down shape keeps it quick.
 

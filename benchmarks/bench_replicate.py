@@ -4,7 +4,7 @@
     python -m benchmarks.bench_replicate --cpu    # scaled-down set on CPU (under a minute)
     python -m benchmarks.bench_replicate --cpu --threads 1   # CPU without OpenMP effects
 
-Workload (design.md target): G_stack with g = 4 on 4 layers of a 7B Llama (hidden 4096,
+Workload (docs/design.md target): G_stack with g = 4 on 4 layers of a 7B Llama (hidden 4096,
 FFN 11008, 32 heads, 8 KV heads), fp32 weights plus the two Adam moments, so every tensor
 gets g-1 = 3 copies. On CPU the widths are divided by 4.
 

@@ -90,7 +90,7 @@ CHECK_ATOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}
 
 
 def check(device: torch.device, dtype: torch.dtype, cases) -> list[dict]:
-    """Outputs and gradients against the fp64 reference with design.md's rule:
+    """Outputs and gradients against the fp64 reference with docs/design.md's rule:
     |kernel - ref64| <= 2 |torch - ref64| + atol. cases: (rows, hidden, with_residual)."""
     rows = []
     for n_rows, hidden, with_residual in cases:

@@ -1,4 +1,4 @@
-"""The one benchmark harness every bench_*.py uses (design.md, convention 7).
+"""The one benchmark harness every bench_*.py uses (docs/design.md, convention 7).
 
 Each benchmark times callables with `measure`, builds rows (dicts) that carry the
 baseline measured in the same run, and writes them with `write_results` as JSON

@@ -470,14 +470,17 @@ def load_hf(folder: str | Path, allow_unverified: bool = False) -> tuple[ModelCo
 def save_hf(folder: Path, model: torch.nn.Module, tokenizer_file: Path | None = None) -> None:
     """Write model as a LlamaForCausalLM folder (config.json, model.safetensors, tokenizer).
 
+    With the tokenizer come its tokenizer_config.json and the special-token ids in
+    config.json and generation_config.json (stackfast/hf_export.py).
     `folder` must not exist yet (callers refuse or clear it); written atomically."""
+    from stackfast.hf_export import write_hf_metadata
     cfg = model.config
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
-              "bos_token_id": None, "eos_token_id": None, **hf_llama_config(cfg)}
+              **hf_llama_config(cfg)}
     weights = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(model.state_dict()).items()}
 
     def write(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        write_hf_metadata(tmp, config, tokenizer_file, cfg.max_seq_len)
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / tokenizer_file.name)

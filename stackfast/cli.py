@@ -185,18 +185,24 @@ def cmd_grow(args) -> int:
     return 0
 
 
-def cmd_export_hf(args) -> int:
-    from stackfast.checkpoint import load_config_of, load_model, save_hf
+def _run_tokenizer(source: Path) -> Path | None:
+    """The tokenizer file of a stackfast checkpoint's run (None for 'bytes' or missing data)."""
+    from stackfast.checkpoint import load_config_of
     from stackfast.data import TokenData, resolve_path
+    cfg = load_config_of(source)
+    try:  # the run's tokenizer goes alongside when its data folder is still there
+        return TokenData(resolve_path(cfg.data.path, cfg.data.val_fraction)).tokenizer_file
+    except StackfastError:
+        print(f"note: the run's data ({cfg.data.path}) is not here; exported without a tokenizer", file=sys.stderr)
+        return None
+
+
+def cmd_export_hf(args) -> int:
+    from stackfast.checkpoint import load_model, save_hf
     source, out = Path(args.checkpoint), Path(args.out)
     _refuse_existing(out, args.force, source)
     model = load_model(source, allow_unverified=args.allow_unverified)  # verifies config.toml before it is read
-    cfg = load_config_of(source)
-    tokenizer = None
-    try:  # the run's tokenizer goes alongside when its data folder is still there
-        tokenizer = TokenData(resolve_path(cfg.data.path, cfg.data.val_fraction)).tokenizer_file
-    except StackfastError:
-        print(f"note: the run's data ({cfg.data.path}) is not here; exported without a tokenizer", file=sys.stderr)
+    tokenizer = _run_tokenizer(source)
     save_hf(out, model, tokenizer)
     print(f"wrote {out}: LlamaForCausalLM, {model.num_params() / 1e6:.2f}M parameters"
           + (f", tokenizer {tokenizer.name}" if tokenizer else ""))
@@ -216,7 +222,7 @@ def cmd_eval(args) -> int:
     out = _output_file(args.out, args.force) if args.out else None
     device = resolve_device(args.device)
     if args.tasks:
-        return _lm_eval(args.tasks, source, load_model(source, "auto", args.allow_unverified).to(device))
+        return _lm_eval(args, source, device)
     if not source.is_dir():
         raise StackfastError(f"{source}: no such checkpoint folder")
     if args.data:
@@ -259,22 +265,44 @@ def _model_shape(source: Path) -> tuple[int, int]:
         return model_cfg.vocab_size, model_cfg.max_seq_len
 
 
-def _lm_eval(tasks: str, source: Path, model) -> int:
-    """Run lm-evaluation-harness tasks on the checkpoint (exported to HF format if needed)."""
+def _lm_eval(args, source: Path, device) -> int:
+    """Score the checkpoint on lm-evaluation-harness tasks (`pip install 'stackfast[eval]'`).
+
+    A stackfast checkpoint is exported to a temporary Hugging Face folder first, with its
+    run's tokenizer; a Hugging Face folder is passed as it is. Prints one line per task
+    and metric and the JSON of lm-eval's results (also written to --out)."""
     import tempfile
-    from stackfast.checkpoint import is_hf_dir, save_hf
     try:
         import lm_eval
+        from lm_eval.tasks import TaskManager
     except ImportError:
-        raise StackfastError("--tasks needs lm-evaluation-harness (pip install lm-eval) with its task data "
-                             "available locally") from None
+        raise StackfastError("--tasks needs lm-evaluation-harness: pip install 'stackfast[eval]' (task data "
+                             "must be available locally or downloadable)") from None
+    from stackfast.checkpoint import is_hf_dir, load_model, save_hf
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.task_path and not Path(args.task_path).is_dir():
+        raise StackfastError(f"--task-path {args.task_path}: not a folder")
+    task_manager = TaskManager(include_path=args.task_path)
+    unknown = [t for t in tasks if t not in task_manager.all_tasks]
+    if unknown:
+        raise StackfastError(f"--tasks: unknown to lm-evaluation-harness: {', '.join(unknown)} "
+                             "(`lm-eval ls tasks` lists them; --task-path adds a folder of task YAML files)")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = source if is_hf_dir(source) else Path(tmp) / "hf"
-        if folder != source:
-            save_hf(folder, model)
-        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder}",
-                                          tasks=tasks.split(","))
-    print(json.dumps(results["results"], indent=1, default=str))
+        folder = source
+        if not is_hf_dir(source):
+            folder = Path(tmp) / "hf"
+            save_hf(folder, load_model(source, allow_unverified=args.allow_unverified), _run_tokenizer(source))
+        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
+                                          tasks=tasks, task_manager=task_manager, device=str(device),
+                                          batch_size=args.batch_size, limit=args.limit)
+    scores = results["results"]
+    for task, metrics in scores.items():
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not name.endswith("_stderr,none") and name != "alias":
+                print(f"{task:24} {name.replace(',none', ''):14} {value:.4f}", file=sys.stderr)
+    print(json.dumps(scores, indent=1, default=str))
+    if args.out:
+        Path(args.out).write_text(json.dumps(scores, indent=1, default=str) + "\n")
     return 0
 
 
@@ -297,7 +325,7 @@ def info() -> dict:
     """Versions, device, kernel selection and compiled parts."""
     import torch
     from stackfast.model import use_triton
-    from stackfast.ops import extension_info
+    from stackfast.ops import extension_info, extension_summary
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         import triton
@@ -313,6 +341,7 @@ def info() -> dict:
         "cuda": torch.version.cuda,
         "kernels_auto": "triton" if use_triton("auto", device) else "torch",
         "extension": extension_info(),  # which compiled parts of csrc/ import (cpu, cuda)
+        "replicate_": extension_summary(),  # says so in one line when the PyTorch fallback runs
     }
     return out
 
@@ -415,8 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the JSON result here")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
-    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
+    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (pip install 'stackfast[eval]')")
     p.add_argument("--allow-unverified", action="store_true", help=UNVERIFIED_HELP)
+    p.add_argument("--task-path", help="folder of extra lm-eval task YAML files (lm-eval's include_path)")
+    p.add_argument("--limit", type=int, help="with --tasks: at most this many documents per task")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="the benchmark suite: ratios against baselines measured in the same run")

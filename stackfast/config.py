@@ -87,7 +87,7 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward).
 
-        Convention (anchors.md): 6 * (non-embedding weights + LM head) plus
+        Convention (docs/design.md, "MFU convention"): 6 * (non-embedding weights + LM head) plus
         6 * n_layers * hidden * seq_len for attention scores and values, which is the
         12*L*d*S of full attention counted at half because the mask is causal.
         """
@@ -355,7 +355,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------
-# Presets: the paper's sizes (paper.md "Settings"), their g = 4 small models, toy sizes
+# Presets: the paper's sizes (docs/method.md "Settings"), their g = 4 small models, toy sizes
 # --------------------------------------------------------------------------------------
 
 _LLAMA = dict(vocab_size=32000, max_seq_len=2048, norm_eps=1e-5)
@@ -368,9 +368,9 @@ PRESETS: dict[str, dict] = {
     "3b-small": dict(_LLAMA, n_layers=8, hidden_size=2560, n_heads=20, n_kv_heads=4, ffn_size=7040),
     "7b": dict(_LLAMA, n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=11008),
     "7b-small": dict(_LLAMA, n_layers=8, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=11008),
-    # TinyLlama's shape, the throughput benchmark's 1.1B (issue 7, anchors.md).
+    # TinyLlama's shape, the throughput benchmark's 1.1B (issue 7; docs/design.md, reference figures).
     "tinyllama-1.1b": dict(_LLAMA, n_layers=22, hidden_size=2048, n_heads=32, n_kv_heads=4, ffn_size=5632),
-    # CPU sizes: the pilot of paper.md (2 -> 8 layers, hidden 256, vocab 4096).
+    # CPU sizes: the pilot of docs/method.md (2 -> 8 layers, hidden 256, vocab 4096).
     "toy": dict(vocab_size=4096, n_layers=8, hidden_size=256, n_heads=4, n_kv_heads=4, ffn_size=688,
                 max_seq_len=1024),
     "toy-small": dict(vocab_size=4096, n_layers=2, hidden_size=256, n_heads=4, n_kv_heads=4, ffn_size=688,
@@ -379,7 +379,7 @@ PRESETS: dict[str, dict] = {
                  max_seq_len=256),
 }
 
-# Peak learning rates of the paper's targets (paper.md); used by the shipped configs.
+# Peak learning rates of the paper's targets (docs/method.md); used by the shipped configs.
 PAPER_LR = {"410m": 6e-4, "1.1b": 3e-4, "3b": 1.6e-4, "7b": 1e-4}
 
 

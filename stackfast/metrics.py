@@ -1,6 +1,6 @@
 """Throughput and MFU, the metrics log (metrics.jsonl, TensorBoard) and the progress line.
 
-MFU convention (the one anchors.md uses, stated wherever an MFU is printed):
+MFU convention (docs/design.md; the reference figures use it too; stated wherever an MFU is printed):
 model FLOPs per token = 6 * (non-embedding weights + LM head) + 6 * n_layers * hidden *
 seq_len (causal attention counted at half), divided by the device's dense bf16 peak.
 """

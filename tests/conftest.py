@@ -53,3 +53,15 @@ def poisoned_steps(monkeypatch):
         return out
     monkeypatch.setattr(Transformer, "forward", poisoned)
     return steps
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-layer tiny model trained for 3 steps on the built-in corpus (a stackfast checkpoint)."""
+    from stackfast.config import load_config
+    from stackfast.train import run
+    run_dir = tmp_path_factory.mktemp("run")
+    run(load_config(None, ['model.preset="tiny"', "model.kernels=torch", "data.seq_len=32", "train.max_steps=3",
+                           "train.global_batch_size=2", "train.eval_batches=1", "logging.progress=false",
+                           "logging.tensorboard=false", f'logging.run_dir="{run_dir}"']))
+    return run_dir / "checkpoints" / "step_00000003"

@@ -16,7 +16,7 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def assert_within_torch_error(out, ref64, torch_out, what):
-    """design.md: |kernel - ref_fp64| <= 2 |torch_lowprec - ref_fp64| + atol."""
+    """docs/design.md: |kernel - ref_fp64| <= 2 |torch_lowprec - ref_fp64| + atol."""
     err = (out.double() - ref64).abs()
     bound = 2 * (torch_out.double() - ref64).abs() + ATOL[out.dtype] * max(1.0, ref64.abs().max())
     assert (err <= bound).all(), \

@@ -43,7 +43,7 @@ def test_paper_presets_and_their_small_models(name, layers, hidden, heads, kv, f
 
 
 def test_7b_parameter_count_is_about_7b():
-    # 8 KV heads (paper.md) make it ~5.9B rather than Llama-2-7B's 6.7B with full heads.
+    # 8 KV heads (docs/method.md) make it ~5.9B rather than Llama-2-7B's 6.7B with full heads.
     assert 5.5e9 < ModelConfig.from_preset("7b").num_params() < 7.0e9
 
 

@@ -1,4 +1,4 @@
-"""Golden loss trace (design.md convention 9): a tiny model's first 20 losses are stored in
+"""Golden loss trace (docs/design.md convention 9): a tiny model's first 20 losses are stored in
 tests/golden/tiny_loss.json; the PyTorch path must reproduce them (on the CPU) and the
 Triton kernels (under the interpreter on CPU) must follow them. On a GPU machine, where
 the kernels are compiled for the GPU, the Triton trace is compared on the GPU with the

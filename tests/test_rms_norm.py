@@ -13,7 +13,7 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3}
 
 
 def assert_within_torch_error(out, ref64, torch_out, dtype, what):
-    """design.md: |kernel - ref_fp64| <= 2 |torch_lowprec - ref_fp64| + atol (inputs in dtype)."""
+    """docs/design.md: |kernel - ref_fp64| <= 2 |torch_lowprec - ref_fp64| + atol (inputs in dtype)."""
     err = (out.double() - ref64).abs()
     allowed = 2 * (torch_out.double() - ref64).abs() + ATOL[dtype] * ref64.abs().max()
     assert (err <= allowed).all(), \

@@ -1,4 +1,4 @@
-"""Depthwise growth: G_stack (`stack`), `depth_zero` and `depth_random` (paper.md).
+"""Depthwise growth: G_stack (`stack`), `depth_zero` and `depth_random` (docs/method.md).
 
 All three build the grown model from a *layer map*: entry i says which small-model layer
 block i of the grown model copies (-1: a freshly initialised block). Embedding, final
@@ -179,7 +179,7 @@ def stack(model: Transformer, factor: int, *, layers: str | list[int] = "all", o
 
     noise = alpha > 0 mixes every block matrix with Gaussian noise, W <- (1 - alpha) W +
     alpha * eps, eps ~ N(0, 2 / (5 d)), and N(0, 1 / (d L^2)) for the output and down
-    projections (paper.md; alpha = 0.2 was slightly better than none).
+    projections (docs/method.md; alpha = 0.2 was slightly better than none).
     shard, in_place: see build_from_map (the depth operators take both).
     """
     check_noise(noise)

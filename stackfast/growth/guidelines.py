@@ -1,6 +1,6 @@
 """The paper's guidelines: when to grow (timing d) and by how much (g = 4).
 
-growth_timing is the fitted formula of paper.md, from IsoFLOP sweeps at N in
+growth_timing is the fitted formula of docs/method.md, from IsoFLOP sweeps at N in
 {410M, 1.1B, 3B} with g = 4:
 
     log10(d) = 0.88 * log10(N) + 163.27 / log10(C) - 5.74,    C = 6 * N * D
@@ -22,7 +22,7 @@ GROWTH_FACTOR = 4
 
 def growth_timing(target_params: float, flops: float) -> float:
     """Tokens d to train the small model for, for a target of `target_params` parameters
-    trained with a total budget of `flops` FLOPs (paper.md)."""
+    trained with a total budget of `flops` FLOPs (docs/method.md)."""
     if not target_params > 0 or not flops > 1:
         raise GrowthError(f"growth_timing needs positive parameters and FLOPs > 1, got {target_params}, {flops}")
     return 10 ** (0.88 * math.log10(target_params) + 163.27 / math.log10(flops) - 5.74)
@@ -43,7 +43,7 @@ def plan(params: float, tokens: float | None = None, flops: float | None = None)
 
     Returns the budget, d, g, the small model's shape and the expected compute split:
     the small model trains on d tokens, the grown model on the remaining tokens; total
-    FLOPs include the small model's (paper.md).
+    FLOPs include the small model's (docs/method.md).
     """
     if (tokens is None) == (flops is None):
         raise GrowthError("give exactly one of the token budget and the FLOP budget")

@@ -1,4 +1,4 @@
-"""Widthwise growth: `width_direct`, `width_zero` and `width_random` (paper.md).
+"""Widthwise growth: `width_direct`, `width_zero` and `width_random` (docs/method.md).
 
 All three widen hidden size d -> D and FFN size f -> F (default: both times sqrt(factor),
 so the parameter count grows about `factor`-fold) and keep head_dim, so attention grows

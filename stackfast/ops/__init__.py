@@ -2,11 +2,43 @@
 
 Each module holds the Triton (or C++/CUDA) kernel, its launcher, the autograd
 function, the pure-PyTorch `*_ref` reference and the public function.
+
+The Triton modules are imported on first use (PEP 562 `__getattr__` below), so
+`import stackfast.ops` and everything that runs with `kernels = "torch"` work where
+triton is not installed; `from stackfast.ops import attention` then raises the
+ImportError naming triton.
 """
+import importlib
+import sys
+import types
 
-from stackfast.ops.attention import attention, attention_ref
-from stackfast.ops.replicate import extension_info, replicate_, replicate_ref
-from stackfast.ops.rms_norm import rms_norm, rms_norm_ref
+from stackfast.ops.replicate import extension_info, extension_summary, replicate_, replicate_ref
 
-__all__ = ["attention", "attention_ref", "extension_info", "replicate_", "replicate_ref", "rms_norm",
+# Public name -> the module that defines it, imported when the name is first asked for.
+_LAZY = {"attention": "attention", "attention_ref": "attention", "rms_norm": "rms_norm",
+         "rms_norm_ref": "rms_norm"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"stackfast.ops.{_LAZY[name]}"), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module 'stackfast.ops' has no attribute {name!r}")
+
+
+class _Ops(types.ModuleType):
+    """Importing a submodule (`import stackfast.ops.attention`) binds it on this package
+    under the function's name; keep the function there, as an eager import would."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Ops
+
+
+__all__ = ["attention", "attention_ref", "extension_info", "extension_summary", "replicate_", "replicate_ref", "rms_norm",
            "rms_norm_ref"]

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["replicate_", "replicate_ref", "extension_info"]
+__all__ = ["replicate_", "replicate_ref", "extension_info", "extension_summary"]
 
 _MODULES = {"cpu": "stackfast._C", "cuda": "stackfast._C_cuda"}
 
@@ -42,6 +42,17 @@ def _load(module_name: str) -> ModuleType | None:
 def extension_info() -> dict:
     """Which compiled parts import: {"cpu": bool, "cuda": bool} (for `stackfast info`)."""
     return {device: _load(name) is not None for device, name in _MODULES.items()}
+
+
+def extension_summary() -> str:
+    """One line for `stackfast info`: which implementation replicate_ runs on this machine."""
+    built = [device for device, present in extension_info().items() if present]
+    if os.environ.get("STACKFAST_NO_EXTENSION") == "1":
+        return "PyTorch fallback (STACKFAST_NO_EXTENSION=1)"
+    if built:
+        return f"compiled extension ({', '.join(built)}; other devices: PyTorch fallback)"
+    return ("PyTorch fallback (torch._foreach_copy_): the C++/CUDA extension is not built; "
+            "`pip install --no-build-isolation .` builds it against the installed torch")
 
 
 def _extension_for(device: torch.device) -> ModuleType | None:
