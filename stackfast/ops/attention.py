@@ -463,3 +463,32 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         hidden = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))
     return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def compile_specs(arch: int) -> list:
+    """The kernels of this module for benchmarks/kernel_stats.py (offline compiles): every
+    advertised head dim, bf16 and fp16, causal and not, with the GPU config lists."""
+    del arch
+    specs = []
+    sizes = ("n_heads", "n_kv_heads", "seqlen")
+    for head_dim in HEAD_DIMS:
+        for dtype in ("bf16", "fp16"):
+            for causal in (True, False):
+                t = f"*{dtype}"
+                variant = {"head_dim": head_dim, "dtype": dtype, "causal": causal}
+                common = {"HEAD_DIM": head_dim, "CAUSAL": causal, "UPCAST": False, "DOT_PRECISION": "tf32"}
+                floats = {"qk_scale": "fp32", "sm_scale": "fp32"}
+                for name, tuner, pointers in [
+                        ("fwd", _attn_fwd_kernel, ["q_ptr", "k_ptr", "v_ptr", "o_ptr"]),
+                        ("dkdv", _attn_bwd_dkdv_kernel, ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr"]),
+                        ("dq", _attn_bwd_dq_kernel, ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dq_ptr"])]:
+                    stats = ["lse_ptr"] if name == "fwd" else ["lse_ptr", "delta_ptr"]
+                    signature = {p: ("*fp32" if p in stats else t) for p in tuner.fn.arg_names
+                                 if p.endswith("_ptr")}
+                    signature.update({s: "i32" for s in sizes})
+                    signature.update({f: v for f, v in floats.items() if f in tuner.fn.arg_names})
+                    signature = {a: signature[a] for a in tuner.fn.arg_names if a in signature}
+                    configs = tuple((c.kwargs, c.num_warps, c.num_stages) for c in tuner.configs)
+                    specs.append(_launch.CompileSpec(f"attention.{name}", tuner, signature,
+                                                     tuple(pointers + stats) + sizes, common, configs, variant))
+    return specs
