@@ -94,7 +94,7 @@ def compile_one(module_name: str, arch: int, spec_index: int, config_index: int)
     """The report row of one config of one spec."""
     spec = specs(module_name, arch)[spec_index]
     constexprs, warps, stages = spec.configs[config_index]
-    fn = getattr(spec.fn, "fn", spec.fn)  # an Autotuner wraps the JITFunction
+    fn = spec.fn.fn if isinstance(spec.fn, triton.runtime.Autotuner) else spec.fn  # the JITFunction
     values = {**spec.constexprs, **constexprs}
     signature = {**spec.signature, **{name: "constexpr" for name in values}}
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.hinted}
@@ -169,6 +169,7 @@ def main(argv=None) -> int:
             for j in range(1 if args.default_only else len(spec.configs))]
     if not jobs:
         parser.error("no kernel matches the filters")
+    jobs.sort(key=lambda job: specs(*job[:2])[job[2]].variant.get("dtype") == "fp32")  # the slow ones last
     log = sys.stderr if args.json else sys.stdout
     rows = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Inline() as pool:
