@@ -1,4 +1,6 @@
 """stackfast.ops.attention (Triton; the interpreter on CPU) against its fp64 reference."""
+import importlib
+
 import pytest
 import torch
 
@@ -41,6 +43,9 @@ CASES = [
     (torch.float16, 1, 1, 2, 2, 64, False),
     (torch.float16, 1, 65, 4, 1, 32, False),   # multi-query, another head dim
     (torch.bfloat16, 1, 33, 2, 1, 64, True),
+    (torch.float16, 1, 257, 4, 1, 32, True),   # GQA group 4 (the dk/dv head loop), odd length
+    (torch.bfloat16, 2, 100, 4, 2, 64, False),  # GQA group 2, not causal
+    (torch.bfloat16, 1, 70, 2, 2, 256, True),  # the largest head dim (small tiles on a GPU)
 ]
 
 
@@ -59,6 +64,45 @@ def test_matches_fp64_reference(dtype, batch, seqlen, heads, kv_heads, head_dim,
     for name, out, torch_out, ref64 in zip(["out", "dq", "dk", "dv"], got, torch_lowprec, ref):
         assert out.dtype == dtype and out.shape == ref64.shape
         assert_within_torch_error(out, ref64, torch_out, name)
+
+
+def test_deterministic_mode_uses_the_dq_kernel(monkeypatch):
+    """torch.use_deterministic_algorithms(True): dq from its own kernel (no atomics), the same
+    bits on every run, within the tolerance rule like the default (atomic) path."""
+    module = attention_mod()
+    torch.manual_seed(0)
+    q = torch.randn(1, 97, 4, 32, dtype=torch.float16)
+    k, v = (torch.randn(1, 97, 2, 32, dtype=torch.float16) for _ in range(2))
+    d_out = torch.randn(1, 97, 4, 32, dtype=torch.float16).double()
+    launched = []
+    original = module._launcher
+    monkeypatch.setattr(module, "_launcher", lambda kernel, q: launched.append(kernel) or original(kernel, q))
+    atomic = _forward_backward(attention, q, k, v, d_out)
+    assert launched == ["fwd", "dkdv-gqa"]
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_forward_backward(attention, q, k, v, d_out) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert launched[2:] == ["fwd", "dkdv-gqa", "dq"] * 2
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    torch_lowprec = _forward_backward(attention_ref, q, k, v, d_out)
+    ref = _forward_backward(attention_ref, q, k, v, d_out, upcast=True)
+    for name, out, det, torch_out, ref64 in zip(["out", "dq", "dk", "dv"], atomic, runs[0], torch_lowprec, ref):
+        assert_within_torch_error(out, ref64, torch_out, name)
+        assert_within_torch_error(det, ref64, torch_out, f"{name} (deterministic)")
+
+
+def test_fp32_head_dim_256_is_refused():
+    q = torch.zeros(1, 4, 2, 256)
+    with pytest.raises(ValueError, match="head_dim 256 in float32"):
+        attention(q, q, q)
+    assert attention_mod().supports(256, torch.bfloat16) and not attention_mod().supports(256, torch.float32)
+
+
+def attention_mod():
+    return importlib.import_module("stackfast.ops.attention")
 
 
 def test_softmax_scale_and_causality():
@@ -127,8 +171,7 @@ def test_torch_compile_fullgraph():
 
 def test_autotune_can_be_switched_off(monkeypatch):
     """STACKFAST_AUTOTUNE=0: the first GPU config alone (one compile per new shape)."""
-    import importlib
-    module = importlib.import_module("stackfast.ops.attention")
+    module = attention_mod()
     monkeypatch.setattr(_launch, "INTERPRET", False)
     gpu_configs = [(128, 64, 4, 3), (64, 64, 4, 4)]
     assert len(module._configs(gpu_configs, (32, 32, 4, 1))) == 2

@@ -3,6 +3,7 @@
 `INTERPRET` is read once at import, like `triton.jit` does: the kernels are compiled
 for the GPU or run by the Triton interpreter depending on TRITON_INTERPRET at import.
 """
+import dataclasses
 import os
 
 import torch
@@ -29,3 +30,27 @@ def programs_per_device(device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSpec:
+    """One kernel at one set of compile-time values, described for an offline compile
+    (benchmarks/kernel_stats.py): every Triton op module lists its kernels in a
+    `compile_specs(arch)` function that returns these.
+
+    kernel: the report's name ("attention.fwd"); fn: the @triton.jit function;
+    signature: argument -> Triton type ("*bf16", "i32", "fp32") of the runtime arguments;
+    hinted: the arguments the runtime sees 16-divisible at real sizes (pointers of
+    torch's allocations, sizes such as seqlen 4096 or 32 heads), given `tt.divisibility`
+    16 as the launcher's specialisation does; constexprs: the compile-time values other
+    than the config's; configs: (config constexprs, num_warps, num_stages), the first is
+    the default (what STACKFAST_AUTOTUNE=0 runs); variant: what the report prints beside
+    the kernel name (head_dim, dtype, causal, ...).
+    """
+    kernel: str
+    fn: object
+    signature: dict
+    hinted: tuple
+    constexprs: dict
+    configs: tuple
+    variant: dict

@@ -1,23 +1,38 @@
 """Flash attention (forward and backward) in Triton, flash-attn layout, causal or not, GQA.
 
 q: (batch, seqlen, heads, head_dim); k, v: (batch, seqlen, kv_heads, head_dim), with
-heads a multiple of kv_heads: query head h reads kv head h // (heads // kv_heads).
+heads a multiple of kv_heads: query head h reads kv head h // GROUP, GROUP = heads //
+kv_heads, a compile-time constant of every kernel.
 
 Forward: each program owns a block of query rows and streams the key/value blocks
-through an online softmax, so no seqlen x seqlen matrix is ever stored. It saves the
-log-sum-exp of each row (base 2, with the softmax scale folded in) for the backward.
-Backward (FlashAttention-2): a preprocess kernel computes delta = rowsum(dO * O); a
-dk/dv kernel where each program owns a key block of one kv head and loops over the
-query heads of its group and over the query blocks (the GQA reduction happens in
-registers, no atomics); a dq kernel where each program owns a query block.
+through an online softmax (the Triton tutorial's arithmetic: scores scaled and shifted by
+the row maximum in one FMA, exp2, an additive mask on the blocks that need one), so no
+seqlen x seqlen matrix is ever stored. It saves the log-sum-exp of each row (base 2, with
+the softmax scale folded in) for the backward.
+
+Backward (FlashAttention-2/3): a preprocess kernel computes delta = rowsum(dO * O); a
+dk/dv kernel where each program owns a key block of one kv head and loops over the query
+blocks (and over the query heads of its group when GROUP > 1: the GQA reduction happens in
+registers). By default it also computes dq there, five matmuls per block pair (S, dP, dV,
+dK, dQ), adding each block's dq to an fp32 buffer with atomics. Under
+`torch.use_deterministic_algorithms(True)` dq comes instead from a separate kernel where
+each program owns a query block (seven matmuls per block pair, as S and dP are computed
+twice, but the same bits on every run).
 
 Causal blocks are split into a part fully below the diagonal (no mask computed) and
 the blocks that cross the diagonal or the end of the sequence (masked).
+
+Configs are listed per architecture (sm_80: A100, 163 KB of shared memory per block;
+sm_90: H100/H200, 227 KB) and head dim; `compile_specs` hands them to
+benchmarks/kernel_stats.py, whose offline compiles (registers, spills, shared memory)
+chose them: the first config of each list has no spills.
 
 Layers: kernels -> launchers registered as torch custom ops ("stackfast::attention_fwd",
 "stackfast::attention_bwd") with fake implementations and an autograd formula ->
 `attention`. `attention_ref` is the pure-PyTorch reference.
 """
+import dataclasses
+import functools
 import math
 import os
 
@@ -28,6 +43,9 @@ import triton.language as tl
 from stackfast.ops import _launch
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
+# fp32 (the exact path, for tests) holds every tile in 4 bytes: at head dim 256 no config
+# fits; see _validate.
+FP32_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 
 
@@ -46,20 +64,86 @@ def _configs(gpu_configs, interpreter_config):
             for bm, bn, w, s in chosen]
 
 
-# Ampere (A100, 164 KB shared memory) and Hopper (228 KB) pick different winners; configs
-# that do not fit a device's shared memory are skipped by the autotuner. The causal block
-# split needs BLOCK_M % BLOCK_N == 0 (forward, dq) and BLOCK_N % BLOCK_M == 0 (dk/dv).
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-                        interpreter_config=(64, 32, 4, 1))
-# The first config of each list is the one STACKFAST_AUTOTUNE=0 takes: one that fits H100
-# shared memory even for fp32 inputs at head dim 128 (offline sm_90 compiles: fwd 225 KB,
-# dk/dv 209 KB, dq 208 KB of the 227 KB; the larger configs need up to 321 KB in fp32).
-_DKDV_CONFIGS = _configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2)],
-                         interpreter_config=(32, 64, 4, 1))
-_DQ_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
-                       interpreter_config=(64, 32, 4, 1))
+# kernel -> arch -> head dim -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)], the first being
+# the default. BLOCK_M counts query rows, BLOCK_N keys; the causal block split needs
+# BLOCK_M % BLOCK_N == 0 (forward, dq) and BLOCK_N % BLOCK_M == 0 (dk/dv). Configs that do
+# not fit a device's shared memory are skipped by the autotuner; the lists keep only
+# configs without spills in benchmarks/kernel_stats.py (triton 3.7.1, bf16 and fp16; the
+# configs that spilled were dropped: 128x128 fwd at head dim 128, 64x32 4-warp fwd at 256).
+_SMALL = (16, 32, 64)
+CONFIGS = {
+    "fwd": {
+        90: {**dict.fromkeys(_SMALL, [(128, 64, 8, 3), (128, 128, 8, 3)]),
+             128: [(128, 64, 8, 3), (64, 64, 4, 3)],
+             256: [(64, 64, 8, 2)]},
+        # sm_80 at head dims 16 and 32: ptxas caps 8-warp programs at 128 registers there
+        # (and spills); 4 warps do not spill
+        80: {16: [(128, 64, 4, 3), (128, 32, 4, 3)], 32: [(128, 64, 4, 3), (128, 32, 4, 3)],
+             64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+             128: [(64, 64, 8, 2)],
+             256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+    },
+    # dk/dv (and the atomic dq): k, v, dk and dv stay in registers, so BLOCK_N * HEAD_DIM
+    # bounds the tile; small BLOCK_M (query rows per step) keeps the transient tiles small.
+    "dkdv": {
+        90: {**dict.fromkeys(_SMALL, [(64, 128, 8, 2), (32, 64, 4, 2)]),
+             128: [(32, 64, 8, 2), (16, 64, 8, 2)],
+             256: [(32, 32, 8, 2)]},
+        80: {**dict.fromkeys(_SMALL, [(32, 128, 8, 2)]),
+             128: [(32, 64, 8, 2), (16, 64, 8, 2)],
+             256: [(32, 32, 8, 2)]},
+    },
+    # dk/dv with GQA (GROUP > 1): the runtime loop over the group's query heads costs registers
+    "dkdv-gqa": {
+        90: {**dict.fromkeys(_SMALL, [(32, 64, 8, 2)]),
+             128: [(16, 64, 8, 2)],
+             256: [(16, 16, 8, 2)]},
+        80: {**dict.fromkeys(_SMALL, [(32, 64, 8, 2)]),
+             128: [(16, 64, 8, 2)],
+             256: [(16, 32, 8, 2), (16, 16, 8, 2)]},
+    },
+    "dq": {
+        90: {**dict.fromkeys(_SMALL, [(128, 64, 8, 3), (64, 64, 4, 3)]),
+             128: [(128, 64, 8, 2), (64, 64, 4, 3)],
+             256: [(64, 32, 8, 2)]},
+        80: {16: [(64, 64, 4, 3), (64, 32, 4, 2)], 32: [(64, 64, 4, 3), (64, 32, 4, 2)],
+             64: [(128, 64, 8, 2), (64, 64, 4, 3)],
+             128: [(64, 64, 4, 2)],
+             256: [(64, 32, 8, 1)]},
+    },
+}
+# fp32 (exact dots, tests): small tiles, 4 bytes each.
+FP32_CONFIGS = {"fwd": [(64, 64, 4, 2)], "dkdv": [(32, 64, 4, 2)], "dkdv-gqa": [(32, 64, 4, 2)],
+                "dq": [(64, 32, 4, 2)]}
+_INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv-gqa": (32, 64, 4, 1),
+                        "dq": (64, 32, 4, 1)}
 # Few configs: every new key costs one compile and one timing per config (seconds).
-_TUNE_KEY = ["seqlen", "HEAD_DIM", "CAUSAL"]
+_TUNE_KEY = ["seqlen", "HEAD_DIM", "CAUSAL", "GROUP"]
+
+
+def configs_for(kernel: str, arch: int, head_dim: int, dtype: torch.dtype) -> list:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list of `kernel` on sm_<arch>."""
+    if dtype == torch.float32:
+        return FP32_CONFIGS[kernel]
+    return CONFIGS[kernel][arch][head_dim]
+
+
+def _arch(device: torch.device) -> int:
+    """The config table's architecture for a device: 90 for Hopper and later, else 80."""
+    if device.type != "cuda":
+        return 90  # the interpreter: its one config does not depend on it
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+@functools.cache
+def _tuner(kernel: str, arch: int, head_dim: int, dtype: torch.dtype):
+    """The autotuned launcher of `kernel` for one architecture, head dim and dtype."""
+    fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dkdv-gqa": _attn_bwd_dkdv_kernel,
+          "dq": _attn_bwd_dq_kernel}[kernel]
+    # the atomic dq buffer is summed into: zeroed before each timing run of a config
+    extra = {"reset_to_zero": ["dq_ptr"]} if kernel.startswith("dkdv") else {}
+    configs = _configs(configs_for(kernel, arch, head_dim, dtype), _INTERPRETER_CONFIGS[kernel])
+    return triton.autotune(configs=configs, key=_TUNE_KEY, **extra)(fn)
 
 
 @triton.jit
@@ -109,13 +193,13 @@ def _keep(offs_rows, offs_cols, seqlen, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _query_block(n_heads, n_kv_heads, BLOCK_M: tl.constexpr):
+def _query_block(n_heads, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """(start_m, batch, head, kv_head) of this program in a (query blocks, batch * heads)
     grid. The last query blocks (the heaviest when causal) are started first."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     batch = tl.program_id(1) // n_heads
     head = tl.program_id(1) % n_heads
-    return start_m, batch, head, head // (n_heads // n_kv_heads)
+    return start_m, batch, head, head // GROUP
 
 
 @triton.jit
@@ -144,13 +228,18 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen, n
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_tile_pair(k_ptr, v_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads,
                               HEAD_DIM, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if MASK:
-            qk = tl.where(_keep(offs_m, offs_n, seqlen, CAUSAL), qk, float("-inf"))
-        # Every row has a finite maximum: key 0 is visible to every row (also to the padding
-        # rows past seqlen) and lies in the first block, so no -inf - -inf appears.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+            # Additive mask (diagonal and last blocks only): -1e6 in base-2 units is an exact
+            # 0 after exp2. Every row has a finite maximum: key 0 is visible to every row
+            # (also to the padding rows past seqlen) and lies in the first block.
+            qk = qk * qk_scale + tl.where(_keep(offs_m, offs_n, seqlen, CAUSAL), 0.0, -1.0e6)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_new[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_new[:, None]  # one FMA per score
+        p = tl.math.exp2(qk)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -158,12 +247,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen, n
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_heads, n_kv_heads, seqlen, qk_scale,
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m, batch, head, kv_head = _query_block(n_heads, n_kv_heads, BLOCK_M)
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_heads, seqlen, qk_scale,
+                     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    start_m, batch, head, kv_head = _query_block(n_heads, GROUP, BLOCK_M)
+    n_kv_heads = n_heads // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(_tile_ptrs(q_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM),
                    offs_m, seqlen, UPCAST)
@@ -200,21 +290,25 @@ def _bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, n_heads, seqlen,
              mask=offs_m < seqlen)
 
 
+_PREPROCESS_BLOCK = 32  # rows per program (64 spilled 8 bytes at head dim 128 in fp16)
+
+
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head, offs_n,
+def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head, offs_n,
                 seqlen, n_heads, qk_scale, lo, hi, CAUSAL: tl.constexpr, MASK: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """Accumulate into dk, dv (BLOCK_N, HEAD_DIM) the query blocks [lo, hi) of one query head.
-    Works on transposed scores (BLOCK_N, BLOCK_M) so no tile of k or v is transposed."""
+                DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Accumulate into dk, dv (BLOCK_N, HEAD_DIM) the query blocks [lo, hi) of one query head,
+    and with ATOMIC_DQ add each block's dq (unscaled) to the fp32 buffer at dq_ptr. Works on
+    transposed scores (BLOCK_N, BLOCK_M) so no tile of k or v is transposed."""
     row_base = (batch * n_heads + head).to(tl.int64) * seqlen  # into lse / delta (b, h, s)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do = _load_tile_pair(q_ptr, do_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM,
                               UPCAST)
         lse, delta = _load_row_stats(lse_ptr, delta_ptr, row_base, offs_m, seqlen)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.math.exp2(qk_t - lse[None, :])  # (BLOCK_N, BLOCK_M): P transposed
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M): P transposed
         if MASK:
             # rows past seqlen are padding queries here (zero q and do, but lse is 0 too)
             keep_t = offs_m[None, :] < seqlen
@@ -223,48 +317,65 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head, of
             p_t = tl.where(keep_t, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)  # (BLOCK_M, HEAD_DIM)
+            dq_ptrs = _tile_ptrs(dq_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM)
+            tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < seqlen, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                          n_heads, n_kv_heads, seqlen, qk_scale, sm_scale,
-                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+def _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head, start_n,
+                   offs_n, seqlen, n_heads, qk_scale, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """All the query blocks of one query head: [full_start, full_end) needs no mask; the
+    diagonal blocks (causal) and the last partial query block are masked."""
+    full_end = (seqlen // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        full_start = start_n + BLOCK_N  # queries before start_n see none of these keys
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
+                             offs_n, seqlen, n_heads, qk_scale, start_n,
+                             tl.minimum(start_n + BLOCK_N, seqlen), CAUSAL, True, HEAD_DIM,
+                             BLOCK_M, UPCAST, DOT_PRECISION, ATOMIC_DQ)
+    else:
+        full_start = 0
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
+                         offs_n, seqlen, n_heads, qk_scale, full_start, full_end, CAUSAL, False,
+                         HEAD_DIM, BLOCK_M, UPCAST, DOT_PRECISION, ATOMIC_DQ)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
+                         offs_n, seqlen, n_heads, qk_scale, tl.maximum(full_start, full_end),
+                         seqlen, CAUSAL, True, HEAD_DIM, BLOCK_M, UPCAST, DOT_PRECISION, ATOMIC_DQ)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
+                          n_heads, seqlen, qk_scale, sm_scale,
+                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (key blocks, batch * kv_heads).
+    n_kv_heads = n_heads // GROUP
     start_n = tl.program_id(0) * BLOCK_N
     batch = tl.program_id(1) // n_kv_heads
     kv_head = tl.program_id(1) % n_kv_heads
-    group = n_heads // n_kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_tile_pair(k_ptr, v_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads,
                           HEAD_DIM, UPCAST)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-
-    # Query ranges: [full_start, full_end) needs no mask; the diagonal blocks (causal) and
-    # the last partial query block are masked.
-    full_end = (seqlen // BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        full_start = start_n + BLOCK_N  # queries before start_n see none of these keys
+    if GROUP == 1:  # no head loop (compile time)
+        dk, dv = _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch,
+                                kv_head, start_n, offs_n, seqlen, n_heads, qk_scale, CAUSAL,
+                                HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ)
     else:
-        full_start = 0
-    for head in range(kv_head * group, kv_head * group + group):  # GQA: sum over the group
-        if CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head,
-                                 offs_n, seqlen, n_heads, qk_scale, start_n,
-                                 tl.minimum(start_n + BLOCK_N, seqlen), CAUSAL, True, HEAD_DIM,
-                                 BLOCK_M, UPCAST, DOT_PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head,
-                             offs_n, seqlen, n_heads, qk_scale, full_start, full_end, CAUSAL,
-                             False, HEAD_DIM, BLOCK_M, UPCAST, DOT_PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head,
-                             offs_n, seqlen, n_heads, qk_scale, tl.maximum(full_start, full_end),
-                             seqlen, CAUSAL, True, HEAD_DIM, BLOCK_M, UPCAST, DOT_PRECISION)
+        for head in range(kv_head * GROUP, kv_head * GROUP + GROUP):  # GQA: sum over the group
+            dk, dv = _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch,
+                                    head, start_n, offs_n, seqlen, n_heads, qk_scale, CAUSAL,
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ)
 
     store_mask = offs_n[:, None] < seqlen
     dk_ptrs = _tile_ptrs(dk_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads, HEAD_DIM)
@@ -283,8 +394,8 @@ def _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqle
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_tile_pair(k_ptr, v_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads,
                               HEAD_DIM, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASK:
             p = tl.where(_keep(offs_m, offs_n, seqlen, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -293,14 +404,15 @@ def _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqle
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
 @triton.jit
 def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                        n_heads, n_kv_heads, seqlen, qk_scale, sm_scale,
-                        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    start_m, batch, head, kv_head = _query_block(n_heads, n_kv_heads, BLOCK_M)
+                        n_heads, seqlen, qk_scale, sm_scale,
+                        HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The deterministic path's dq (see the module docstring).
+    start_m, batch, head, kv_head = _query_block(n_heads, GROUP, BLOCK_M)
+    n_kv_heads = n_heads // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q, do = _load_tile_pair(q_ptr, do_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM,
                           UPCAST)
@@ -319,11 +431,15 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=offs_m[:, None] < seqlen)
 
 
-def _kernel_options(q: torch.Tensor) -> dict:
+def _kernel_options(q: torch.Tensor, k: torch.Tensor) -> dict:
     """Constexprs shared by all kernels: fp32 inputs get exact fp32 dots (tests), the others
     the tensor-core default; the interpreter computes in fp32."""
-    return {"HEAD_DIM": q.shape[-1], "UPCAST": _launch.INTERPRET,
+    return {"HEAD_DIM": q.shape[-1], "GROUP": q.shape[2] // k.shape[2], "UPCAST": _launch.INTERPRET,
             "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
+
+
+def _launcher(kernel: str, q: torch.Tensor):
+    return _tuner(kernel, _arch(q.device), q.shape[-1], q.dtype)
 
 
 @torch.library.custom_op("stackfast::attention_fwd", mutates_args=())
@@ -340,8 +456,8 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     def grid(meta):
         return triton.cdiv(seqlen, meta["BLOCK_M"]), batch * n_heads
 
-    _attn_fwd_kernel[grid](q, k, v, o, lse, n_heads, k.shape[2], seqlen, softmax_scale * LOG2E,
-                           CAUSAL=causal, **_kernel_options(q))
+    _launcher("fwd", q)[grid](q, k, v, o, lse, n_heads, seqlen, softmax_scale * LOG2E, CAUSAL=causal,
+                              **_kernel_options(q, k))
     return o, lse
 
 
@@ -355,30 +471,36 @@ def _(q, k, v, causal, softmax_scale):
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    o: torch.Tensor, lse: torch.Tensor, causal: bool,
                    softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv) shaped like q, k, v."""
+    """Returns (dq, dk, dv) shaped like q, k, v. dq is summed with fp32 atomics (run-to-run
+    differences of fp32 rounding) unless torch.use_deterministic_algorithms(True) is on."""
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     batch, seqlen, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
     delta = torch.empty_like(lse)  # (batch, heads, seqlen) fp32
-    preprocess_block = 64
-    _bwd_preprocess_kernel[(triton.cdiv(seqlen, preprocess_block), batch * n_heads)](
-        o, do, delta, n_heads, seqlen, HEAD_DIM=head_dim, BLOCK_M=preprocess_block)
+    _bwd_preprocess_kernel[(triton.cdiv(seqlen, _PREPROCESS_BLOCK), batch * n_heads)](
+        o, do, delta, n_heads, seqlen, HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK)
 
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    options = _kernel_options(q)
+    atomic_dq = not torch.are_deterministic_algorithms_enabled()
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    # atomic path: unscaled dq summed in fp32; deterministic path: written by the dq kernel
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic_dq else torch.empty_like(q)
+    options = _kernel_options(q, k)
     scales = (softmax_scale * LOG2E, softmax_scale)
 
     def dkdv_grid(meta):
         return triton.cdiv(seqlen, meta["BLOCK_N"]), batch * n_kv_heads
 
-    _attn_bwd_dkdv_kernel[dkdv_grid](q, k, v, do, lse, delta, dk, dv, n_heads, n_kv_heads,
-                                     seqlen, *scales, CAUSAL=causal, **options)
+    dkdv = _launcher("dkdv" if n_heads == n_kv_heads else "dkdv-gqa", q)
+    dkdv[dkdv_grid](q, k, v, do, lse, delta, dk, dv, dq, n_heads, seqlen, *scales, CAUSAL=causal,
+                    ATOMIC_DQ=atomic_dq, **options)
+    if atomic_dq:
+        return (dq * softmax_scale).to(q.dtype), dk, dv
 
     def dq_grid(meta):
         return triton.cdiv(seqlen, meta["BLOCK_M"]), batch * n_heads
 
-    _attn_bwd_dq_kernel[dq_grid](q, k, v, do, lse, delta, dq, n_heads, n_kv_heads, seqlen,
-                                 *scales, CAUSAL=causal, **options)
+    _launcher("dq", q)[dq_grid](q, k, v, do, lse, delta, dq, n_heads, seqlen, *scales, CAUSAL=causal,
+                                **options)
     return dq, dk, dv
 
 
@@ -422,6 +544,16 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             q.dtype == k.dtype == v.dtype):
         raise ValueError("attention: q, k and v must share one dtype among float16, bfloat16 and "
                          f"float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not supports(head_dim, q.dtype):
+        raise ValueError(f"attention: head_dim {head_dim} in float32 needs more shared memory than a "
+                         f"GPU has (float32 takes head_dim in {FP32_HEAD_DIMS}); use float16 or "
+                         "bfloat16, or attention_ref / SDPA")
+
+
+def supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels take this head dim and dtype (on every supported GPU, sm_80 and up:
+    benchmarks/kernel_stats.py compiles them all offline)."""
+    return head_dim in (FP32_HEAD_DIMS if dtype == torch.float32 else HEAD_DIMS)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -463,3 +595,50 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         hidden = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))
     return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def compile_specs(arch: int) -> list:
+    """The kernels of this module for benchmarks/kernel_stats.py (offline compiles): every
+    advertised head dim, bf16 and fp16, causal and not, no GQA (GROUP 1), with the config
+    lists of `arch`; dk/dv also with GQA (GROUP 4, causal) and in its deterministic form
+    (no atomic dq, with the dq kernel); fp32 (the exact path of the tests) at its default
+    configs, at the GPU tests' cases (head dim 64 causal, 128 not)."""
+    sizes = ("n_heads", "seqlen")  # 16-divisible at real sizes (32 heads, seqlen 4096)
+    specs = []
+
+    def add(name, fn, configs, variant, **constexprs):
+        dtype = variant["dtype"]
+        fp32 = {"lse_ptr", "delta_ptr"} | ({"dq_ptr"} if constexprs.get("ATOMIC_DQ") else set())
+        signature = {a: "*fp32" if a in fp32 else f"*{dtype}" for a in fn.arg_names if a.endswith("_ptr")}
+        hinted = (*signature, *sizes)
+        signature.update({a: "i32" for a in sizes})
+        signature.update({a: "fp32" for a in ("qk_scale", "sm_scale") if a in fn.arg_names})
+        signature = {a: signature[a] for a in fn.arg_names if a in signature}
+        configs = tuple(({"BLOCK_M": bm, "BLOCK_N": bn}, w, st) for bm, bn, w, st in configs)
+        specs.append(_launch.CompileSpec(f"attention.{name}", fn, signature, hinted, constexprs, configs, variant))
+
+    for dtype, head_dims in [("bf16", HEAD_DIMS), ("fp16", HEAD_DIMS), ("fp32", (64, 128))]:
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        for head_dim in head_dims:
+            # fp32 (slow compiles): the GPU tests' cases, causal at 64 and not at 128
+            for causal in ((head_dim == 64,) if dtype == "fp32" else (True, False)):
+                variant = {"head_dim": head_dim, "dtype": dtype, "causal": causal, "group": 1}
+                common = {"HEAD_DIM": head_dim, "CAUSAL": causal, "UPCAST": False,
+                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+
+                def configs(kernel):
+                    listed = configs_for(kernel, arch, head_dim, torch_dtype)
+                    return listed[:1] if dtype == "fp32" else listed
+
+                add("fwd", _attn_fwd_kernel, configs("fwd"), variant, GROUP=1, **common)
+                for atomic in (True, False):
+                    add("dkdv" if atomic else "dkdv-deterministic", _attn_bwd_dkdv_kernel, configs("dkdv"),
+                        variant, GROUP=1, ATOMIC_DQ=atomic, **common)
+                if causal and dtype != "fp32":
+                    add("dkdv", _attn_bwd_dkdv_kernel, configs("dkdv-gqa"), {**variant, "group": 4}, GROUP=4,
+                        ATOMIC_DQ=True, **common)
+                add("dq", _attn_bwd_dq_kernel, configs("dq"), variant, GROUP=1, **common)
+            add("preprocess", _bwd_preprocess_kernel, (), {"head_dim": head_dim, "dtype": dtype}, HEAD_DIM=head_dim,
+                BLOCK_M=_PREPROCESS_BLOCK)
+            specs[-1] = dataclasses.replace(specs[-1], configs=(({}, 4, 1),))
+    return specs

@@ -196,3 +196,29 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     h = x + residual if residual is not None else x
     normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.to(h.dtype))
     return normed if residual is None else (normed, h)
+
+
+def compile_specs(arch: int) -> list:
+    """The kernels of this module for benchmarks/kernel_stats.py (offline compiles): every
+    dtype at hidden sizes that take 4, 8 and 32 warps; one config each (no autotuning)."""
+    del arch  # the same launch parameters on every architecture
+    specs = []
+    for hidden in (1024, 4096, MAX_HIDDEN):
+        block, warps = _block_and_warps(hidden)
+        for dtype in ("bf16", "fp16", "fp32"):
+            t = f"*{dtype}"
+            variant = {"hidden": hidden, "dtype": dtype}
+            specs.append(_launch.CompileSpec(
+                "rms_norm.fwd", _rms_norm_fwd_kernel,
+                {"x_ptr": t, "res_ptr": t, "w_ptr": t, "y_ptr": t, "h_ptr": t, "rstd_ptr": "*fp32",
+                 "n_cols": "i32", "eps": "fp32"},
+                ("x_ptr", "res_ptr", "w_ptr", "y_ptr", "h_ptr", "rstd_ptr", "n_cols"),
+                {"HAS_RESIDUAL": True}, (({"BLOCK_N": block}, warps, 3),), variant))
+            specs.append(_launch.CompileSpec(
+                "rms_norm.bwd", _rms_norm_bwd_kernel,
+                {"dy_ptr": t, "dres_ptr": t, "h_ptr": t, "w_ptr": t, "rstd_ptr": "*fp32", "dh_ptr": t,
+                 "dw_partial_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32"},
+                ("dy_ptr", "dres_ptr", "h_ptr", "w_ptr", "rstd_ptr", "dh_ptr", "dw_partial_ptr", "n_rows",
+                 "n_cols"),
+                {"HAS_DRES": True}, (({"BLOCK_N": block}, warps, 3),), variant))
+    return specs
