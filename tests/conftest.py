@@ -34,3 +34,18 @@ def stackfast_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("stackfast-cache")
     os.environ["STACKFAST_CACHE"] = str(path)
     return path
+
+
+# atol as a fraction of the largest reference value. fp16: one final rounding to fp16
+# (half an ulp, 2**-11 relative) at the largest value, where PyTorch's own error can
+# happen to be 0. fp32: PyTorch's fp32 error is ~1e-7 and the kernel sums in another order.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_within_torch_error(out, ref64, torch_out, dtype, what):
+    """design.md: |kernel - ref_fp64| <= 2 |torch_lowprec - ref_fp64| + atol (inputs in dtype).
+    Imported by the kernel test modules (`from conftest import ...`)."""
+    err = (out.double() - ref64).abs()
+    allowed = 2 * (torch_out.double() - ref64).abs() + ATOL[dtype] * ref64.abs().max()
+    assert (err <= allowed).all(), \
+        f"{what}: max error {err.max():.3g}, worst excess {(err - allowed).max():.3g}"
