@@ -5,6 +5,7 @@ checked against an fp64 reference (design.md's rule).
 
     python benchmarks/bench_linear_cross_entropy.py            # CPU: 16384 tokens x 32000 vocab x 2048 hidden, fp32
     python benchmarks/bench_linear_cross_entropy.py --quick    # CPU: 2048 x 8000 x 512
+    python benchmarks/bench_linear_cross_entropy.py --sizes 512 2000 256   # any CPU sizes
 
 CPU memory is measured for real: each candidate runs in its own fresh process, which
 reads its resident set size once the inputs exist (RSS from /proc/self/statm) and its
@@ -38,6 +39,7 @@ from stackfast.ops import linear_cross_entropy  # noqa: E402
 
 FULL = (16384, 32000, 2048)  # tokens, vocab, hidden: the 1.1B benchmark step's loss
 QUICK = (2048, 8000, 512)
+GPU_QUICK = (4096, 32000, 2048)
 IMPLS = ("stackfast", "torch")
 
 
@@ -126,7 +128,7 @@ def cpu_memory(sizes) -> list[dict]:
 
 def benchmark(device: torch.device, quick: bool = False) -> list[dict]:
     """GPU: time and peak memory above the inputs of loss + backward, bf16 inputs."""
-    tokens, vocab, hidden = (4096, 32000, 2048) if quick else FULL
+    tokens, vocab, hidden = GPU_QUICK if quick else FULL
     h, w, t = make_inputs(tokens, vocab, hidden, device, torch.bfloat16)
     impls = list(IMPLS)
     try:
@@ -141,18 +143,21 @@ def benchmark(device: torch.device, quick: bool = False) -> list[dict]:
 
         def step(fn=fn, hh=hh, ww=ww):
             return torch.autograd.grad(fn(hh, ww, t), (hh, ww))
-        torch.cuda.synchronize()
-        inputs = torch.cuda.memory_allocated(device)
+        gpu = device.type == "cuda"  # (the CPU runs this only in the suite's rehearsal test)
+        if gpu:
+            torch.cuda.synchronize()
+        inputs = torch.cuda.memory_allocated(device) if gpu else 0
         timing = harness.measure(step, device=device, warmup=2, reps=5 if quick else 20)
         rows.append({"op": "linear_cross_entropy", "impl": impl, "device": str(device), "dtype": "bf16",
                      "tokens": tokens, "vocab": vocab, "hidden": hidden, **timing,
-                     "peak_extra_bytes": timing["peak_mem_bytes"] - inputs,
+                     "peak_extra_bytes": timing["peak_mem_bytes"] - inputs if gpu else None,
                      "tflops": harness.tflops(6 * tokens * vocab * hidden, timing["median_ms"])})
         del hh, ww
     base = next(r for r in rows if r["impl"] == "torch")
     for row in rows:
         row.update(baseline="torch", ratio=base["median_ms"] / row["median_ms"],
-                   memory_saving=base["peak_extra_bytes"] / max(row["peak_extra_bytes"], 1))
+                   memory_saving=base["peak_extra_bytes"] / max(row["peak_extra_bytes"], 1)
+                   if row["peak_extra_bytes"] is not None else None)
     return rows
 
 
@@ -166,7 +171,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--cpu", action="store_true", help="the CPU memory measurement even with a GPU")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=int, nargs=3, default=None, metavar=("TOKENS", "VOCAB", "HIDDEN"),
+                        help=f"CPU sizes (default {FULL}; --quick {QUICK})")
     parser.add_argument("--save", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -177,7 +183,7 @@ def main(argv=None) -> list[dict]:
     if device.type == "cuda":
         rows = benchmark(device, args.quick)
     else:
-        rows = cpu_memory(QUICK if args.quick else FULL)
+        rows = cpu_memory(args.sizes or (QUICK if args.quick else FULL))
     print("wrote", harness.write_results("bench_linear_cross_entropy", rows, args.out))
     print(harness.markdown_table(rows, COLUMNS))
     return rows
