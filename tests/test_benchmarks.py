@@ -29,7 +29,8 @@ def test_cpu_suite_writes_rows_with_same_run_baselines(tmp_path, capsys):
     assert any(r["what"].startswith("replicate_") for r in summary)
     assert any(r["what"].startswith("G_stack weights") for r in summary)
     assert any(r["what"].startswith("loader") for r in summary)
-    memory = {r["impl"]: r for r in json.loads(next(tmp_path.glob("bench_linear_cross_entropy-*.json")).read_text())["rows"]}
+    memory = json.loads(next(tmp_path.glob("bench_linear_cross_entropy-*.json")).read_text())["rows"]
+    memory = {r["impl"]: r for r in memory}
     assert memory["stackfast"]["same_loss_and_grads"] and memory["stackfast"]["peak_extra_bytes"] > 0
     assert any(r["what"].startswith("linear_cross_entropy") for r in summary)
 
@@ -126,7 +127,8 @@ def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
     RMSNorm timing against every baseline that runs here) at toy sizes on the CPU, kernels
     under the interpreter: a GPU session gets one try, so its Python must already work."""
     import torch
-    from benchmarks import bench_attention, bench_fused, bench_linear_cross_entropy, bench_rms_norm, gpu_kernels, harness
+    from benchmarks import (bench_attention, bench_fused, bench_linear_cross_entropy, bench_rms_norm, gpu_kernels,
+                            harness)
     monkeypatch.setattr(run_all, "MATMUL_SIZE", 64)
     monkeypatch.setattr(harness, "COPY_BYTES", 1 << 20)
     monkeypatch.setattr(gpu_kernels, "ATTENTION_CHECKS", [(1, 2, 1, 40, 16, True)])

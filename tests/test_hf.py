@@ -117,3 +117,13 @@ def test_other_architectures_are_refused():
         apply_stackfast_kernels(model)
     with pytest.raises(ValueError, match="hidden_act 'gelu' is not SwiGLU"):
         apply_stackfast_kernels(tiny(hidden_act="gelu"))
+
+
+def test_generation_fills_the_cache_then_falls_back():
+    """The prompt goes through the kernels and fills the KV cache; the next tokens (a cache
+    holding earlier tokens) take the module's own attention: the same greedy tokens."""
+    plain = tiny(num_hidden_layers=1)
+    patched = apply_stackfast_kernels(copy.deepcopy(plain))
+    x = _batch()[0][:1, :7]
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(x, **kwargs), plain.generate(x, **kwargs))

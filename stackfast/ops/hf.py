@@ -12,8 +12,8 @@ renamed, so the state dict and checkpoints are untouched):
   stackfast.ops.attention (causal, GQA, flash-attn layout, no (B, H, S, D) transposes).
   The module's own forward runs instead where the kernel would not give the same result:
   an explicit attention mask (padding, or an implementation that materialises the causal
-  mask, e.g. 'eager'), a KV cache holding earlier tokens (generation; an empty one is filled), attention dropout in training, or a
-  sliding window shorter than the sequence;
+  mask, e.g. 'eager'), a KV cache holding earlier tokens (generation; an empty one is
+  filled), attention dropout in training, or a sliding window shorter than the sequence;
 - every MLP (silu / swish only): down_proj(stackfast.ops.swiglu(gate_proj(x), up_proj(x)));
 - the causal-LM loss when `labels` are given: stackfast.ops.linear_cross_entropy of the final
   hidden states and lm_head's weight with Hugging Face's label shift, ignore_index -100 and
