@@ -109,3 +109,11 @@ def test_torch_compile_fullgraph():
     want = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, targets), (hidden, weight))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_backward_runs_once():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, torch.randn(10, 8), torch.randint(0, 10, (4,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
