@@ -111,6 +111,22 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     return max(1, min(n_tokens, triton.next_power_of_2(triton.cdiv(n_tokens, chunks))))
 
 
+_ADDMM_OUT_DTYPE = [True]  # whether addmm(..., out_dtype=fp32) runs here (CUDA builds have it)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc (fp32) + a @ b; for bf16/fp16 a, b the product is summed in fp32 by the matmul itself
+    where torch offers it (no low-precision (vocab x hidden) temporary), else through one."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # an older torch: no out_dtype overload
+            _ADDMM_OUT_DTYPE[0] = False
+    return acc.add_(a @ b)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, z_loss, chunk_size, use_kernel):
@@ -135,10 +151,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_dh:
                     torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
                 if need_dw:
-                    if grad_logits.dtype == torch.float32:
-                        grad_weight.addmm_(grad_logits.T, h_chunk)
-                    else:
-                        grad_weight += (grad_logits.T @ h_chunk).float()
+                    grad_weight = _accumulate(grad_weight, grad_logits.T, h_chunk)
             del logits
         count = (targets != ignore_index).sum()
         # mean over the counted tokens; no host sync (0 tokens gives nan, as F.cross_entropy)
