@@ -117,3 +117,15 @@ def test_backward_runs_once():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward runs once"):
         loss.backward()
+
+
+def test_fp64_inputs_stay_fp64_throughout():
+    """The chunked fp64 path is an accuracy reference (the benchmark's at full size): no fp32 step."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(7, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    targets = torch.randint(0, 50, (7,))
+    got = _run(linear_cross_entropy, hidden, weight, targets, chunk_size=3, z_loss=1e-3)
+    want = _run(linear_cross_entropy_ref, hidden, weight, targets, z_loss=1e-3, upcast=True)
+    assert got[0].dtype == torch.float64
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -117,7 +117,7 @@ _ADDMM_OUT_DTYPE = [True]  # whether addmm(..., out_dtype=fp32) runs here (CUDA 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """acc (fp32) + a @ b; for bf16/fp16 a, b the product is summed in fp32 by the matmul itself
     where torch offers it (no low-precision (vocab x hidden) temporary), else through one."""
-    if a.dtype == torch.float32:
+    if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
     if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
         try:
@@ -135,12 +135,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = hidden.new_empty(hidden.shape) if need_dh else None  # contiguous
         # fp32 accumulation of the weight gradient across chunks
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_dw else None
-        loss_sum = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.promote_types(
+            weight.dtype, torch.float32)) if need_dw else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        loss_sum = torch.zeros((), device=hidden.device, dtype=acc)
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             h_chunk = hidden[start:end]
-            logits = (h_chunk @ weight.T).float()  # (chunk, V) fp32: the only vocab-sized buffer
+            logits = (h_chunk @ weight.T).to(acc)  # (chunk, V) fp32: the only vocab-sized buffer
             if use_kernel:
                 rows = _cross_entropy_grad_(logits, targets[start:end], ignore_index, z_loss)
             else:
@@ -155,7 +157,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             del logits
         count = (targets != ignore_index).sum()
         # mean over the counted tokens; no host sync (0 tokens gives nan, as F.cross_entropy)
-        inv_count = 1.0 / count.to(torch.float32)
+        inv_count = 1.0 / count.to(acc)
         if need_dh:
             grad_hidden.mul_(inv_count.to(grad_hidden.dtype))
         if need_dw:
@@ -180,10 +182,11 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, tar
                          use_kernel: Optional[bool] = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ lm_head_weight.T` against `targets` (+ z_loss * mean lse^2),
     as `F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)`, never holding the
-    full logits. hidden (..., H), lm_head_weight (V, H), targets (...) int64. Returns an fp32 scalar.
+    full logits. hidden (..., H), lm_head_weight (V, H), targets (...) int64. Returns an fp32 scalar
+    (fp64 for fp64 inputs: then every step is fp64, a chunked accuracy reference).
 
     chunk_size: tokens per chunk (default: default_chunk_size). use_kernel: the Triton chunk
-    kernel (default on CUDA tensors; True on CPU needs TRITON_INTERPRET=1), else PyTorch.
+    kernel (default on CUDA tensors but fp64; True on CPU needs TRITON_INTERPRET=1), else PyTorch.
     Under autocast the matmuls run in the autocast dtype, as nn.Linear's would.
     """
     if lm_head_weight.ndim != 2 or hidden.shape[-1] != lm_head_weight.shape[1]:
@@ -193,7 +196,7 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, tar
         raise ValueError(f"linear_cross_entropy: targets must have shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     if use_kernel is None:
-        use_kernel = hidden.is_cuda
+        use_kernel = hidden.is_cuda and hidden.dtype != torch.float64  # the kernel computes in fp32
     if use_kernel:
         _launch.check_device("linear_cross_entropy", hidden, lm_head_weight, targets)
     device_type = hidden.device.type
