@@ -85,6 +85,14 @@ def test_padding_mask_falls_back_to_the_modules_own_attention():
                                    plain(input_ids=x, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_head_dim_the_attention_kernel_lacks_falls_back():
+    plain = tiny(num_hidden_layers=1, hidden_size=96)  # head dim 24
+    patched = apply_stackfast_kernels(copy.deepcopy(plain))
+    x, labels = _batch()
+    torch.testing.assert_close(patched(input_ids=x, labels=labels).loss, plain(input_ids=x, labels=labels).loss,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_num_items_in_batch_and_mistral_sibling():
     plain = tiny(transformers.MistralForCausalLM, transformers.MistralConfig, num_hidden_layers=1, sliding_window=8)
     patched = apply_stackfast_kernels(copy.deepcopy(plain))

@@ -13,7 +13,8 @@ renamed, so the state dict and checkpoints are untouched):
   The module's own forward runs instead where the kernel would not give the same result:
   an explicit attention mask (padding, or an implementation that materialises the causal
   mask, e.g. 'eager'), a KV cache holding earlier tokens (generation; an empty one is
-  filled), attention dropout in training, or a sliding window shorter than the sequence;
+  filled), attention dropout in training, a sliding window shorter than the sequence, or a
+  head dim the attention kernel does not take (stackfast.ops.attention.HEAD_DIMS);
 - every MLP (silu / swish only): down_proj(stackfast.ops.swiglu(gate_proj(x), up_proj(x)));
 - the causal-LM loss when `labels` are given: stackfast.ops.linear_cross_entropy of the final
   hidden states and lm_head's weight with Hugging Face's label shift, ignore_index -100 and
@@ -55,9 +56,11 @@ def _kernel_applies(module, hidden_states, attention_mask, cache) -> bool:
     # Qwen2 sets the window per layer on the module; Mistral in the config; Llama has none
     window = (module.sliding_window if hasattr(module, "sliding_window")
               else getattr(module.config, "sliding_window", None))
+    head_dims = getattr(importlib.import_module("stackfast.ops.attention"), "HEAD_DIMS", None)
     # an empty cache (Hugging Face makes one whenever config.use_cache, training included) is
     # filled below; one holding earlier tokens (generation) needs the module's own path
     return (attention_mask is None and (cache is None or cache.get_seq_length(module.layer_idx) == 0)
+            and (head_dims is None or module.head_dim in head_dims)
             and not (module.training and module.attention_dropout > 0)
             and (window is None or hidden_states.shape[1] <= window))
 
