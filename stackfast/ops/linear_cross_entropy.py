@@ -158,13 +158,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = (targets != ignore_index).sum()
         # mean over the counted tokens; no host sync (0 tokens gives nan, as F.cross_entropy)
         inv_count = 1.0 / count.to(acc)
-        if need_dh:
-            grad_hidden.mul_(inv_count.to(grad_hidden.dtype))
         if need_dw:
-            grad_weight = grad_weight.mul_(inv_count).to(weight.dtype)
+            grad_weight = grad_weight.mul_(inv_count).to(weight.dtype)  # scaled in fp32, then one rounding
         # Kept on ctx, not saved for backward: the backward scales them in place (no second
-        # copy of the gradients) and hands them over, so it can run once.
+        # copy of the gradients; grad_hidden by 1 / count there too: one rounding) and hands
+        # them over, so it can run once.
         ctx.grads = (grad_hidden, grad_weight)
+        ctx.inv_count = inv_count
         return loss_sum * inv_count
 
     @staticmethod
@@ -172,9 +172,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy: the backward runs once (its gradients are computed in the "
                                "forward and handed over); recompute the loss to differentiate it again")
-        grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in ctx.grads]
+        grad_hidden, grad_weight = ctx.grads
+        if grad_hidden is not None:
+            grad_hidden.mul_((grad_loss * ctx.inv_count).to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
         ctx.grads = None
-        return grads[0], grads[1], None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
