@@ -135,7 +135,7 @@ CHECK_ATOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}
 
 
 def check(device: torch.device, dtype: torch.dtype, cases) -> list[dict]:
-    """Forward and gradients against the fp64 reference with design.md's rule:
+    """Forward and gradients against the fp64 reference with docs/design.md's rule:
     |kernel - ref64| <= 2 |torch - ref64| + atol. cases: (batch, heads, kv_heads, seqlen,
     head_dim, causal)."""
     rows = []

@@ -6,8 +6,10 @@ clipping, fused AdamW with the non-finite skip; fp32 master weights, bf16 autoca
 fp32 on CPU). One timed call is one full optimizer step.
 Candidates: stackfast (kernels 'auto': Triton on GPU), stackfast + torch.compile (GPU, or
 --compile), stackfast with kernels = 'torch' (GPU: SDPA and F.rms_norm instead of Triton,
-to show what the Triton kernels add), HF with SDPA, and HF + Liger-Kernel (RMSNorm, RoPE,
-SwiGLU, fused linear cross-entropy) when liger_kernel imports. The HF models compute their
+to show what the Triton kernels add), HF with SDPA, HF + stackfast kernels (GPU: the same HF
+model patched by stackfast.ops.apply_stackfast_kernels: RMSNorm, RoPE, attention, SwiGLU,
+fused linear cross-entropy) and HF + Liger-Kernel (RMSNorm, RoPE, SwiGLU, fused linear
+cross-entropy) when liger_kernel imports. The HF models compute their
 own loss (`labels=`), so Liger's fused cross-entropy is in play.
 
     python benchmarks/bench_train.py                  # CPU: toy model, seq 256, batch 8
@@ -126,7 +128,7 @@ def candidates(cfg: ModelConfig, device: torch.device, world: World, args, gpu: 
         print("transformers is not installed: no Hugging Face baseline (pip install 'stackfast[hf]')")
         return out
 
-    def hf(liger: bool):
+    def hf(liger: bool, stackfast_kernels: bool = False):
         def build():
             if liger:  # patches transformers' Llama classes in this process: time it last
                 from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -136,6 +138,9 @@ def candidates(cfg: ModelConfig, device: torch.device, world: World, args, gpu: 
                     transformers.LlamaConfig(**hf_llama_config(cfg), attn_implementation="sdpa"))
             # strict: every weight must come from the shared init (the RoPE tables are buffers)
             model.load_state_dict(to_hf_state_dict(seeded_model(cfg, device).state_dict()))
+            if stackfast_kernels:  # this instance only (Liger's class patch comes last)
+                from stackfast.ops import apply_stackfast_kernels
+                apply_stackfast_kernels(model)
             if args.activation_checkpointing:  # renamed in transformers 5
                 enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
                 enable()
@@ -143,6 +148,8 @@ def candidates(cfg: ModelConfig, device: torch.device, world: World, args, gpu: 
         return build
 
     out.append(("hf-llama-sdpa", hf(False), hf_loss))
+    if gpu:  # the kernels need a GPU (on CPU only the slow interpreter runs them)
+        out.append(("hf-llama+stackfast", hf(False, stackfast_kernels=True), hf_loss))
     try:
         import liger_kernel  # noqa: F401
         out.append(("hf-llama+liger", hf(True), hf_loss))

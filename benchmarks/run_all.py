@@ -1,12 +1,14 @@
 """The whole benchmark suite in one command (also `stackfast bench`).
 
 On a GPU (about 6 minutes): the ceilings (bf16 matmul 8192^3, device copy), the kernels
-(attention and RMSNorm: bf16 correctness at real sizes, then timing against every SDPA
-backend / F.rms_norm / compile / Liger), layer replication, the 1.1B train step against
-HF and HF + Liger, the 7B train step (one-process FSDP, activation checkpointing; skipped
+(attention, RMSNorm, RoPE, SwiGLU: bf16 correctness at real sizes, then timing against every
+SDPA backend / PyTorch eager / compile / Liger; the fused linear cross-entropy's time and
+memory), layer replication, the 1.1B train step against HF, HF + stackfast kernels and
+HF + Liger, the 7B train step (one-process FSDP, activation checkpointing; skipped
 where its 95 GB of training state cannot fit, e.g. an 80 GB H100) and the G_stack growth
 time of a 7B target. With --cpu (or without a
-GPU, about 3 minutes): the train step against HF, replication and loader throughput.
+GPU, about 3 minutes): the train step against HF, replication, loader throughput and the
+fused loss's peak memory against the full logits.
 Every part writes its JSON under benchmarks/results/ (GPU name, versions, git revision);
 the last thing printed is one markdown table of ratios against the baselines measured in
 the same run, with the design targets beside them.
@@ -26,7 +28,7 @@ import torch  # noqa: E402
 from benchmarks import (bench_growth, bench_loader, bench_replicate, bench_train, harness)  # noqa: E402
 
 
-MATMUL_SIZE = 8192  # the ceilings' bf16 matmul is MATMUL_SIZE^3 (anchors.md's)
+MATMUL_SIZE = 8192  # the ceilings' bf16 matmul is MATMUL_SIZE^3 (the H200 reference figures in docs/design.md)
 
 
 def ceilings(device: torch.device) -> list[dict]:
@@ -56,6 +58,16 @@ def summary_rows(parts: dict) -> list[dict]:
                          "ours": f"{r['gbps']:.0f} GB/s ({100 * r['copy_fraction']:.0f}% of copy)",
                          "baseline": r.get("baseline"), "ratio": r.get("ratio"),
                          "target": ">= 1.5 (fwd+bwd), >= 60% of copy"})
+    for r in parts.get("fused", []):
+        if r.get("impl") == "stackfast":
+            rows.append({"what": f"{r['op']} {r['pass']} {r['shape']} {r['dtype']}", "ours": f"{r['gbps']:.0f} GB/s",
+                         "baseline": r.get("baseline"), "ratio": r.get("ratio"), "target": "> 1 (fewer passes)"})
+    for r in parts.get("linear_cross_entropy", []):
+        if r.get("impl") == "stackfast":
+            what = f"linear_cross_entropy {r['tokens']}x{r['vocab']}x{r['hidden']} {r['dtype']} peak memory"
+            ours = f"{r['peak_extra_bytes'] / 2**20:.0f} MiB" if r.get("peak_extra_bytes") is not None else None
+            rows.append({"what": what, "ours": ours, "baseline": "torch", "ratio": r["memory_saving"],
+                         "target": ">= 4 (less memory), same loss and grads"})
     for r in parts.get("replicate", []):
         if r.get("method") == "replicate_":
             rows.append({"what": f"replicate_ g={r['g']} ({r['source_bytes'] / 1e9:.2f} GB sources)",
@@ -63,7 +75,7 @@ def summary_rows(parts: dict) -> list[dict]:
                          "baseline": "copy_ loop", "ratio": r["speedup_vs_copy_loop"],
                          "target": ">= 1.4, >= 90% of roofline"})
     for r in parts.get("train", []) + parts.get("train_7b", []):
-        if not r["name"].startswith("stackfast"):
+        if not (r["name"].startswith("stackfast") or r["name"] == "hf-llama+stackfast"):
             continue
         what = f"train step {r['name']} {r['preset']} seq {r['seq_len']} x{r['batch']}" + (
             " (FSDP, AC)" if r.get("fsdp") else "")
@@ -89,7 +101,7 @@ def summary_rows(parts: dict) -> list[dict]:
 
 def gpu_parts(device: torch.device, out_dir: str | None) -> dict:
     """name -> function returning that part's rows, in the order they run on a GPU."""
-    from benchmarks import bench_attention, bench_rms_norm, gpu_kernels
+    from benchmarks import bench_attention, bench_fused, bench_linear_cross_entropy, bench_rms_norm, gpu_kernels
     out = ["--out", out_dir] if out_dir else []
 
     def ceilings_part():
@@ -99,7 +111,8 @@ def gpu_parts(device: torch.device, out_dir: str | None) -> dict:
 
     def checks_part():
         rows = (bench_attention.check(device, torch.bfloat16, gpu_kernels.ATTENTION_CHECKS)
-                + bench_rms_norm.check(device, torch.bfloat16, gpu_kernels.RMS_NORM_CHECKS))
+                + bench_rms_norm.check(device, torch.bfloat16, gpu_kernels.RMS_NORM_CHECKS)
+                + bench_fused.check(device, torch.bfloat16, bench_fused.GPU_CHECKS))
         harness.write_results("gpu_kernels_checks", rows, out_dir)
         if not all(r["ok"] for r in rows):
             raise RuntimeError("kernel correctness failed at real sizes: see the gpu_kernels_checks JSON")
@@ -117,6 +130,8 @@ def gpu_parts(device: torch.device, out_dir: str | None) -> dict:
         "checks": checks_part,
         "attention": kernels_part("attention", bench_attention),
         "rms_norm": kernels_part("rms_norm", bench_rms_norm),
+        "fused": kernels_part("fused", bench_fused),
+        "linear_cross_entropy": kernels_part("linear_cross_entropy", bench_linear_cross_entropy),
         "replicate": lambda: bench_replicate.main(out),
         "train": lambda: bench_train.main(["--reps", "10"] + out),
         "train_7b": lambda: bench_train.main(["--preset", "7b", "--batch", "4", "--activation-checkpointing", "--fsdp",
@@ -127,6 +142,7 @@ def gpu_parts(device: torch.device, out_dir: str | None) -> dict:
 
 def cpu_parts(out_dir: str | None, quick: bool) -> dict:
     """name -> function returning that part's rows: the CPU subset."""
+    from benchmarks import bench_linear_cross_entropy
     out = ["--out", out_dir] if out_dir else []
     return {
         "train": lambda: bench_train.main(["--cpu", "--reps", "2" if quick else "5"] + out
@@ -134,6 +150,9 @@ def cpu_parts(out_dir: str | None, quick: bool) -> dict:
         "replicate": lambda: bench_replicate.main(["--cpu"] + out + (["--scale", "64"] if quick else [])),
         "loader": lambda: bench_loader.main(out + (["--seq-len", "64", "--reps", "3"] if quick else [])),
         "growth": lambda: bench_growth.main(["--cpu"] + out + (["--reps", "1"] if quick else [])),
+        # peak memory of the fused loss against the full logits (the 16384 x 32000 x 2048 figure: run it alone)
+        "linear_cross_entropy": lambda: bench_linear_cross_entropy.main(
+            ["--cpu"] + out + (["--sizes", "512", "2000", "128"] if quick else ["--quick"])),
     }
 
 

@@ -5,9 +5,11 @@ dropped (`embed_tokens`, `layers.{i}.self_attn.q_proj`, ..., `norm`, `lm_head`),
 uses the same rotate-half convention, so converting to or from a Hugging Face
 checkpoint is a rename. No sharding code lives here (see parallel.py).
 
-`ModelConfig.kernels` picks the implementation of attention and RMSNorm at run time:
-'triton' calls stackfast.ops (the Triton kernels), 'torch' calls PyTorch (SDPA and
-F.rms_norm), 'auto' the ops on CUDA tensors and PyTorch elsewhere.
+`ModelConfig.kernels` picks the implementation of attention, RMSNorm, RoPE, SwiGLU and the
+loss at run time: 'triton' calls stackfast.ops (the Triton kernels; the loss is the fused
+linear cross-entropy, never holding the logits), 'torch' calls PyTorch (SDPA, F.rms_norm,
+apply_rope, F.silu(gate) * up, F.cross_entropy of the full logits), 'auto' the ops on CUDA
+tensors and PyTorch elsewhere.
 """
 from __future__ import annotations
 
@@ -75,7 +77,11 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if use_triton(self.kernels, x.device):
+            from stackfast.ops import rope
+            q, k = rope(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # 'auto' leaves fp32 attention to SDPA: the kernel's exact-fp32 path (there for tests)
         # gets no tensor-core speed and outgrows an A100's shared memory at head dim 128.
         if self.kernels == "triton" or (use_triton(self.kernels, x.device) and q.dtype != torch.float32):
@@ -96,8 +102,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+        self.kernels = cfg.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.kernels, x.device):
+            from stackfast.ops import swiglu
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -171,10 +181,14 @@ class Transformer(nn.Module):
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            return self.lm_head(h)
+        if use_triton(self.config.kernels, h.device):
+            # chunk by chunk: the (tokens x vocab) logits are never held
+            from stackfast.ops import linear_cross_entropy
+            return linear_cross_entropy(h, self.lm_head.weight, targets, use_kernel=True)
+        return F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten())
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -65,3 +65,18 @@ def trained(tmp_path_factory):
                            "train.global_batch_size=2", "train.eval_batches=1", "logging.progress=false",
                            "logging.tensorboard=false", f'logging.run_dir="{run_dir}"']))
     return run_dir / "checkpoints" / "step_00000003"
+
+
+# atol as a fraction of the largest reference value. fp16: one final rounding to fp16
+# (half an ulp, 2**-11 relative) at the largest value, where PyTorch's own error can
+# happen to be 0. fp32: PyTorch's fp32 error is ~1e-7 and the kernel sums in another order.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_within_torch_error(out, ref64, torch_out, dtype, what):
+    """docs/design.md: |kernel - ref_fp64| <= 2 |torch_lowprec - ref_fp64| + atol (inputs in dtype).
+    Imported by the kernel test modules (`from conftest import ...`)."""
+    err = (out.double() - ref64).abs()
+    allowed = 2 * (torch_out.double() - ref64).abs() + ATOL[dtype] * ref64.abs().max()
+    assert (err <= allowed).all(), \
+        f"{what}: max error {err.max():.3g}, worst excess {(err - allowed).max():.3g}"

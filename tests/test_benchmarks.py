@@ -29,6 +29,10 @@ def test_cpu_suite_writes_rows_with_same_run_baselines(tmp_path, capsys):
     assert any(r["what"].startswith("replicate_") for r in summary)
     assert any(r["what"].startswith("G_stack weights") for r in summary)
     assert any(r["what"].startswith("loader") for r in summary)
+    memory = json.loads(next(tmp_path.glob("bench_linear_cross_entropy-*.json")).read_text())["rows"]
+    memory = {r["impl"]: r for r in memory}
+    assert memory["stackfast"]["same_loss_and_grads"] and memory["stackfast"]["peak_extra_bytes"] > 0
+    assert any(r["what"].startswith("linear_cross_entropy") for r in summary)
 
 
 def test_train_bench_as_a_one_process_fsdp_job(tmp_path):
@@ -91,7 +95,8 @@ def test_gpu_candidate_set_builds_and_steps_on_cpu():
     args = argparse.Namespace(activation_checkpointing=True, compile=False)
     built = bench_train.candidates(cfg, torch.device("cpu"), World(), args, gpu=True)
     names = [name for name, _, _ in built]
-    assert names[:3] == ["stackfast", "stackfast+compile", "stackfast(kernels=torch)"] and "hf-llama-sdpa" in names
+    assert names[:3] == ["stackfast", "stackfast+compile", "stackfast(kernels=torch)"]
+    assert names[3:5] == ["hf-llama-sdpa", "hf-llama+stackfast"]  # kernels under the interpreter here
     x = torch.randint(0, cfg.vocab_size, (2, 17))
     batches = [(x[:, :-1], x[:, 1:])]
     embeddings = []
@@ -109,7 +114,8 @@ def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
     RMSNorm timing against every baseline that runs here) at toy sizes on the CPU, kernels
     under the interpreter: a GPU session gets one try, so its Python must already work."""
     import torch
-    from benchmarks import bench_attention, bench_rms_norm, gpu_kernels, harness
+    from benchmarks import (bench_attention, bench_fused, bench_linear_cross_entropy, bench_rms_norm, gpu_kernels,
+                            harness)
     monkeypatch.setattr(run_all, "MATMUL_SIZE", 64)
     monkeypatch.setattr(harness, "COPY_BYTES", 1 << 20)
     monkeypatch.setattr(gpu_kernels, "ATTENTION_CHECKS", [(1, 2, 1, 40, 16, True)])
@@ -117,9 +123,16 @@ def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_attention, "QUICK_CASES", [(1, 2, 1, 33, 16)])
     monkeypatch.setattr(bench_rms_norm, "ROWS", 8)
     monkeypatch.setattr(bench_rms_norm, "HIDDEN", 64)
+    monkeypatch.setattr(bench_fused, "GPU_CHECKS", bench_fused.SMOKE_CASES)
+    monkeypatch.setattr(bench_fused, "TOKENS", (1, 9))
+    monkeypatch.setattr(bench_fused, "ROPE_HEADS", (2, 1, 16))
+    monkeypatch.setattr(bench_fused, "FFN", 40)
+    monkeypatch.setattr(bench_linear_cross_entropy, "GPU_QUICK", (16, 50, 8))
     parts = run_all.gpu_parts(torch.device("cpu"), str(tmp_path))
-    assert list(parts) == ["ceilings", "checks", "attention", "rms_norm", "replicate", "train", "train_7b", "growth"]
-    results = {name: parts[name]() for name in ("ceilings", "checks", "attention", "rms_norm")}
+    assert list(parts) == ["ceilings", "checks", "attention", "rms_norm", "fused", "linear_cross_entropy", "replicate",
+                           "train", "train_7b", "growth"]
+    results = {name: parts[name]() for name in ("ceilings", "checks", "attention", "rms_norm", "fused",
+                                                "linear_cross_entropy")}
     assert results["ceilings"][0]["what"] == "bf16 matmul 64^3" and results["ceilings"][1]["gbps"] > 0
     assert all(r["ok"] for r in results["checks"])
     attention = [r for r in results["attention"] if r["impl"] == "stackfast"]
@@ -127,10 +140,17 @@ def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
     assert all(r["tflops"] > 0 and (r["baseline"] is None or r["ratio"] > 0) for r in attention)
     norm = {(r["impl"], r["pass"]) for r in results["rms_norm"]}
     assert {("stackfast", "fwd+bwd"), ("F.rms_norm", "fwd+bwd"), ("torch.compile", "fwd+bwd")} <= norm
-    for name in ("ceilings", "gpu_kernels_checks", "bench_attention", "bench_rms_norm"):
+    fused = {(r["op"], r["impl"], r["pass"]) for r in results["fused"]}
+    assert {(op, impl, p) for op in ("rope", "swiglu") for impl in ("stackfast", "eager")
+            for p in ("fwd", "fwd+bwd")} <= fused
+    assert {r["impl"] for r in results["linear_cross_entropy"]} >= {"stackfast", "torch"}
+    for name in ("ceilings", "gpu_kernels_checks", "bench_attention", "bench_rms_norm", "bench_fused",
+                 "bench_linear_cross_entropy"):
         assert json.loads(next(tmp_path.glob(f"{name}-*.json")).read_text())["rows"]
     rows = {r["what"]: r for r in run_all.summary_rows(results)}
     assert "attention fwd+bwd 1x2/1x33x16" in rows and "rms_norm fwd+bwd 8x64 bf16" in rows
+    assert "rope fwd+bwd 1x9x2/1x16 bfloat16" in rows and "swiglu fwd+bwd 9x40 bfloat16" in rows
+    assert "linear_cross_entropy 16x50x8 bf16 peak memory" in rows
 
 
 def test_gpu_timing_path_reports_fits_failures_and_skips(monkeypatch, capsys):

@@ -109,3 +109,42 @@ def test_auto_kernels_leave_fp32_attention_to_sdpa(monkeypatch):
         torch.manual_seed(0)
         Transformer(ModelConfig.from_preset("tiny", kernels=kernels))(x)
         assert len(calls) == expected, kernels
+
+
+def test_triton_kernels_match_the_torch_path_in_loss_and_every_gradient():
+    """kernels='triton' (attention, RMSNorm, RoPE, SwiGLU, fused linear cross-entropy; the
+    interpreter on CPU) against kernels='torch', the same weights: logits, loss, gradients."""
+    x = torch.randint(0, 4096, (2, 9))
+    y = torch.randint(0, 4096, (2, 9))
+    results = []
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_preset("tiny", kernels=kernels))
+        loss = model(x, y)
+        loss.backward()
+        with torch.no_grad():
+            logits = model(x)
+        results.append((logits, loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (logits, loss, grads), (k_logits, k_loss, k_grads) = results
+    torch.testing.assert_close(k_logits, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k_loss, loss, rtol=1e-5, atol=1e-6)
+    assert k_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(k_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_kernels_on_a_gpu_use_every_fused_op(monkeypatch):
+    import stackfast.model as model_module
+    import stackfast.ops as ops
+    monkeypatch.setattr(model_module, "use_triton", lambda kernels, device: kernels != "torch")  # as on a GPU
+    calls = []
+    for name in ("rope", "swiglu", "linear_cross_entropy"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
+    x = torch.randint(0, 4096, (1, 8))
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_preset("tiny", kernels="auto"))(x, x)
+    assert calls == ["rope", "swiglu"] * 2 + ["linear_cross_entropy"]
+    calls.clear()
+    Transformer(ModelConfig.from_preset("tiny", kernels="torch"))(x, x)
+    assert calls == []

@@ -1,23 +1,11 @@
 """stackfast.ops.rms_norm (Triton; the interpreter on CPU) against its fp64 reference."""
 import pytest
 import torch
+from conftest import assert_within_torch_error
 
 from stackfast.ops import _launch, rms_norm, rms_norm_ref
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one (conftest.py)
-
-# atol as a fraction of the largest reference value. fp16: one final rounding to fp16
-# (half an ulp, 2**-11 relative) at the largest value, where PyTorch's own error can
-# happen to be 0. fp32: PyTorch's fp32 error is ~1e-7 and the kernel sums in another order.
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3}
-
-
-def assert_within_torch_error(out, ref64, torch_out, dtype, what):
-    """docs/design.md: |kernel - ref_fp64| <= 2 |torch_lowprec - ref_fp64| + atol (inputs in dtype)."""
-    err = (out.double() - ref64).abs()
-    allowed = 2 * (torch_out.double() - ref64).abs() + ATOL[dtype] * ref64.abs().max()
-    assert (err <= allowed).all(), \
-        f"{what}: max error {err.max():.3g}, worst excess {(err - allowed).max():.3g}"
 
 
 def _run(fn, x, weight, residual, d_normed, d_new_residual):

@@ -15,8 +15,12 @@ import types
 from stackfast.ops.replicate import extension_info, extension_summary, replicate_, replicate_ref
 
 # Public name -> the module that defines it, imported when the name is first asked for.
-_LAZY = {"attention": "attention", "attention_ref": "attention", "rms_norm": "rms_norm",
-         "rms_norm_ref": "rms_norm"}
+_LAZY = {"attention": "attention", "attention_ref": "attention",
+         "rms_norm": "rms_norm", "rms_norm_ref": "rms_norm",
+         "rope": "rope", "rope_ref": "rope",
+         "swiglu": "swiglu", "swiglu_ref": "swiglu",
+         "linear_cross_entropy": "linear_cross_entropy", "linear_cross_entropy_ref": "linear_cross_entropy",
+         "apply_stackfast_kernels": "hf", "patch_llama": "hf", "patch_mistral": "hf", "patch_qwen2": "hf"}
 
 
 def __getattr__(name: str):
@@ -40,5 +44,6 @@ class _Ops(types.ModuleType):
 sys.modules[__name__].__class__ = _Ops
 
 
-__all__ = ["attention", "attention_ref", "extension_info", "extension_summary", "replicate_", "replicate_ref", "rms_norm",
-           "rms_norm_ref"]
+__all__ = ["apply_stackfast_kernels", "attention", "attention_ref", "extension_info", "extension_summary",
+           "linear_cross_entropy", "linear_cross_entropy_ref", "patch_llama", "patch_mistral", "patch_qwen2",
+           "replicate_", "replicate_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref", "swiglu", "swiglu_ref"]

@@ -1,0 +1,237 @@
+"""Fused linear cross-entropy: the mean cross-entropy of `hidden @ weight.T` against targets,
+computed chunk by chunk over tokens, never holding the (tokens x vocab) logits.
+
+    loss = mean over tokens t with targets[t] != ignore_index of
+           lse_t - logits[t, targets[t]] + z_loss * lse_t**2,   lse_t = logsumexp(logits[t])
+
+The gradients of hidden and weight are computed in the forward, one chunk of tokens at a
+time (the logits chunk is turned in place into the softmax gradient, then two matmuls),
+and the backward only scales them by the upstream gradient: the peak holds one
+(chunk x vocab) fp32 block instead of the full logits, their fp32 upcast and their
+gradient (Liger-Kernel's FusedLinearCrossEntropy does the same).
+
+Layers: the Triton kernel that turns a logits chunk into its loss rows and, in place,
+its gradient (one program per row, two passes over the vocab with an online max) ->
+its launcher registered as the custom op "stackfast::cross_entropy_grad_" (fake
+implementation for torch.compile) -> the chunk loop in a torch.autograd.Function (the
+matmuls stay cuBLAS / the CPU BLAS) -> the public `linear_cross_entropy`. On CPU tensors
+the chunk step is plain PyTorch (the chunking is what saves memory there); the Triton
+kernel runs on CUDA tensors, or where asked with `use_kernel=True` (the interpreter).
+`linear_cross_entropy_ref` is the pure-PyTorch reference (the full logits).
+
+Accumulation is fp32: logits chunks are upcast, the weight gradient is summed in fp32.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from stackfast.ops import _launch
+
+
+@triton.jit
+def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, n_cols, stride_row, ignore_index, z_loss,
+                               BLOCK_V: tl.constexpr):
+    # One program per row: pass 1 finds max and sum(exp) online, pass 2 overwrites the row
+    # with d(loss_row)/d(logits) = softmax * (1 + 2 z lse) - onehot(target), 0 when ignored.
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    safe_target = tl.where(valid, target, 0)
+    cols = tl.arange(0, BLOCK_V)
+    # a finite floor, not -inf: lanes that have seen only padding then give exp(floor - m) = 0, never nan
+    m = tl.full([BLOCK_V], -3.0e38, tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        x = tl.load(base + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
+    lse = m_row + tl.log(s_row)
+    x_target = tl.load(base + safe_target).to(tl.float32)
+    loss = lse - x_target + z_loss * lse * lse
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    scale = tl.where(valid, 1.0 + 2.0 * z_loss * lse, 0.0)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + cols
+        mask = offs < n_cols
+        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) * scale - tl.where((offs == safe_target) & valid, 1.0, 0.0)
+        tl.store(base + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("stackfast::cross_entropy_grad_", mutates_args=("logits",))
+def _cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                         z_loss: float) -> torch.Tensor:
+    """logits (rows, vocab), contiguous rows; targets (rows,). Returns the per-row loss (fp32,
+    0 where ignored) and overwrites logits with the per-row gradient (not divided by the count)."""
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    if n_rows:
+        block = min(triton.next_power_of_2(n_cols), 4096 if logits.is_cuda else 1024)
+        _cross_entropy_grad_kernel[(n_rows,)](logits, targets.contiguous(), loss, n_cols, logits.stride(0),
+                                              ignore_index, z_loss, BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
+    return loss
+
+
+@_cross_entropy_grad_.register_fake
+def _(logits, targets, ignore_index, z_loss):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+def _chunk_grad_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float,
+                      need_grad: bool) -> torch.Tensor:
+    """The PyTorch twin of the kernel on an fp32 chunk (rows, vocab): per-row loss, logits
+    overwritten in place by their gradient when need_grad."""
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    lse = torch.logsumexp(logits, dim=-1)  # (rows,)
+    loss = lse - logits.gather(1, safe[:, None]).squeeze(1)
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(valid, loss, 0.0)
+    if need_grad:
+        probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+        scale = torch.where(valid, 1.0 + 2.0 * z_loss * lse, 0.0)
+        probs.mul_(scale[:, None])
+        rows = torch.arange(len(safe), device=logits.device)
+        probs[rows, safe] -= valid.to(probs.dtype)
+    return loss
+
+
+def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk: the logits chunk about as large as the hidden states (Liger's rule,
+    a power of two), so the extra memory stays near one copy of the input."""
+    chunks = triton.cdiv(vocab, hidden)
+    return max(1, min(n_tokens, triton.next_power_of_2(triton.cdiv(n_tokens, chunks))))
+
+
+_ADDMM_OUT_DTYPE = [True]  # whether addmm(..., out_dtype=fp32) runs here (CUDA builds have it)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc (fp32) + a @ b; for bf16/fp16 a, b the product is summed in fp32 by the matmul itself
+    where torch offers it (no low-precision (vocab x hidden) temporary), else through one."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # an older torch: no out_dtype overload
+            _ADDMM_OUT_DTYPE[0] = False
+    return acc.add_(a @ b)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, chunk_size, use_kernel):
+        # hidden (N, H), weight (V, H), targets (N,)
+        n_tokens = hidden.shape[0]
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = hidden.new_empty(hidden.shape) if need_dh else None  # contiguous
+        # fp32 accumulation of the weight gradient across chunks
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.promote_types(
+            weight.dtype, torch.float32)) if need_dw else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        loss_sum = torch.zeros((), device=hidden.device, dtype=acc)
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            h_chunk = hidden[start:end]
+            logits = (h_chunk @ weight.T).to(acc)  # (chunk, V) fp32: the only vocab-sized buffer
+            if use_kernel:
+                rows = _cross_entropy_grad_(logits, targets[start:end], ignore_index, z_loss)
+            else:
+                rows = _chunk_grad_torch(logits, targets[start:end], ignore_index, z_loss, need_dh or need_dw)
+            loss_sum += rows.sum()
+            if need_dh or need_dw:
+                grad_logits = logits.to(hidden.dtype)  # (chunk, V)
+                if need_dh:
+                    torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
+                if need_dw:
+                    grad_weight = _accumulate(grad_weight, grad_logits.T, h_chunk)
+            del logits
+        count = (targets != ignore_index).sum()
+        # mean over the counted tokens; no host sync (0 tokens gives nan, as F.cross_entropy)
+        inv_count = 1.0 / count.to(acc)
+        if need_dw:
+            grad_weight = grad_weight.mul_(inv_count).to(weight.dtype)  # scaled in fp32, then one rounding
+        # Kept on ctx, not saved for backward: the backward scales them in place (no second
+        # copy of the gradients; grad_hidden by 1 / count there too: one rounding) and hands
+        # them over, so it can run once.
+        ctx.grads = (grad_hidden, grad_weight)
+        ctx.inv_count = inv_count
+        return loss_sum * inv_count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy: the backward runs once (its gradients are computed in the "
+                               "forward and handed over); recompute the loss to differentiate it again")
+        grad_hidden, grad_weight = ctx.grads
+        if grad_hidden is not None:
+            grad_hidden.mul_((grad_loss * ctx.inv_count).to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        ctx.grads = None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, z_loss: float = 0.0, chunk_size: Optional[int] = None,
+                         use_kernel: Optional[bool] = None) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ lm_head_weight.T` against `targets` (+ z_loss * mean lse^2),
+    as `F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)`, never holding the
+    full logits. hidden (..., H), lm_head_weight (V, H), targets (...) int64. Returns an fp32 scalar
+    (fp64 for fp64 inputs: then every step is fp64, a chunked accuracy reference).
+
+    chunk_size: tokens per chunk (default: default_chunk_size). use_kernel: the Triton chunk
+    kernel (default on CUDA tensors but fp64; True on CPU needs TRITON_INTERPRET=1), else PyTorch.
+    Under autocast the matmuls run in the autocast dtype, as nn.Linear's would.
+    """
+    if lm_head_weight.ndim != 2 or hidden.shape[-1] != lm_head_weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: lm_head_weight must be (vocab, hidden={hidden.shape[-1]}), "
+                         f"got {tuple(lm_head_weight.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: targets must have shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    if use_kernel is None:
+        use_kernel = hidden.is_cuda and hidden.dtype != torch.float64  # the kernel computes in fp32
+    if use_kernel:
+        _launch.check_device("linear_cross_entropy", hidden, lm_head_weight, targets)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, lm_head_weight = hidden.to(dtype), lm_head_weight.to(dtype)
+    elif hidden.dtype != lm_head_weight.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden {hidden.dtype} and weight {lm_head_weight.dtype} differ "
+                         f"(outside autocast)")
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    n_tokens = hidden2d.shape[0]
+    chunk = chunk_size or default_chunk_size(n_tokens, *lm_head_weight.shape)
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden2d, lm_head_weight, targets.reshape(-1), ignore_index,
+                                         float(z_loss), max(1, chunk), bool(use_kernel))
+
+
+def linear_cross_entropy_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+                             ignore_index: int = -100, z_loss: float = 0.0, upcast: bool = False) -> torch.Tensor:
+    """Pure-PyTorch reference with the full logits: F.cross_entropy(lm_head(hidden).float()) (+ z-loss).
+
+    upcast=True computes in float64 (the accuracy reference) and returns float64.
+    """
+    if upcast:
+        hidden, lm_head_weight = hidden.double(), lm_head_weight.double()
+    logits = F.linear(hidden, lm_head_weight).flatten(0, -2)
+    logits = logits if upcast else logits.float()
+    flat = targets.flatten()
+    loss = F.cross_entropy(logits, flat, ignore_index=ignore_index)
+    if z_loss:
+        valid = flat != ignore_index
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = loss + z_loss * (lse * lse * valid).sum() / valid.sum()
+    return loss
