@@ -42,6 +42,17 @@ def test_report_covers_every_attention_kernel(report):
     assert all(row["wgmma"] > 0 for row in rows if row["kernel"] in ("attention.fwd", "attention.dkdv"))
 
 
+def test_the_fused_ops_kernels_join_the_report_and_compile_without_spills():
+    """RoPE, SwiGLU and the cross-entropy chunk kernel: found through their modules'
+    compile_specs, compiled for sm_90 in bf16 (the interpreter runs Python, not the compiler)."""
+    result, rows = run_report("--arch", "90", "--dtypes", "bf16", "--kernels", "rope,swiglu,linear_cross_entropy",
+                              "--json", "--jobs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {row["kernel"] for row in rows} == {"rope", "swiglu.fwd", "swiglu.bwd", "linear_cross_entropy.chunk_grad"}
+    assert {row["head_dim"] for row in rows if row["kernel"] == "rope"} == {64, 128}
+    assert all(row["fits"] and row["spill_bytes"] == 0 and row["registers"] > 0 for row in rows), rows
+
+
 def test_report_flags_a_spilling_or_oversized_default():
     from benchmarks import kernel_stats
     base = {"kernel": "k", "arch": 90, "head_dim": 128, "dtype": "bf16", "causal": True, "fits": True,

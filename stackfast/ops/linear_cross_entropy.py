@@ -235,3 +235,15 @@ def linear_cross_entropy_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
         lse = torch.logsumexp(logits, dim=-1)
         loss = loss + z_loss * (lse * lse * valid).sum() / valid.sum()
     return loss
+
+
+def compile_specs(arch: int) -> list:
+    """The chunk kernel of this module for benchmarks/kernel_stats.py (offline compiles): the
+    launcher's GPU config (4096 columns a block at 8 warps, vocab 32000), every dtype."""
+    del arch  # the same launch parameters on every architecture
+    return [_launch.CompileSpec(
+        "linear_cross_entropy.chunk_grad", _cross_entropy_grad_kernel,
+        {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "loss_ptr": "*fp32", "n_cols": "i32", "stride_row": "i32",
+         "ignore_index": "i32", "z_loss": "fp32"},
+        ("logits_ptr", "targets_ptr", "loss_ptr", "n_cols", "stride_row"), {}, (({"BLOCK_V": 4096}, 8, 3),),
+        {"dtype": dtype}) for dtype in ("bf16", "fp16", "fp32")]

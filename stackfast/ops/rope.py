@@ -147,3 +147,24 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
     return rotate(q), rotate(k)
+
+
+def compile_specs(arch: int) -> list:
+    """The kernel of this module for benchmarks/kernel_stats.py (offline compiles): the
+    forward rotation (the backward is the same kernel with INVERSE) at the launcher's
+    choices for Llama's head dims, 32 query and 8 KV heads (GQA), every dtype."""
+    del arch  # the same launch parameters on every architecture
+    specs = []
+    for head_dim in (64, 128):
+        for dtype in ("bf16", "fp16", "fp32"):
+            t = f"*{dtype}"
+            specs.append(_launch.CompileSpec(
+                "rope", _rope_kernel,
+                {"q_ptr": t, "k_ptr": t, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_out_ptr": t, "k_out_ptr": t,
+                 "n_rows": "i32", "seqlen": "i32", "cos_batch_stride": "i32", "n_q_heads": "i32",
+                 "n_k_heads": "i32", "rows_per_program": "i32"},
+                ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr", "n_rows", "seqlen",
+                 "n_q_heads", "n_k_heads"),
+                {"HEAD_DIM": head_dim, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": head_dim // 2, "INVERSE": False},
+                (({}, 4, 3),), {"head_dim": head_dim, "dtype": dtype}))
+    return specs

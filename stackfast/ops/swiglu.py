@@ -116,3 +116,22 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor, upcast: bool = False) -> to
     if upcast:
         gate, up = gate.double(), up.double()
     return F.silu(gate) * up
+
+
+def compile_specs(arch: int) -> list:
+    """The kernels of this module for benchmarks/kernel_stats.py (offline compiles): the
+    launcher's one config, every dtype."""
+    del arch  # the same launch parameters on every architecture
+    specs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        t = f"*{dtype}"
+        specs.append(_launch.CompileSpec(
+            "swiglu.fwd", _swiglu_fwd_kernel,
+            {"g_ptr": t, "u_ptr": t, "y_ptr": t, "n": "i64", "blocks_per_program": "i32"},
+            ("g_ptr", "u_ptr", "y_ptr", "n"), {}, (({"BLOCK": BLOCK}, 4, 3),), {"dtype": dtype}))
+        specs.append(_launch.CompileSpec(
+            "swiglu.bwd", _swiglu_bwd_kernel,
+            {"dy_ptr": t, "g_ptr": t, "u_ptr": t, "dg_ptr": t, "du_ptr": t, "n": "i64", "blocks_per_program": "i32"},
+            ("dy_ptr", "g_ptr", "u_ptr", "dg_ptr", "du_ptr", "n"), {}, (({"BLOCK": BLOCK}, 4, 3),),
+            {"dtype": dtype}))
+    return specs
