@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import RESULTS_DIR, markdown_table, write_results  # noqa: E402
+from stackfast.bench.harness import RESULTS_DIR, markdown_table, write_results  # noqa: E402
 from stackfast.config import ModelConfig  # noqa: E402
 from stackfast.demo import growth_overrides, steps_for_flops, train_labeled  # noqa: E402
 from stackfast.growth_operators import OPERATORS  # noqa: E402

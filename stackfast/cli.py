@@ -307,12 +307,7 @@ def _lm_eval(args, source: Path, device) -> int:
 
 
 def cmd_bench(args) -> int:
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "run_all.py").is_file():
-        raise StackfastError("stackfast bench runs the benchmarks of a source checkout (benchmarks/run_all.py "
-                             "was not found next to the installed package)")
-    sys.path.insert(0, str(root))
-    from benchmarks import harness, run_all
+    from stackfast.bench import harness, run_all
     try:
         harness.results_folder(args.out)
     except ValueError as error:
@@ -453,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the benchmark suite: ratios against baselines measured in the same run")
     p.add_argument("--cpu", action="store_true", help="the CPU subset (train step vs HF, replication, loader)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the suite")
-    p.add_argument("--out", help="results folder (default benchmarks/results)")
+    p.add_argument("--out", help="results folder (default: a checkout's benchmarks/results, else "
+                   "./stackfast-bench-results)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="versions, device, kernels, compiled parts")

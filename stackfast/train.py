@@ -506,7 +506,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                loss_fn=model_loss) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step: forward/backward over the (x, y) micro-batches (on the device),
     global-norm clipping and the AdamW update. The loop runs it every step and
-    benchmarks/bench_train.py times it, so the benchmark measures what training runs.
+    stackfast/bench/bench_train.py times it, so the benchmark measures what training runs.
 
     Returns (mean loss, gradient norm, bad flag), all still on the device: no host sync.
     A step whose loss (local to each rank) or gradient norm is not finite is skipped on the

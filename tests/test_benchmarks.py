@@ -2,14 +2,9 @@
 shared machine is noisy; the rows, the same-run baselines and the JSON are)."""
 import json
 import os
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import run_all  # noqa: E402
+from stackfast.bench import run_all
 
 
 def test_cpu_suite_writes_rows_with_same_run_baselines(tmp_path, capsys):
@@ -36,7 +31,7 @@ def test_cpu_suite_writes_rows_with_same_run_baselines(tmp_path, capsys):
 
 
 def test_train_bench_as_a_one_process_fsdp_job(tmp_path):
-    from benchmarks import bench_train
+    from stackfast.bench import bench_train
     rows = bench_train.main(["--cpu", "--preset", "tiny", "--seq-len", "32", "--reps", "1", "--fsdp",
                              "--activation-checkpointing", "--only", "stackfast", "--out", str(tmp_path)])
     assert [r["name"] for r in rows] == ["stackfast"] and rows[0]["fsdp"] and rows[0]["tokens_per_s"] > 0
@@ -44,7 +39,7 @@ def test_train_bench_as_a_one_process_fsdp_job(tmp_path):
 
 
 def test_train_bench_refuses_an_unknown_candidate(capsys):
-    from benchmarks import bench_train
+    from stackfast.bench import bench_train
     with pytest.raises(SystemExit) as exit_info:
         bench_train.main(["--cpu", "--preset", "tiny", "--only", "stackfast,hf"])
     assert exit_info.value.code == 2
@@ -88,7 +83,7 @@ def test_gpu_candidate_set_builds_and_steps_on_cpu():
     same initial weights for all, and one train_step each (compile excepted: slow on CPU)."""
     import argparse
     import torch
-    from benchmarks import bench_train
+    from stackfast.bench import bench_train
     from stackfast.config import ModelConfig
     from stackfast.parallel import World
     cfg = ModelConfig.from_preset("tiny", kernels="auto")
@@ -114,7 +109,7 @@ def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
     RMSNorm timing against every baseline that runs here) at toy sizes on the CPU, kernels
     under the interpreter: a GPU session gets one try, so its Python must already work."""
     import torch
-    from benchmarks import (bench_attention, bench_fused, bench_linear_cross_entropy, bench_rms_norm, gpu_kernels,
+    from stackfast.bench import (bench_attention, bench_fused, bench_linear_cross_entropy, bench_rms_norm, gpu_kernels,
                             harness)
     monkeypatch.setattr(run_all, "MATMUL_SIZE", 64)
     monkeypatch.setattr(harness, "COPY_BYTES", 1 << 20)
@@ -159,7 +154,7 @@ def test_gpu_timing_path_reports_fits_failures_and_skips(monkeypatch, capsys):
     fit is skipped with the numbers."""
     import argparse
     import torch
-    from benchmarks import bench_train
+    from stackfast.bench import bench_train
     from stackfast.config import ModelConfig
     from stackfast.parallel import World
     cfg = ModelConfig.from_preset("tiny", kernels="torch")

@@ -20,8 +20,8 @@ def run_report(*args):
 
 @pytest.fixture(scope="module")
 def report():
-    return run_report("--arch", "90", "--dtypes", "bf16", "--head-dims", "128", "--causal", "true",
-                      "--default-only", "--json", "--jobs", "2")
+    return run_report("--arch", "90", "--kernels", "attention", "--dtypes", "bf16", "--head-dims", "128",
+                      "--causal", "true", "--default-only", "--json", "--jobs", "2")
 
 
 def test_report_covers_every_attention_kernel(report):
@@ -54,7 +54,7 @@ def test_the_fused_ops_kernels_join_the_report_and_compile_without_spills():
 
 
 def test_report_flags_a_spilling_or_oversized_default():
-    from benchmarks import kernel_stats
+    from stackfast.bench import kernel_stats
     base = {"kernel": "k", "arch": 90, "head_dim": 128, "dtype": "bf16", "causal": True, "fits": True,
             "spill_bytes": 0, "default": False, "config": "c"}
     assert kernel_stats.problems([{**base, "default": True}, base]) == []

@@ -3,9 +3,9 @@ stackfast.ops.linear_cross_entropy against F.cross_entropy(lm_head(h).float()) a
 imports, Liger-Kernel's LigerFusedLinearCrossEntropyLoss; the same loss and gradients
 checked against an fp64 reference (docs/design.md's rule).
 
-    python benchmarks/bench_linear_cross_entropy.py            # CPU: 16384 tokens x 32000 vocab x 2048 hidden, fp32
-    python benchmarks/bench_linear_cross_entropy.py --quick    # CPU: 2048 x 8000 x 512
-    python benchmarks/bench_linear_cross_entropy.py --sizes 512 2000 256   # any CPU sizes
+    python -m stackfast.bench.bench_linear_cross_entropy            # CPU: 16384 tokens x 32000 vocab x 2048 hidden, fp32
+    python -m stackfast.bench.bench_linear_cross_entropy --quick    # CPU: 2048 x 8000 x 512
+    python -m stackfast.bench.bench_linear_cross_entropy --sizes 512 2000 256   # any CPU sizes
 
 CPU memory is measured for real: each candidate runs in its own fresh process, which
 reads its resident set size once the inputs exist (RSS from /proc/self/statm) and its
@@ -32,10 +32,9 @@ import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before stackfast.ops defines its kernels
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for scripts
 
-from benchmarks import harness  # noqa: E402
-from stackfast.ops import linear_cross_entropy  # noqa: E402
+from stackfast.bench import harness
+from stackfast.ops import linear_cross_entropy
 
 FULL = (16384, 32000, 2048)  # tokens, vocab, hidden: the 1.1B benchmark step's loss
 QUICK = (2048, 8000, 512)
@@ -89,7 +88,7 @@ def child(impl: str, sizes, save: str) -> dict:
 
 
 def run_child(impl: str, sizes, save: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, "--sizes", *map(str, sizes), "--save", save]
+    cmd = [sys.executable, "-m", "stackfast.bench.bench_linear_cross_entropy", "--child", impl, "--sizes", *map(str, sizes), "--save", save]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
 

@@ -1,8 +1,8 @@
 """Benchmark replicate_ against a per-tensor copy_ loop and torch._foreach_copy_.
 
-    python -m benchmarks.bench_replicate          # GPU when present, else CPU
-    python -m benchmarks.bench_replicate --cpu    # scaled-down set on CPU (under a minute)
-    python -m benchmarks.bench_replicate --cpu --threads 1   # CPU without OpenMP effects
+    python -m stackfast.bench.bench_replicate          # GPU when present, else CPU
+    python -m stackfast.bench.bench_replicate --cpu    # scaled-down set on CPU (under a minute)
+    python -m stackfast.bench.bench_replicate --cpu --threads 1   # CPU without OpenMP effects
 
 Workload (docs/design.md target): G_stack with g = 4 on 4 layers of a 7B Llama (hidden 4096,
 FFN 11008, 32 heads, 8 KV heads), fp32 weights plus the two Adam moments, so every tensor
@@ -18,8 +18,8 @@ import argparse
 
 import torch
 
-from benchmarks.harness import copy_bandwidth as harness_copy_bandwidth
-from benchmarks.harness import gbps, main_device, markdown_table, measure, write_results
+from stackfast.bench.harness import copy_bandwidth as harness_copy_bandwidth
+from stackfast.bench.harness import gbps, main_device, markdown_table, measure, write_results
 from stackfast.ops.replicate import extension_info, replicate_, replicate_ref
 
 LAYERS = 4

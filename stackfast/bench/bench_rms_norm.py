@@ -3,7 +3,7 @@ F.rms_norm module, Liger-Kernel's LigerRMSNorm when it imports and HF-style eage
 forward and forward+backward ms and GB/s at 16384 x 4096 bf16, with the ratio to F.rms_norm
 and the fraction of the device copy bandwidth measured in the same run.
 
-    python benchmarks/bench_rms_norm.py [--quick]
+    python -m stackfast.bench.bench_rms_norm [--quick]
 
 Without CUDA it runs a tiny correctness check under the Triton interpreter instead.
 Bytes are the minimum traffic: forward reads x and writes y; backward reads x and dy and
@@ -11,17 +11,15 @@ writes dx (the weight is negligible).
 """
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before stackfast.ops defines its kernels
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for scripts
 
-from benchmarks import harness  # noqa: E402
-from stackfast.ops import rms_norm, rms_norm_ref  # noqa: E402
+from stackfast.bench import harness
+from stackfast.ops import rms_norm, rms_norm_ref
 
 ROWS, HIDDEN, EPS = 16384, 4096, 1e-5
 

@@ -20,7 +20,10 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where results go by default: a source checkout's benchmarks/results (committed there); from
+# an installed package, a folder in the current directory.
+_CHECKOUT_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS_DIR = _CHECKOUT_RESULTS if _CHECKOUT_RESULTS.is_dir() else Path("stackfast-bench-results")
 
 
 def _sync(device: torch.device) -> None:

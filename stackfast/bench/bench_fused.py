@@ -5,7 +5,7 @@ bf16, at the 1.1B step's shapes (8 x 2048 tokens; 32 query / 4 kv heads of 64; f
 with the ratio to eager measured in the same run. The fused loss has its own benchmark
 (bench_linear_cross_entropy.py: memory and time).
 
-    python benchmarks/bench_fused.py [--quick]
+    python -m stackfast.bench.bench_fused [--quick]
 
 Without CUDA it runs a small correctness check under the Triton interpreter instead.
 Bytes are the minimum traffic: rope reads and writes q and k each pass; swiglu reads gate
@@ -13,17 +13,15 @@ and up and writes y forward, reads dy, gate and up and writes two gradients back
 """
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before stackfast.ops defines its kernels
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for scripts
 
-from benchmarks import harness  # noqa: E402
-from stackfast.model import rope_tables  # noqa: E402
-from stackfast.ops import rope, rope_ref, swiglu, swiglu_ref  # noqa: E402
+from stackfast.bench import harness
+from stackfast.model import rope_tables
+from stackfast.ops import rope, rope_ref, swiglu, swiglu_ref
 
 TOKENS = (8, 2048)  # batch, seqlen
 ROPE_HEADS = (32, 4, 64)  # heads, kv_heads, head_dim

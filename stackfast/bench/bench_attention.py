@@ -2,7 +2,7 @@
 (flash, cuDNN, memory-efficient) and flash-attn when it imports; forward and forward+backward
 TFLOP/s, bf16, causal, with ratios to the best SDPA backend measured in the same run.
 
-    python benchmarks/bench_attention.py [--quick]
+    python -m stackfast.bench.bench_attention [--quick]
 
 Without CUDA it runs a tiny correctness check under the Triton interpreter instead.
 FLOPs: forward 4*B*H*S^2*D (half of it when causal); backward 2.5x the forward.
@@ -10,17 +10,15 @@ FLOPs: forward 4*B*H*S^2*D (half of it when causal); backward 2.5x the forward.
 import contextlib
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before stackfast.ops defines its kernels
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for scripts
 
-from benchmarks import harness  # noqa: E402
-from stackfast.ops import attention, attention_ref  # noqa: E402
+from stackfast.bench import harness
+from stackfast.ops import attention, attention_ref
 
 # (batch, heads, kv_heads, seqlen, head_dim), all causal. The quick set (what `stackfast
 # bench` runs): head dims 128 and 64 without GQA, and GQA with 32 query heads on 8 kv heads.

@@ -9,23 +9,20 @@ collective calls; the target is < 1 s on GPU (docs/design.md). fp32 weights and 
 7B target with moments needs 12 bytes a parameter (71 GB); a case that does not fit the
 GPU's free memory is reported as skipped. On CPU a scaled-down shape keeps it quick.
 
-    python benchmarks/bench_growth.py            # GPU: 7b-small -> 7b; CPU: toy-small -> toy
+    python -m stackfast.bench.bench_growth            # GPU: 7b-small -> 7b; CPU: toy-small -> toy
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.harness import main_device, markdown_table, measure, write_results  # noqa: E402
-from stackfast.config import ModelConfig  # noqa: E402
-from stackfast.growth import apply_growth  # noqa: E402
-from stackfast.growth.depth import copy_optimizer_state  # noqa: E402
-from stackfast.model import Transformer  # noqa: E402
+from stackfast.bench.harness import main_device, markdown_table, measure, write_results
+from stackfast.config import ModelConfig
+from stackfast.growth import apply_growth
+from stackfast.growth.depth import copy_optimizer_state
+from stackfast.model import Transformer
 
 FACTOR = 4
 

@@ -2,18 +2,16 @@
 fp64 references, then the attention and rms_norm benchmarks; writes JSON under
 benchmarks/results/ and prints the ratios last. Meant to finish in under 5 minutes.
 
-    python benchmarks/gpu_kernels.py
+    python -m stackfast.bench.gpu_kernels
 
 Without CUDA it runs the interpreter smoke checks of both benchmarks and skips timing.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for scripts
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import bench_attention, bench_rms_norm, harness  # noqa: E402
+from stackfast.bench import bench_attention, bench_rms_norm, harness
 
 # Seqlens and head dims shared with the benchmark cases reuse their autotuning; seqlen 1000
 # checks the partial blocks at a real size.

@@ -5,21 +5,18 @@ loader at 10M tokens/s costs well under 1% of a step. Baseline in the same run: 
 copy of the same number of contiguous tokens out of the memory map (the floor any loader
 pays).
 
-    python benchmarks/bench_loader.py
+    python -m stackfast.bench.bench_loader
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.harness import markdown_table, measure, write_results  # noqa: E402
-from stackfast.data import TokenData, TokenLoader, builtin_dataset  # noqa: E402
+from stackfast.bench.harness import markdown_table, measure, write_results
+from stackfast.data import TokenData, TokenLoader, builtin_dataset
 
 
 def main(argv=None) -> list[dict]:

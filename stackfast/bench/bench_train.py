@@ -12,9 +12,9 @@ fused linear cross-entropy) and HF + Liger-Kernel (RMSNorm, RoPE, SwiGLU, fused 
 cross-entropy) when liger_kernel imports. The HF models compute their
 own loss (`labels=`), so Liger's fused cross-entropy is in play.
 
-    python benchmarks/bench_train.py                  # CPU: toy model, seq 256, batch 8
-    python benchmarks/bench_train.py --preset tinyllama-1.1b --seq-len 2048 --batch 8   # GPU default
-    python benchmarks/bench_train.py --preset 7b --batch 4 --activation-checkpointing --fsdp --only stackfast
+    python -m stackfast.bench.bench_train                  # CPU: toy model, seq 256, batch 8
+    python -m stackfast.bench.bench_train --preset tinyllama-1.1b --seq-len 2048 --batch 8   # GPU default
+    python -m stackfast.bench.bench_train --preset 7b --batch 4 --activation-checkpointing --fsdp --only stackfast
 
 --fsdp wraps stackfast as a one-process FSDP2 job (what each rank of `torchrun` runs: bf16
 parameters gathered per block, fp32 gradient reduction, fp32 master shards). A candidate
@@ -36,22 +36,19 @@ import gc
 import itertools
 import os
 import socket
-import sys
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.harness import main_device, markdown_table, measure, summarize, write_results  # noqa: E402
-from stackfast.checkpoint import hf_llama_config, to_hf_state_dict  # noqa: E402
-from stackfast.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
-from stackfast.metrics import MFU_CONVENTION, peak_flops  # noqa: E402
-from stackfast.model import Transformer  # noqa: E402
-from stackfast.parallel import World, init_distributed, shutdown, wrap_model  # noqa: E402
-from stackfast.train import autocast_context, build_optimizer, model_loss, train_step  # noqa: E402
+from stackfast.bench.harness import main_device, markdown_table, measure, summarize, write_results
+from stackfast.checkpoint import hf_llama_config, to_hf_state_dict
+from stackfast.config import ModelConfig, OptimConfig, ParallelConfig
+from stackfast.metrics import MFU_CONVENTION, peak_flops
+from stackfast.model import Transformer
+from stackfast.parallel import World, init_distributed, shutdown, wrap_model
+from stackfast.train import autocast_context, build_optimizer, model_loss, train_step
 
 STATE_BYTES_PER_PARAM = 16  # fp32 weights, gradients and the two AdamW moments
 
