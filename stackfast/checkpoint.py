@@ -384,8 +384,8 @@ def load_config_of(folder: str | Path) -> Config:
     """The resolved config saved with a checkpoint."""
     path = _require(Path(folder), CONFIG_FILE)
     try:
-        return config_from_dict(tomllib.loads(path.read_text()))
-    except (tomllib.TOMLDecodeError, ConfigError) as e:
+        return config_from_dict(tomllib.loads(path.read_text(encoding="utf-8")))
+    except (tomllib.TOMLDecodeError, ConfigError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unusable config ({e})") from None
 
 

@@ -199,6 +199,7 @@ def run(cfg: Config) -> dict:
     world, device = init_distributed(resolve_device(cfg.train.device))
     try:
         cfg.batch_split(world.world_size)  # an uneven split is an error before anything is written
+        find_resume(cfg)  # so is a resume folder that is not there (the lock below creates the run folder)
         with StopSignal() as stop, contextlib.ExitStack() as held:
             if world.main:  # one job per run folder, for as long as this one runs
                 held.enter_context(RunLock(Path(cfg.logging.run_dir)))

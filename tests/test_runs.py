@@ -122,6 +122,17 @@ def test_resume_refuses_changed_run_settings_and_reports_the_safe_ones(finished,
     assert summary["steps"] == 4
 
 
+def test_a_missing_resume_folder_or_an_unreadable_saved_config_is_one_error_and_writes_nothing(finished, tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint.resume: nope is not a checkpoint folder"):
+        run(config(tmp_path / "r", 'checkpoint.resume="nope"'))
+    assert not (tmp_path / "r").exists()
+    ckpt = tmp_path / "c"
+    shutil.copytree(finished / "checkpoints" / "step_00000004", ckpt)
+    (ckpt / "config.toml").write_bytes(b"[model]\npreset = 'caf\xe9'\n")  # latin-1, not UTF-8
+    with pytest.raises(CheckpointError, match="config.toml: unusable config"):
+        run(config(tmp_path / "r", "checkpoint.allow_unverified=true", f'checkpoint.resume="{ckpt}"'))
+
+
 def test_resume_auto_on_a_finished_run_says_so_and_exits_0(finished):
     before = snapshot(finished)
     out = stackfast("train", *[a for o in TINY + [f'logging.run_dir="{finished}"', "train.max_steps=4"]
