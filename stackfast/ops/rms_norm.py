@@ -18,10 +18,10 @@ import triton.language as tl
 from stackfast.ops import _launch
 
 # One row lives in registers as a single block, so the hidden size is capped: at 8192 (16
-# warps) the backward takes 104-128 registers of the 128 a thread may have and does not
-# spill (benchmarks/kernel_stats.py, triton 3.7.1); at 16384 and above every warp count
-# spills (65536 at 32 warps: 5 KB per bwd thread). Wider rows are refused here and left to
-# PyTorch by the model and the Hugging Face patch.
+# warps) the backward takes 100-128 registers of the 128 a thread may have and does not
+# spill (benchmarks/kernel_stats.py, triton 3.7.1); 16384 at 16 warps spills 352-384 B,
+# 65536 at 32 warps 5 KB (32 warps leave 64 registers a thread). Wider rows are refused
+# here and left to PyTorch by the model and the Hugging Face patch.
 MAX_HIDDEN = 8192
 
 
