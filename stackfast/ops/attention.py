@@ -116,8 +116,9 @@ CONFIGS = {
 # FMA loops whose operands sit in registers, so the tiles are small. At head dim 128 (the
 # worst) 32x32 fwd and dq spilled 1.8-2.3 KB on sm_90 (64x64 fwd: 5.6 KB at head dim 64);
 # dk/dv spilled 8-96 B at 16x16 with 2 stages, one stage does not. With GQA ptxas spills a
-# few bytes at some warp counts and not others, so each head dim keeps the one the report
-# shows spill-free on both architectures (sm_80 at head dim 32: none with one stage).
+# few bytes at some warp counts and not others (also without GQA at two points below), so
+# each head dim keeps the one the report shows spill-free (sm_80 at head dim 32: none with
+# one stage).
 def _fp32_everywhere(config):
     return {arch: dict.fromkeys(FP32_HEAD_DIMS, [config]) for arch in (80, 90)}
 
@@ -129,6 +130,9 @@ FP32_CONFIGS = {
                  80: {16: [(16, 16, 4, 1)], 32: [(16, 16, 4, 2)], 64: [(16, 16, 8, 1)], 128: [(16, 16, 2, 1)]}},
     "dq": _fp32_everywhere((32, 16, 4, 2)),
 }
+# the general configs spill 8-16 B here (non-causal), another warp count does not
+FP32_CONFIGS["fwd"][80][32] = [(32, 16, 2, 2)]
+FP32_CONFIGS["dkdv"][90][16] = [(16, 16, 8, 1)]
 _INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv-gqa": (32, 64, 4, 1),
                         "dq": (64, 32, 4, 1)}
 # Few configs: every new key costs one compile and one timing per config (seconds).
@@ -614,7 +618,7 @@ def compile_specs(arch: int) -> list:
     advertised head dim, bf16 and fp16, causal and not, no GQA (GROUP 1), with the config
     lists of `arch`; dk/dv also with GQA (GROUP 4, causal) and in its deterministic form
     (no atomic dq, with the dq kernel); fp32 (the exact path of the tests) at every head dim
-    it takes, causal only."""
+    it takes."""
     sizes = ("n_heads", "seqlen")  # 16-divisible at real sizes (32 heads, seqlen 4096)
     specs = []
 
@@ -632,8 +636,7 @@ def compile_specs(arch: int) -> list:
     for dtype, head_dims in [("bf16", HEAD_DIMS), ("fp16", HEAD_DIMS), ("fp32", FP32_HEAD_DIMS)]:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         for head_dim in head_dims:
-            # fp32 (slow compiles): causal only, the variant with more code (masked diagonal)
-            for causal in ((True,) if dtype == "fp32" else (True, False)):
+            for causal in (True, False):
                 variant = {"head_dim": head_dim, "dtype": dtype, "causal": causal, "group": 1}
                 common = {"HEAD_DIM": head_dim, "CAUSAL": causal, "UPCAST": False,
                           "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
