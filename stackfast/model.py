@@ -27,6 +27,11 @@ def use_triton(kernels: str, device: torch.device) -> bool:
     return kernels == "triton" or (kernels == "auto" and device.type == "cuda")
 
 
+def _rms_max_hidden() -> int:
+    from stackfast.ops.rms_norm import MAX_HIDDEN  # lazily: importing it imports triton
+    return MAX_HIDDEN
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, kernels: str):
         super().__init__()
@@ -36,7 +41,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """rms_norm(x) * weight; with `residual`, returns (rms_norm(x + residual), x + residual)."""
-        if use_triton(self.kernels, x.device):
+        # 'auto' leaves rows wider than the kernel's MAX_HIDDEN to PyTorch ('triton' refuses them)
+        if self.kernels == "triton" or (use_triton(self.kernels, x.device) and x.shape[-1] <= _rms_max_hidden()):
             from stackfast.ops import rms_norm
             return rms_norm(x, self.weight, self.eps, residual=residual)
         if residual is not None:

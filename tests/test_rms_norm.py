@@ -1,4 +1,6 @@
 """stackfast.ops.rms_norm (Triton; the interpreter on CPU) against its fp64 reference."""
+import importlib
+
 import pytest
 import torch
 from conftest import assert_within_torch_error
@@ -67,6 +69,13 @@ def test_errors():
         rms_norm(x, torch.ones(8), residual=torch.randn(2, 7))
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         rms_norm(x.double(), torch.ones(8))
+    wide = rms_norm_mod().MAX_HIDDEN + 1  # would spill registers: refused, never launched
+    with pytest.raises(ValueError, match=f"hidden size {wide} is above the supported"):
+        rms_norm(torch.randn(1, wide), torch.ones(wide))
+
+
+def rms_norm_mod():  # the module: stackfast.ops.rms_norm names the function
+    return importlib.import_module("stackfast.ops.rms_norm")
 
 
 def test_cpu_tensors_need_interpreter(monkeypatch):

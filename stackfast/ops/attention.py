@@ -112,9 +112,27 @@ CONFIGS = {
              256: [(64, 32, 8, 1)]},
     },
 }
-# fp32 (exact dots, tests): small tiles, 4 bytes each.
-FP32_CONFIGS = {"fwd": [(64, 64, 4, 2)], "dkdv": [(32, 64, 4, 2)], "dkdv-gqa": [(32, 64, 4, 2)],
-                "dq": [(64, 32, 4, 2)]}
+# fp32 (exact "ieee" dots, no tensor cores; for tests), shaped like CONFIGS: the dots are
+# FMA loops whose operands sit in registers, so the tiles are small. At head dim 128 (the
+# worst) 32x32 fwd and dq spilled 1.8-2.3 KB on sm_90 (64x64 fwd: 5.6 KB at head dim 64);
+# dk/dv spilled 8-96 B at 16x16 with 2 stages, one stage does not. With GQA ptxas spills a
+# few bytes at some warp counts and not others (also without GQA at two points below), so
+# each head dim keeps the one the report shows spill-free (sm_80 at head dim 32: none with
+# one stage).
+def _fp32_everywhere(config):
+    return {arch: dict.fromkeys(FP32_HEAD_DIMS, [config]) for arch in (80, 90)}
+
+
+FP32_CONFIGS = {
+    "fwd": _fp32_everywhere((32, 16, 4, 2)),
+    "dkdv": _fp32_everywhere((16, 16, 4, 1)),
+    "dkdv-gqa": {90: {16: [(16, 16, 4, 1)], 32: [(16, 16, 4, 1)], 64: [(16, 16, 8, 1)], 128: [(16, 16, 2, 1)]},
+                 80: {16: [(16, 16, 4, 1)], 32: [(16, 16, 4, 2)], 64: [(16, 16, 8, 1)], 128: [(16, 16, 2, 1)]}},
+    "dq": _fp32_everywhere((32, 16, 4, 2)),
+}
+# the general configs spill 8-16 B here (non-causal), another warp count does not
+FP32_CONFIGS["fwd"][80][32] = [(32, 16, 2, 2)]
+FP32_CONFIGS["dkdv"][90][16] = [(16, 16, 8, 1)]
 _INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv-gqa": (32, 64, 4, 1),
                         "dq": (64, 32, 4, 1)}
 # Few configs: every new key costs one compile and one timing per config (seconds).
@@ -123,9 +141,7 @@ _TUNE_KEY = ["seqlen", "HEAD_DIM", "CAUSAL", "GROUP"]
 
 def configs_for(kernel: str, arch: int, head_dim: int, dtype: torch.dtype) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list of `kernel` on sm_<arch>."""
-    if dtype == torch.float32:
-        return FP32_CONFIGS[kernel]
-    return CONFIGS[kernel][arch][head_dim]
+    return (FP32_CONFIGS if dtype == torch.float32 else CONFIGS)[kernel][arch][head_dim]
 
 
 def _arch(device: torch.device) -> int:
@@ -601,8 +617,8 @@ def compile_specs(arch: int) -> list:
     """The kernels of this module for benchmarks/kernel_stats.py (offline compiles): every
     advertised head dim, bf16 and fp16, causal and not, no GQA (GROUP 1), with the config
     lists of `arch`; dk/dv also with GQA (GROUP 4, causal) and in its deterministic form
-    (no atomic dq, with the dq kernel); fp32 (the exact path of the tests) at its default
-    configs, at the GPU tests' cases (head dim 64 causal, 128 not)."""
+    (no atomic dq, with the dq kernel); fp32 (the exact path of the tests) at every head dim
+    it takes."""
     sizes = ("n_heads", "seqlen")  # 16-divisible at real sizes (32 heads, seqlen 4096)
     specs = []
 
@@ -617,24 +633,22 @@ def compile_specs(arch: int) -> list:
         configs = tuple(({"BLOCK_M": bm, "BLOCK_N": bn}, w, st) for bm, bn, w, st in configs)
         specs.append(_launch.CompileSpec(f"attention.{name}", fn, signature, hinted, constexprs, configs, variant))
 
-    for dtype, head_dims in [("bf16", HEAD_DIMS), ("fp16", HEAD_DIMS), ("fp32", (64, 128))]:
+    for dtype, head_dims in [("bf16", HEAD_DIMS), ("fp16", HEAD_DIMS), ("fp32", FP32_HEAD_DIMS)]:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         for head_dim in head_dims:
-            # fp32 (slow compiles): the GPU tests' cases, causal at 64 and not at 128
-            for causal in ((head_dim == 64,) if dtype == "fp32" else (True, False)):
+            for causal in (True, False):
                 variant = {"head_dim": head_dim, "dtype": dtype, "causal": causal, "group": 1}
                 common = {"HEAD_DIM": head_dim, "CAUSAL": causal, "UPCAST": False,
                           "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
 
                 def configs(kernel):
-                    listed = configs_for(kernel, arch, head_dim, torch_dtype)
-                    return listed[:1] if dtype == "fp32" else listed
+                    return configs_for(kernel, arch, head_dim, torch_dtype)
 
                 add("fwd", _attn_fwd_kernel, configs("fwd"), variant, GROUP=1, **common)
                 for atomic in (True, False):
                     add("dkdv" if atomic else "dkdv-deterministic", _attn_bwd_dkdv_kernel, configs("dkdv"),
                         variant, GROUP=1, ATOMIC_DQ=atomic, **common)
-                if causal and dtype != "fp32":
+                if causal:
                     add("dkdv", _attn_bwd_dkdv_kernel, configs("dkdv-gqa"), {**variant, "group": 4}, GROUP=4,
                         ATOMIC_DQ=True, **common)
                 add("dq", _attn_bwd_dq_kernel, configs("dq"), variant, GROUP=1, **common)

@@ -47,6 +47,9 @@ def _original_forward(module):
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     from stackfast.ops import rms_norm
+    from stackfast.ops.rms_norm import MAX_HIDDEN
+    if hidden_states.shape[-1] > MAX_HIDDEN:  # the kernel refuses wider rows: Hugging Face's own
+        return _original_forward(self)(self, hidden_states)
     out = rms_norm(hidden_states, self.weight, self.variance_epsilon)
     # Hugging Face returns weight * normed.to(input dtype): the promoted dtype
     return out.to(torch.promote_types(hidden_states.dtype, self.weight.dtype))

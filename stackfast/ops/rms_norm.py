@@ -17,8 +17,12 @@ import triton.language as tl
 
 from stackfast.ops import _launch
 
-# One row lives in registers as a single block, so the hidden size is capped.
-MAX_HIDDEN = 65536
+# One row lives in registers as a single block, so the hidden size is capped: at 8192 (16
+# warps) the backward takes 100-128 registers of the 128 a thread may have and does not
+# spill (benchmarks/kernel_stats.py, triton 3.7.1); 16384 at 16 warps spills 352-384 B,
+# 65536 at 32 warps 5 KB (32 warps leave 64 registers a thread). Wider rows are refused
+# here and left to PyTorch by the model and the Hugging Face patch.
+MAX_HIDDEN = 8192
 
 
 @triton.jit
@@ -77,7 +81,7 @@ def _rms_norm_bwd_kernel(dy_ptr, dres_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_pa
 def _block_and_warps(n_cols: int) -> tuple[int, int]:
     """One power-of-two block covers the row; wider rows get more warps."""
     block = triton.next_power_of_2(n_cols)
-    warps = 4 if block < 2048 else 8 if block < 8192 else 16 if block < 32768 else 32
+    warps = 4 if block < 2048 else 8 if block < 8192 else 16
     return block, warps
 
 
@@ -155,7 +159,8 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Te
                          f"got weight {tuple(weight.shape)} for x {tuple(x.shape)}")
     if x.shape[-1] > MAX_HIDDEN:
         raise ValueError(f"rms_norm: hidden size {x.shape[-1]} is above the supported "
-                         f"{MAX_HIDDEN}")
+                         f"{MAX_HIDDEN} (a wider row spills registers); use torch's "
+                         f"F.rms_norm for it")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"rms_norm: residual must match x in shape and dtype, got "
                          f"{tuple(residual.shape)} {residual.dtype} for x {tuple(x.shape)} "
@@ -200,7 +205,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
 
 def compile_specs(arch: int) -> list:
     """The kernels of this module for benchmarks/kernel_stats.py (offline compiles): every
-    dtype at hidden sizes that take 4, 8 and 32 warps; one config each (no autotuning)."""
+    dtype at hidden sizes that take 4, 8 and 16 warps (the largest: MAX_HIDDEN); one config each (no autotuning)."""
     del arch  # the same launch parameters on every architecture
     specs = []
     for hidden in (1024, 4096, MAX_HIDDEN):
