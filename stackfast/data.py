@@ -578,6 +578,9 @@ class TokenLoader:
                             f"(data.seq_len {seq_len} + 1)")
         # Number of valid window starts per shard; a global start index maps into them.
         self.starts = np.cumsum([0] + [s.tokens.size - window + 1 for s in self.shards])
+        # (shard, offset) of every held-out window, consecutive and non-overlapping: fixed for
+        # the loader's life, listed once for the check and every evaluation.
+        self.val_rows = [(s, o) for s in data.val for o in range(0, s.tokens.size - window + 1, window)]
 
     def _window(self, shard: Shard, start: int) -> np.ndarray:
         w = np.asarray(shard.tokens[start:start + self.seq_len + 1], dtype=np.int64)
@@ -606,15 +609,10 @@ class TokenLoader:
         n = self.micro_batch * self.world_size
         return self._rows([self.seed, step, 1 + k], n, self.rank * self.micro_batch, self.micro_batch)
 
-    def _val_rows(self) -> list[tuple[Shard, int]]:
-        """(shard, offset) of every held-out window: consecutive, non-overlapping."""
-        window = self.seq_len + 1
-        return [(s, o) for s in self.data.val for o in range(0, s.tokens.size - window + 1, window)]
-
     def check_validation(self) -> None:
         """Raise DataError unless the validation split gives every process at least one
         window: to be called before training, not found at the first evaluation."""
-        window, n_rows = self.seq_len + 1, len(self._val_rows())
+        window, n_rows = self.seq_len + 1, len(self.val_rows)
         if n_rows < self.world_size:
             tokens = sum(s.tokens.size for s in self.data.val)
             raise DataError(f"{self.data.folder}: validation split has {tokens} tokens, {n_rows} windows of "
@@ -627,8 +625,7 @@ class TokenLoader:
         if it has fewer), cut to a multiple of the number of processes so that every process
         runs the same number of forwards (sharded forwards never wait on a rank that stopped)."""
         self.check_validation()
-        rows = self._val_rows()
-        rows = rows[:min(n_rows, len(rows) - len(rows) % self.world_size)]
+        rows = self.val_rows[:min(n_rows, len(self.val_rows) - len(self.val_rows) % self.world_size)]
         share = len(rows) // self.world_size
         mine = rows[self.rank * share:(self.rank + 1) * share]
         for i in range(0, share, self.micro_batch):

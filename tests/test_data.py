@@ -215,7 +215,7 @@ def test_short_validation_split_is_found_before_training(corpus, tmp_path):
 def test_every_rank_gets_the_same_number_of_validation_batches(corpus, tmp_path):
     tokenize([corpus], "bytes", tmp_path / "ds", val_fraction=0.3)
     data = TokenData(tmp_path / "ds")
-    n_windows = len(TokenLoader(data, 16, 2)._val_rows())  # 511 held-out tokens: 30 windows of 17
+    n_windows = len(TokenLoader(data, 16, 2).val_rows)  # 511 held-out tokens: 30 windows of 17
     assert n_windows == 30
     # 4 processes: the 30 windows cut to 28, 7 each, in micro-batches of 5 and 2 on every rank (a
     # rank with a forward more than the others would wait forever on a sharded model).
