@@ -1,84 +1,216 @@
-"""Growth study: scratch and all eight growth operators at one FLOP budget (paper Figure 3 in
-miniature), at toy scale on the built-in corpus.
+"""Growth study: scratch, the small model alone and the growth operators at equal FLOPs, with
+seeds (paper Figure 3 in miniature).
 
-Every run has its own complete warmup + cosine schedule over the same FLOP budget (the
-grown runs' FLOPs include their small-model phase, which takes `--small-share` of it):
-  scratch        the 8-layer toy target from scratch
-  small alone    the small model of the depth operators (2 layers) on the whole budget
-  <operator>     the small model grown into the target by that operator (depth: 2 -> 8
-                 layers; width: hidden 128 -> 256, FFN 344 -> 688, heads 2 -> 4)
-Reported per run: final validation loss, its difference to scratch's, and the speedup read
-from its validation curve at scratch's final loss (FLOPs_scratch / FLOPs_run - 1; a
-mid-schedule reading, and at budgets where scratch barely learns it is reached during the
-small-model phase: a guide at best, not the demo's complete-schedule figure). The LiGO
-operators' training of their expansion (--learn-steps steps, each a grown-model step on one
-batch) counts in their FLOPs, and they get that many fewer training steps: equal budgets.
+Every run has its own complete warmup + cosine schedule over the same FLOP budget (a grown
+run's FLOPs include its small-model phase, `small_share` of the budget) and the same LR.
 
-    python benchmarks/growth_study.py            # ~10 minutes on 2 CPU cores
-    python benchmarks/growth_study.py --flops 3e11 --operators stack depth_zero   # a quick look
+CPU (the default): the demo's sizing from the sizing study (stackfast.demo.CPU_SIZING: an
+8 x 32 byte-level target, 15 tokens per parameter, 20% small share, LR 3e-3) on the built-in
+corpus; scratch, small alone and all eight operators, two seeds each (~20 minutes on 2 cores):
+
+    python benchmarks/growth_study.py
+    python benchmarks/growth_study.py --operators stack depth_zero --seeds 1 --flops 3e11   # a quick look
+
+GPU (--gpu): one short run that can settle the question at a size where the large model is
+the right model: a target of >= 20M parameters at >= 10 tokens per parameter, trained on the
+machine's own site-packages .py sources (byte-level, tokenized at the start with stackfast's
+tokenizer; hundreds of MB, so the runs do not repeat it), all within --minutes (9) including
+the tokenization. The size comes from throughput measured at the start (a short probe), by
+the demo's rule (15 tokens per parameter, never under 10): scratch, small alone and G_stack
+with two seeds where they fit (else one, and the JSON says so), then, while time remains,
+G_stack with the optimizer state replicated and with the schedule continued (the two choices
+the paper did not try). --rehearse runs that path at tiny size (about a minute on a CPU),
+as CI does.
+
+    python benchmarks/growth_study.py --gpu              # one H100/H200, <= 9 minutes
+    python benchmarks/growth_study.py --gpu --rehearse   # the same path, tiny, on any machine
+
+Reported per run: final validation loss (mean ± std over seeds) and, for the grown runs,
+the speedup read from the validation curve at scratch's final loss (a mid-schedule reading:
+a guide, not the demo's complete-schedule figure).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import sysconfig
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stackfast.bench.harness import RESULTS_DIR, markdown_table, write_results  # noqa: E402
-from stackfast.config import ModelConfig  # noqa: E402
-from stackfast.demo import growth_overrides, steps_for_flops, train_labeled  # noqa: E402
+from stackfast.bench.harness import RESULTS_DIR, environment, markdown_table, results_folder  # noqa: E402
+from stackfast.config import StackfastError  # noqa: E402
+from stackfast.data import TokenData, stdlib_files, tokenize  # noqa: E402
+from stackfast.demo import (CPU_SIZING, TOKENS_PER_PARAM, Sizing, compare, largest_hidden, loss_stats,  # noqa: E402
+                            probe_flops_per_s, scaled_lr, target_model, train_arm)
 from stackfast.growth_operators import OPERATORS  # noqa: E402
 from stackfast.metrics import read_metrics  # noqa: E402
 from stackfast.plot import plot_runs, speedup_vs, val_curve  # noqa: E402
+from stackfast.train import resolve_device  # noqa: E402
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flops", type=float, default=9e12, help="FLOP budget of every run (default 9e12)")
-    parser.add_argument("--small-share", type=float, default=0.2, help="share of the budget on the small model")
-    parser.add_argument("--operators", nargs="+", default=list(OPERATORS), choices=OPERATORS)
-    parser.add_argument("--learn-steps", type=int, default=20, help="LiGO training steps")
-    parser.add_argument("--ramp-fraction", type=float, default=0.2,
-                        help="G_random fade-in length as a fraction of the run's steps")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs-dir", default="runs/growth-study", help="where the runs go (replaced)")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class GpuPreset:
+    """What the GPU study must reach, and its time limit."""
+    minutes: float = 9.0
+    min_params: float = 20e6
+    min_tokens_per_param: float = 10.0
+    seq_len: int = 1024
+    batch: int = 64
+    min_width: int = 512  # the probe's width: the narrowest 8-layer target of >= 20M parameters
+
+
+# The GPU path at a size a CPU runs in about a minute (CI's rehearsal): same steps, tiny numbers.
+REHEARSAL = GpuPreset(minutes=1.5, min_params=40e3, min_tokens_per_param=10.0, seq_len=128, batch=16,
+                      min_width=32)
+# The GPU study's runs: the required three, then the paper's open choices while time remains.
+REQUIRED = ("scratch", "small", "stack")
+OPTIONAL = {"stack_replicate": ['growth.optimizer="replicate"'], "stack_continue": ['growth.schedule="continue"']}
+MARGIN_S = 20.0  # the end of the study: summary, plot, JSON
+REPLACE = ("logging.overwrite=true",)  # --runs-dir is the study's own: earlier runs there are replaced
+
+
+def site_packages() -> list[Path]:
+    """The running Python's site-packages folders (pure and platform; once each)."""
+    paths = {Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
+    return sorted(p for p in paths if p.is_dir())
+
+
+def report(name: str, runs: list[dict], extra: dict, out: str | None, title: str) -> dict:
+    """Per-arm statistics, verdicts and curve speedups; JSON + PNG + a table."""
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    stats = {arm: loss_stats([r for r in runs if r["arm"] == arm]) for arm in arms}
+    baseline = val_curve(read_metrics(next(r for r in runs if r["arm"] == "scratch")["run_dir"]))
+    rows = []
+    for arm in arms:
+        first = next(r for r in runs if r["arm"] == arm)
+        sp = None if arm in ("scratch", "small") else speedup_vs(baseline, val_curve(read_metrics(first["run_dir"])))
+        rows.append({"run": arm, "seeds": len(stats[arm]["values"]), "tokens": first["tokens"], "flops": first["flops"],
+                     "params": first["params"], "final_val_loss": stats[arm]["mean"], "std": stats[arm]["std"],
+                     "loss_vs_scratch": stats[arm]["mean"] - stats["scratch"]["mean"],
+                     "vs_scratch": "" if arm == "scratch" else compare(stats[arm], stats["scratch"]),
+                     "curve_speedup_pct": None if sp is None else 100 * sp})
+    folder = results_folder(out)
+    result = {"environment": environment(), **extra, "arms": stats, "rows": rows, "runs": runs}
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    firsts = [next(r for r in runs if r["arm"] == arm) for arm in arms]
+    try:
+        png = plot_runs([r["run_dir"] for r in firsts], folder / f"{name}.png", labels=arms, title=title,
+                        annotate_speedup=False)
+    except StackfastError as e:  # matplotlib missing: the JSON stands alone
+        png = f"none ({e})"
+    print(markdown_table(rows, ["run", "seeds", "tokens", "final_val_loss", "std", "loss_vs_scratch", "vs_scratch",
+                                "curve_speedup_pct"]))
+    print(f"results: {path}, plot: {png}")
+    return result
+
+
+def cpu_study(args) -> dict:
+    sizing = dataclasses.replace(CPU_SIZING, **({"flops": args.flops} if args.flops else {}))
+    runs_dir = Path(args.runs_dir)
+    print(f"growth study: {sizing.flops:.3g} FLOPs a run ({sizing.tokens_per_param():.1f} tokens per target "
+          f"parameter), {100 * sizing.small_share:.0f}% on the small model, LR {sizing.lr_scratch:g} / "
+          f"{sizing.lr_small:g} / {sizing.lr_grown:g} (scratch / small alone / grown), {args.seeds} seeds",
+          flush=True)
+    runs = [train_arm(runs_dir / f"{arm}-seed{seed}", sizing, arm, seed, args.device, extra=REPLACE)
+            for arm in ["scratch", "small", *args.operators] for seed in range(1, args.seeds + 1)]
+    return report("growth_study-cpu", runs, {"sizing": sizing.describe(), "seeds": args.seeds}, args.out,
+                  "growth study: scratch vs small alone vs the eight operators at equal FLOPs (CPU)")
+
+
+def plan_gpu(flops_per_s: float, seconds: float, preset: GpuPreset, corpus_tokens: int) -> tuple[Sizing, int, str]:
+    """The target size and seed count for the required runs in `seconds`: two seeds if a
+    target of >= min_params then sees >= min_tokens_per_param tokens per parameter, else one."""
+    for seeds in (2, 1):
+        run_flops = flops_per_s * seconds / (len(REQUIRED) * seeds)
+        for rule in (TOKENS_PER_PARAM, preset.min_tokens_per_param):
+            hidden = largest_hidden(run_flops, preset.seq_len, corpus_tokens, rule)
+            if hidden and target_model(hidden).num_params() >= preset.min_params:
+                return (gpu_sizing(hidden, run_flops, preset, corpus_tokens), seeds,
+                        f"{seeds} seed(s) fit at >= {rule:g} tokens/param")
+    sizing = gpu_sizing(preset.min_width, flops_per_s * seconds / len(REQUIRED), preset, corpus_tokens)
+    return sizing, 1, (f"under-sized: at the measured throughput a {sizing.target.num_params() / 1e6:.3g}M target "
+                       f"sees only {sizing.tokens_per_param():.1f} tokens per parameter in the time")
+
+
+def gpu_sizing(hidden: int, flops: float, preset: GpuPreset, corpus_tokens: int) -> Sizing:
+    """A study run's sizing: the demo's small share and LRs (scaled by sqrt(32 / width)),
+    and no more FLOPs than the corpus's tokens pay for: a run never repeats its data."""
+    target = target_model(hidden, max_seq_len=preset.seq_len)
+    return dataclasses.replace(scaled_lr(CPU_SIZING, hidden), target=target, seq_len=preset.seq_len,
+                               flops=min(flops, corpus_tokens * target.flops_per_token(preset.seq_len)),
+                               batch=preset.batch)
+
+
+def gpu_study(args) -> dict:
+    started = time.perf_counter()
+    preset = REHEARSAL if args.rehearse else GpuPreset()
+    preset = dataclasses.replace(preset, **({"minutes": args.minutes} if args.minutes else {}))
+    deadline = started + 60 * preset.minutes
+    device = str(resolve_device(args.device))
+    if not args.rehearse and not device.startswith("cuda"):
+        raise SystemExit("growth_study.py --gpu: no CUDA device here; --gpu --rehearse runs the same path at tiny size")
+    corpus = [Path(c) for c in args.corpus] if args.corpus else (stdlib_files() if args.rehearse else site_packages())
+    data_dir = Path(args.runs_dir) / "corpus"
+    tokenize(corpus, "bytes", data_dir, patterns=("*.py",), utf8_errors="replace", force=True)
+    corpus_tokens = sum(s.tokens.size for s in TokenData(data_dir).train)
+    tokenized = time.perf_counter() - started
+    print(f"growth study --gpu{' --rehearse' if args.rehearse else ''}: {corpus_tokens / 1e6:.1f}M byte tokens "
+          f"from {len(corpus)} inputs ({corpus[0]}, ...) in {tokenized:.0f} s", flush=True)
+
+    probe = target_model(preset.min_width, max_seq_len=preset.seq_len)
+    flops_per_s = probe_flops_per_s(probe, device, preset.seq_len, preset.batch, data=str(data_dir))
+    seconds = deadline - time.perf_counter() - MARGIN_S
+    sizing, seeds, why = plan_gpu(flops_per_s, seconds, preset, corpus_tokens)
+    sizing = dataclasses.replace(sizing, data=str(data_dir))
+    print(f"probe: {flops_per_s / 1e12:.3g} TFLOP/s at width {preset.min_width}; {seconds:.0f} s left -> target "
+          f"{sizing.target.n_layers} x {sizing.target.hidden_size} ({sizing.target.num_params() / 1e6:.3g}M params), "
+          f"{sizing.flops:.3g} FLOPs a run, {sizing.tokens_per_param():.1f} tokens/param, {why}", flush=True)
 
     runs_dir = Path(args.runs_dir)
-    target, small = ModelConfig.from_preset("toy"), ModelConfig.from_preset("toy-small")
-    print(f"growth study: {args.flops:.3g} FLOPs per run, {100 * args.small_share:.0f}% on the small model",
-          flush=True)
-    results = [("scratch", train_labeled(runs_dir / "scratch", ['model.preset="toy"'],
-                                         steps_for_flops(args.flops, target), "scratch", args.device)),
-               ("small alone", train_labeled(runs_dir / "small", ['model.preset="toy-small"'],
-                                             steps_for_flops(args.flops, small), "small alone", args.device))]
-    for op in args.operators:
-        overrides, steps = growth_overrides(args.flops, args.small_share, op)
-        if OPERATORS[op].learns:
-            steps -= args.learn_steps  # one LiGO step costs one grown-model training step
-        overrides += [f"growth.learn_steps={args.learn_steps}",
-                      f"growth.ramp_steps={max(1, int(args.ramp_fraction * steps))}"]
-        results.append((op, train_labeled(runs_dir / op, overrides, steps, op, args.device)))
+    runs = [train_arm(runs_dir / f"{arm}-seed{seed}", sizing, arm, seed, device, extra=REPLACE)
+            for seed in range(1, seeds + 1) for arm in REQUIRED]
+    skipped = []
+    for name, extra in OPTIONAL.items():
+        longest = max(r["wall_s"] for r in runs)
+        if time.perf_counter() + longest > deadline - MARGIN_S:
+            skipped.append(name)
+            continue
+        runs.append(train_arm(runs_dir / f"{name}-seed1", sizing, "stack", 1, device, extra=REPLACE + tuple(extra)))
+        runs[-1]["arm"] = name
+    plan = {"preset": dataclasses.asdict(preset), "rehearsal": args.rehearse, "corpus": [str(c) for c in corpus],
+            "corpus_tokens": corpus_tokens, "tokenize_s": tokenized, "probe_tflops": flops_per_s / 1e12,
+            "sizing": sizing.describe(), "seeds": seeds, "seeds_reason": why, "skipped_for_time": skipped,
+            "wall_s": time.perf_counter() - started}
+    name = "growth_study_gpu-rehearsal" if args.rehearse else "growth_study_gpu"
+    result = report(name, runs, plan, args.out,
+                    f"growth study on GPU: {sizing.target.num_params() / 1e6:.3g}M target, "
+                    f"{sizing.tokens_per_param():.0f} tokens/param, {seeds} seed(s)")
+    print(f"{result['wall_s']:.0f} s in all (limit {60 * preset.minutes:.0f} s)"
+          + (f"; skipped for time: {', '.join(skipped)}" if skipped else ""))
+    return result
 
-    baseline = val_curve(read_metrics(results[0][1]["run_dir"]))
-    rows = []
-    for name, r in results:
-        curve = val_curve(read_metrics(r["run_dir"]))
-        sp = None if name == "scratch" else speedup_vs(baseline, curve)
-        rows.append({"run": name, "tokens": r["tokens"], "flops": r["flops"], "final_val_loss": r["val_loss"],
-                     "loss_vs_scratch": r["val_loss"] - results[0][1]["val_loss"],
-                     "curve_speedup_pct": None if sp is None else 100 * sp,
-                     "tokens_per_target_param": r["tokens"] / target.num_params()})
-    path = write_results("growth_study", rows, args.out)
-    png = plot_runs([r["run_dir"] for _, r in results], (Path(args.out) if args.out else RESULTS_DIR)
-                    / "growth_study.png", labels=[n for n, _ in results],
-                    title="growth study: scratch vs the eight operators at equal FLOPs (toy scale, CPU)",
-                    annotate_speedup=False)
-    print(markdown_table(rows, ["run", "tokens", "flops", "final_val_loss", "loss_vs_scratch", "curve_speedup_pct"]))
-    print(f"results: {path}, plot: {png}")
-    return rows
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="the GPU study (see above)")
+    parser.add_argument("--rehearse", action="store_true", help="with --gpu: the same path at tiny size")
+    parser.add_argument("--minutes", type=float, help="with --gpu: the time limit (default 9; rehearsal 1.5)")
+    parser.add_argument("--corpus", nargs="+", help="with --gpu: source folders (default: site-packages)")
+    parser.add_argument("--flops", type=float, help="CPU: FLOPs of a run (default: the demo's)")
+    parser.add_argument("--seeds", type=int, default=2, help="CPU: seeds of every run (default 2)")
+    parser.add_argument("--operators", nargs="+", default=list(OPERATORS), choices=OPERATORS)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs-dir", default="runs/growth-study", help="where the runs go (replaced)")
+    parser.add_argument("--out", default=None, help=f"results folder (default {RESULTS_DIR})")
+    args = parser.parse_args(argv)
+    if args.rehearse and not args.gpu:
+        parser.error("--rehearse goes with --gpu")
+    return gpu_study(args) if args.gpu else cpu_study(args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stackfast import __version__
 from stackfast.config import StackfastError, check_device, describe, load_config
-from stackfast.demo import DEFAULT_FLOPS as DEMO_FLOPS
+from stackfast.demo import CPU_SIZING as DEMO_SIZING
 from stackfast.growth_operators import OPERATORS, operator_spec
 
 
@@ -25,16 +25,36 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from stackfast.demo import run_demo
+    import dataclasses
+    from stackfast.demo import CPU_SIZING, QUICK_DIVISOR, gpu_sizing, run_demo
+    from stackfast.train import resolve_device
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise StackfastError(f"{run_dir} already exists and is not empty; choose another --run-dir")
-    if not 0 < args.small_share < 1:
+    if args.small_share is not None and not 0 < args.small_share < 1:
         raise StackfastError(f"--small-share must be between 0 and 1, got {args.small_share}")
-    if not 0 < args.flops < math.inf:
-        raise StackfastError(f"--flops must be a positive finite number, got {args.flops}")
+    for name in ("flops", "lr", "minutes"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < math.inf:
+            raise StackfastError(f"--{name} must be a positive finite number, got {value}")
+    if args.seeds < 1:
+        raise StackfastError(f"--seeds must be at least 1, got {args.seeds}")
     check_device(args.device, "--device")
-    run_demo(run_dir, flops=args.flops, small_share=args.small_share, device=args.device)
+    device = resolve_device(args.device)
+    sizing = CPU_SIZING
+    if device.type == "cuda" and args.flops is None and not args.quick:
+        import torch
+        from stackfast.data import TokenData, builtin_dataset
+        corpus = sum(s.tokens.size for s in TokenData(builtin_dataset(byte_level=True)).train)
+        print(f"sizing the demo for {torch.cuda.get_device_name(device)}: measuring throughput ...", flush=True)
+        sizing = gpu_sizing(str(device), args.minutes, corpus)
+    if args.quick:
+        sizing = dataclasses.replace(sizing, flops=sizing.flops / QUICK_DIVISOR)
+    changes = {"flops": args.flops, "small_share": args.small_share}
+    sizing = dataclasses.replace(sizing, **{k: v for k, v in changes.items() if v is not None})
+    if args.lr is not None:
+        sizing = sizing.with_lr(args.lr)
+    run_demo(run_dir, sizing, seeds=args.seeds, device=str(device))
     return 0
 
 
@@ -46,11 +66,12 @@ def cmd_plot(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from stackfast.data import tokenize
+    from stackfast.data import DEFAULT_PATTERNS, tokenize
     if args.shard_tokens < 1:  # 0 would write empty shard files forever
         raise StackfastError(f"--shard-tokens must be a positive number of tokens, got {args.shard_tokens}")
     index = tokenize(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                     shard_tokens=args.shard_tokens, force=args.force)
+                     shard_tokens=args.shard_tokens, force=args.force,
+                     patterns=args.pattern or DEFAULT_PATTERNS, utf8_errors=args.utf8_errors)
     n_train = sum(s["tokens"] for s in index["train"])
     n_val = sum(s["tokens"] for s in index["val"])
     print(f"wrote {args.out}: {n_train} train + {n_val} val tokens ({index['dtype']}, vocab "
@@ -376,11 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoints and logs first (same as --set logging.overwrite=true)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="G_stack vs scratch at equal FLOPs, toy scale, built-in corpus")
+    p = sub.add_parser("demo", help="G_stack vs scratch vs small alone at equal FLOPs, with seeds, built-in corpus")
     p.add_argument("--run-dir", help="where runs go (default: a new runs/demo-<date>-<time>)")
-    p.add_argument("--flops", type=float, default=DEMO_FLOPS, help=f"FLOP budget (default {DEMO_FLOPS:g}: "
-                   "about 3 minutes on 2 CPU cores)")
-    p.add_argument("--small-share", type=float, default=0.2, help="share of the FLOPs on the small model")
+    p.add_argument("--flops", type=float, help=f"FLOPs of a run (default {DEMO_SIZING.flops:g} on CPU, the sizing "
+                   "study's: about 4 minutes for all runs on 2 cores; on a GPU: sized from measured throughput)")
+    p.add_argument("--small-share", type=float,
+                   help=f"share of the FLOPs on the small model (default {DEMO_SIZING.small_share:g})")
+    p.add_argument("--lr", type=float, help="one peak LR for every run (default: each arm's best in the "
+                   f"sizing study: {DEMO_SIZING.lr_scratch:g} scratch, {DEMO_SIZING.lr_small:g} small alone, "
+                   f"{DEMO_SIZING.lr_grown:g} G_stack; on a GPU scaled by sqrt(32 / width))")
+    p.add_argument("--seeds", type=int, default=2, help="seeds of scratch and G_stack (default 2)")
+    p.add_argument("--minutes", type=float, default=5.0, help="GPU: the time all runs may take (default 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="a budget 30x smaller: checks the command in about a minute; says nothing about the method")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.set_defaults(func=cmd_demo)
 
@@ -392,7 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("tokenize", help="turn text into token shards")
-    p.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl files or folders of them")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files (.jsonl: one document per line's 'text'; any other: one text document) or "
+                        "folders, searched recursively for --pattern")
+    p.add_argument("--pattern", action="append", metavar="GLOB",
+                   help="file names to take from folders, e.g. '*.py' (repeatable; default '*.txt' and '*.jsonl')")
+    p.add_argument("--utf8-errors", choices=("strict", "replace"), default="strict",
+                   help="a file that is not UTF-8: refuse it (strict, the default) or read its bad bytes as U+FFFD")
     p.add_argument("--tokenizer", required=True, help="'bytes', a tokenizer.json or a SentencePiece .model")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share (default 0.01)")

@@ -111,7 +111,8 @@ class ModelConfig:
 class DataConfig:
     """Where training tokens come from."""
     path: str = doc("A folder written by `stackfast tokenize`, or 'builtin:python-stdlib' "
-                    "(the running Python's standard library source, BPE vocab 4096, cached).",
+                    "(the running Python's standard library source, BPE vocab 4096, cached) or "
+                    "'builtin:python-stdlib-bytes' (the same, byte-level: vocab 256).",
                     "builtin:python-stdlib")
     tokenizer: str = doc("Expected tokenizer: '' accepts the data's own; 'bytes', a tokenizer.json "
                          "or a SentencePiece .model must match the one the shards were made with.", "")

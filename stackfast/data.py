@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import fcntl
+import fnmatch
 import hashlib
 import io
 import json
@@ -39,6 +40,7 @@ from stackfast.files import write_folder
 
 FORMAT = "stackfast-tokens-v1"
 BUILTIN_STDLIB = "builtin:python-stdlib"
+BUILTIN_STDLIB_BYTES = "builtin:python-stdlib-bytes"  # the same text, byte-level (vocab 256): the demo's
 BUILTIN_VOCAB = 4096
 EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
 
@@ -62,7 +64,8 @@ class Tokenizer:
         self.path: Path | None = None
         if spec == "bytes":
             self.vocab_size, self.eos_id, self.fingerprint = 256, None, "bytes"
-            self._encode = lambda texts: [list(t.encode("utf-8")) for t in texts]
+            # numpy views, not lists: a list holds a ~40-byte Python int per byte of text
+            self._encode = lambda texts: [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
             return
         path = Path(spec)
         if not path.is_file():
@@ -120,15 +123,25 @@ PIECE_CHARS = 1 << 20
 READ_BYTES = 1 << 20
 
 
-def input_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
-    """The files of `inputs`: .txt and .jsonl files and folders of them (recursively, sorted
-    for a deterministic order)."""
+DEFAULT_PATTERNS = ("*.txt", "*.jsonl")
+
+
+def input_files(inputs: Iterable[str | Path], patterns: Iterable[str] = DEFAULT_PATTERNS) -> Iterator[Path]:
+    """The files of `inputs`: files named directly, and in folders (recursively, symlinked
+    folders not followed, sorted for a deterministic order) the files whose name matches one
+    of `patterns` (shell-style, e.g. '*.py')."""
+    patterns = tuple(patterns)
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+            files = []
+            for folder, subfolders, names in os.walk(path):
+                subfolders.sort()
+                files += [Path(folder) / n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+            files = sorted(f for f in files if f.is_file())
             if not files:
-                raise DataError(f"{path}: folder holds no .txt or .jsonl files")
+                raise DataError(f"{path}: folder holds no files matching {' or '.join(patterns)} "
+                                f"(choose them with --pattern)")
             yield from files
         elif path.is_file():
             yield path
@@ -136,13 +149,15 @@ def input_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
             raise DataError(f"input not found: {path}")
 
 
-def iter_pieces(inputs: Iterable[str | Path]) -> Iterator[tuple[Path, str, bool]]:
-    """Yield (source file, text, last) for every document of `inputs` (a .txt file is one
-    document, a .jsonl file one per line's `text` field), cut into pieces of at most
-    PIECE_CHARS characters; `last` marks a document's last piece."""
-    for path in input_files(inputs):
+def iter_pieces(inputs: Iterable[str | Path], patterns: Iterable[str] = DEFAULT_PATTERNS,
+                utf8_errors: str = "strict") -> Iterator[tuple[Path, str, bool]]:
+    """Yield (source file, text, last) for every document of `inputs` (a .jsonl file holds one
+    per line's `text` field; any other file is one document of text), cut into pieces of at
+    most PIECE_CHARS characters; `last` marks a document's last piece. `utf8_errors`
+    'replace' reads bytes that are not UTF-8 as U+FFFD instead of refusing the file."""
+    for path in input_files(inputs, patterns):
         try:
-            yield from (_read_jsonl(path) if path.suffix == ".jsonl" else _read_txt(path))
+            yield from (_read_jsonl(path) if path.suffix == ".jsonl" else _read_txt(path, utf8_errors))
         except OSError as e:  # unreadable (permissions, a FIFO gone, an I/O error)
             raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -164,10 +179,10 @@ def split_document(chunks: Iterable[str]) -> Iterator[tuple[str, bool]]:
     yield buffer[start:], True
 
 
-def _read_txt(path: Path) -> Iterator[tuple[Path, str, bool]]:
+def _read_txt(path: Path, utf8_errors: str = "strict") -> Iterator[tuple[Path, str, bool]]:
     # Universal newlines, as Path.read_text: \r\n and \r become \n.
     with open(path, "rb") as f:
-        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
+        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(utf8_errors), translate=True)
 
         def chunks() -> Iterator[str]:
             offset = 0  # bytes of the file handed to the decoder so far
@@ -221,7 +236,8 @@ BATCH_DOCUMENTS, BATCH_CHARS = 256, 1 << 22  # tokenize's unit of work: whicheve
 
 def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str | Path, *,
              val_fraction: float = 0.01, shard_tokens: int = 1 << 27, force: bool = False,
-             documents: Iterable[tuple[Path, str]] | None = None) -> dict:
+             documents: Iterable[tuple[Path, str]] | None = None, patterns: Iterable[str] = DEFAULT_PATTERNS,
+             utf8_errors: str = "strict") -> dict:
     """Tokenize text files into a dataset folder; returns its index.
 
     Documents are separated by the tokenizer's end-of-text token when it has one. The
@@ -231,12 +247,18 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
     size of the corpus, of a file or of a document; the validation tail is moved out of the
     last train shards at the end. An existing non-empty `out_dir` is refused unless `force`,
     and even then replaced (once the new one is complete) only when it is an earlier
-    output of tokenize (see check_output).
+    output of tokenize (see check_output). Folders among `inputs` contribute the files whose
+    name matches `patterns` (see input_files); `utf8_errors` is 'strict' or 'replace'.
     """
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise DataError(f"shard_tokens: must be a positive number of tokens per shard file, got {shard_tokens!r}")
     if not 0.0 < val_fraction < 0.5:
         raise DataError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    patterns = tuple(patterns)
+    if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
+        raise DataError(f"pattern: expected file-name patterns such as '*.py', got {list(patterns)!r}")
+    if utf8_errors not in ("strict", "replace"):
+        raise DataError(f"utf8_errors: expected 'strict' or 'replace', got {utf8_errors!r}")
     out_dir = Path(out_dir)
     check_output(out_dir, inputs, force)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
@@ -258,7 +280,7 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
     if documents is not None:
         stream = ((source, piece, last) for source, text in documents for piece, last in split_document([text]))
     else:
-        stream = iter_pieces(inputs)
+        stream = iter_pieces(inputs, patterns, utf8_errors)
 
     def write(tmp: Path) -> None:
         train = ShardWriter(tmp, "train", dtype, shard_tokens)
@@ -399,20 +421,23 @@ def stdlib_files() -> list[Path]:
     return sorted(files)
 
 
-def builtin_dataset(val_fraction: float = 0.01) -> Path:
-    """Build (once, cached, under a lock) and return the folder of `builtin:python-stdlib`.
+def builtin_dataset(val_fraction: float = 0.01, byte_level: bool = False) -> Path:
+    """Build (once, cached, under a lock) and return the folder of `builtin:python-stdlib`
+    (or, with `byte_level`, of `builtin:python-stdlib-bytes`).
 
     A byte-level BPE with vocab 4096 is trained locally with `tokenizers` on the source
-    text, so nothing is ever downloaded.
+    text, so nothing is ever downloaded; the byte-level corpus needs no tokenizer at all.
     """
     files = stdlib_files()
     if not files:
         raise DataError(f"{BUILTIN_STDLIB}: no standard library source found under "
                         f"{sysconfig.get_paths()['stdlib']}")
-    key = hashlib.sha256(f"{FORMAT}|{BUILTIN_VOCAB}|{val_fraction}|{sys.version}".encode())
+    vocab = 256 if byte_level else BUILTIN_VOCAB
+    key = hashlib.sha256(f"{FORMAT}|{vocab}|{val_fraction}|{sys.version}".encode())
     for f in files:
         key.update(f"{f}|{f.stat().st_size}".encode())
-    folder = cache_dir() / f"python-stdlib-{sys.version_info.major}.{sys.version_info.minor}-{key.hexdigest()[:12]}"
+    name = "python-stdlib-bytes" if byte_level else "python-stdlib"
+    folder = cache_dir() / f"{name}-{sys.version_info.major}.{sys.version_info.minor}-{key.hexdigest()[:12]}"
     if (folder / "index.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -422,6 +447,9 @@ def builtin_dataset(val_fraction: float = 0.01) -> Path:
         if (folder / "index.json").is_file():
             return folder
         texts = [(f, f.read_text(encoding="utf-8", errors="replace")) for f in files]
+        if byte_level:
+            tokenize([], "bytes", folder, val_fraction=val_fraction, documents=texts, force=True)
+            return folder
         with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
             tokenizer_path = Path(tmp) / "tokenizer.json"
             train_bpe([t for _, t in texts], BUILTIN_VOCAB, tokenizer_path)
@@ -444,10 +472,11 @@ def train_bpe(texts: list[str], vocab_size: int, out_path: Path) -> None:
 
 def resolve_path(path: str, val_fraction: float = 0.01) -> Path:
     """A dataset folder for `data.path` (building the built-in corpus when asked for)."""
-    if path == BUILTIN_STDLIB:
-        return builtin_dataset(val_fraction)
+    if path in (BUILTIN_STDLIB, BUILTIN_STDLIB_BYTES):
+        return builtin_dataset(val_fraction, byte_level=path == BUILTIN_STDLIB_BYTES)
     if path.startswith("builtin:"):
-        raise DataError(f"data.path: unknown built-in corpus {path!r} (known: {BUILTIN_STDLIB})")
+        raise DataError(f"data.path: unknown built-in corpus {path!r} (known: {BUILTIN_STDLIB}, "
+                        f"{BUILTIN_STDLIB_BYTES})")
     return Path(path)
 
 

@@ -83,17 +83,24 @@ def test_train_py_runs_as_a_file(tmp_path):
     assert (tmp_path / "metrics.jsonl").is_file()
 
 
-def test_demo_smoke(tmp_path):
-    # The real demo (9e12 FLOPs, ~4 minutes on 2 CPU cores) runs with `make demo`; a tiny
-    # budget checks the whole command: four runs, table, JSON, plot.
-    out = stackfast("demo", "--run-dir", tmp_path / "demo", "--flops", "3e11")
+@pytest.mark.slow
+def test_demo_quick(tmp_path):
+    # `stackfast demo --quick`: the whole command at a 30x smaller budget (the real demo,
+    # ~4 minutes on 2 CPU cores, runs with `make demo`): seeds, table, verdicts, JSON, plot.
+    out = stackfast("demo", "--run-dir", tmp_path / "demo", "--quick", "--device", "cpu")
     assert out.returncode == 0, out.stderr
-    assert "| scratch (8 layers) |" in out.stdout and "G_stack" in out.stdout and "speedup" in out.stdout
-    assert "warning: far below" in out.stdout
+    assert "| scratch | 2 |" in out.stdout and "| G_stack | 2 |" in out.stdout and "| small alone | 1 |" in out.stdout
+    assert "G_stack vs scratch:" in out.stdout and "G_stack vs small alone:" in out.stdout
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert set(result["runs"]) == {"scratch", "small", "stack", "stack_half"}
-    stack = result["runs"]["stack"]
-    assert stack["growth_step"] >= 1 and stack["flops"] == pytest.approx(result["runs"]["scratch"]["flops"], rel=0.3)
+    runs = result["runs"]
+    assert sorted((r["arm"], r["seed"]) for r in runs) == [("scratch", 1), ("scratch", 2), ("small", 1), ("stack", 1),
+                                                           ("stack", 2), ("stack_half", 1), ("stack_half", 2)]
+    assert all(r["val_loss"] > 0 for r in runs)
+    # the two seeds are different runs, and every full run spends the same FLOPs
+    assert runs[0]["val_loss"] != next(r for r in runs if r["arm"] == "scratch" and r["seed"] == 2)["val_loss"]
+    full = [r["flops"] for r in runs if r["arm"] != "stack_half"]
+    assert max(full) == pytest.approx(min(full), rel=0.05)
+    assert result["sizing"]["flops"] == pytest.approx(1e12 / 30) and len(result["speedup_per_seed"]) == 2
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
     refused = stackfast("demo", "--run-dir", tmp_path / "demo")
     assert refused.returncode == 2 and "already exists" in refused.stderr
@@ -180,6 +187,9 @@ def _tree(folder):
     (["config", "--show", "src"], "src: is a folder, not a config file"),
     (["demo", "--run-dir", "exists.json"], "exists.json already exists and is not empty"),
     (["demo", "--run-dir", "d", "--flops", "inf"], "--flops must be a positive finite number, got inf"),
+    (["demo", "--run-dir", "d", "--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
+    (["demo", "--run-dir", "d", "--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["demo", "--run-dir", "d", "--small-share", "1"], "--small-share must be between 0 and 1, got 1.0"),
     (["demo", "--run-dir", "d", "--device", "cuda:x"], "--device: expected"),
 ])
 def test_more_bad_input_is_one_line_exit_2_and_writes_nothing(user_files, capsys, args, message):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stackfast.config import DataConfig
-from stackfast.data import (BUILTIN_STDLIB, DataError, TokenData, TokenLoader, Tokenizer, builtin_dataset,
+from stackfast.data import (BUILTIN_STDLIB, BUILTIN_STDLIB_BYTES, DataError, TokenData, TokenLoader, Tokenizer, builtin_dataset,
                             open_data, tokenize, train_bpe)
 
 
@@ -57,6 +57,69 @@ def test_sentencepiece_model(corpus, tmp_path):
     assert index["vocab_size"] == 60 and index["tokenizer"]["file"] == "tokenizer.model"
     data = TokenData(tmp_path / "ds")
     assert max(int(s.tokens.max()) for s in data.train) < 60
+
+
+def test_source_trees_by_file_pattern(tmp_path):
+    tree = tmp_path / "src"
+    (tree / "pkg" / "sub").mkdir(parents=True)
+    (tree / "pkg" / "a.py").write_text("x = 1\n")
+    (tree / "pkg" / "sub" / "b.py").write_text("def f():\n    return 2\n")
+    (tree / "pkg" / "c.pyi").write_text("y: int\n")
+    (tree / "notes.txt").write_text("not code\n")
+    (tree / "lib.so").write_bytes(b"\x7fELF\xff")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "z.py").write_text("outside = True\n")
+    (tree / "link").symlink_to(outside, target_is_directory=True)  # a symlinked folder is not followed
+    index = tokenize([tree], "bytes", tmp_path / "py", patterns=["*.py"], val_fraction=0.1)
+    data = TokenData(tmp_path / "py")
+    stream = np.concatenate([s.tokens for s in data.train + data.val]).astype(np.uint8).tobytes()
+    assert stream == b"x = 1\ndef f():\n    return 2\n" and index["total_tokens"] == len(stream)
+    index = tokenize([tree], "bytes", tmp_path / "both", patterns=["*.py", "*.pyi"], val_fraction=0.1)
+    assert index["total_tokens"] == len(stream) + len("y: int\n")
+    with pytest.raises(DataError, match=r"src: folder holds no files matching \*\.rs or \*\.go \(choose them"):
+        tokenize([tree], "bytes", tmp_path / "none", patterns=["*.rs", "*.go"])
+    with pytest.raises(DataError, match="pattern: expected file-name patterns"):
+        tokenize([tree], "bytes", tmp_path / "empty", patterns=[""])
+
+
+def test_not_utf8_source_is_refused_or_read_with_replacement(tmp_path):
+    tree = tmp_path / "src"
+    tree.mkdir()
+    (tree / "good.py").write_text("ok = 1\n")
+    (tree / "latin1.py").write_bytes(b"# caf\xe9\n")
+    with pytest.raises(DataError, match=r"latin1\.py: not UTF-8 text \(invalid continuation byte at byte 5\)"):
+        tokenize([tree], "bytes", tmp_path / "strict", patterns=["*.py"])
+    assert not (tmp_path / "strict").exists()
+    tokenize([tree], "bytes", tmp_path / "replaced", patterns=["*.py"], utf8_errors="replace", val_fraction=0.1)
+    data = TokenData(tmp_path / "replaced")
+    stream = np.concatenate([s.tokens for s in data.train + data.val]).astype(np.uint8).tobytes()
+    assert stream == b"ok = 1\n# caf\xef\xbf\xbd\n"  # U+FFFD in UTF-8
+
+
+def test_tokenize_command_takes_patterns(tmp_path):
+    import subprocess
+    import sys
+    tree = tmp_path / "src"
+    tree.mkdir()
+    (tree / "m.py").write_text("print('hi')\n")
+    cli = [sys.executable, "-m", "stackfast.cli", "tokenize", "--input", str(tree), "--tokenizer", "bytes"]
+    out = subprocess.run(cli + ["--out", str(tmp_path / "o"), "--pattern", "*.py", "--val-fraction", "0.1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "wrote" in out.stdout, out.stderr
+    out = subprocess.run(cli + ["--out", str(tmp_path / "o2")], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"stackfast: error: {tree}: folder holds no files matching *.txt or *.jsonl (choose them with --pattern)"]
+
+
+def test_builtin_byte_level_corpus_is_the_source_bytes(stackfast_cache):
+    from stackfast.data import stdlib_files
+    folder = builtin_dataset(byte_level=True)
+    data = open_data(DataConfig(path=BUILTIN_STDLIB_BYTES), 256)
+    assert data.folder == folder and data.index["vocab_size"] == 256 and data.index["tokenizer"]["spec"] == "bytes"
+    expected = sum(len(f.read_text(encoding="utf-8", errors="replace").encode()) for f in stdlib_files())
+    assert data.index["total_tokens"] == expected
+    assert folder != builtin_dataset()  # the BPE corpus is a folder of its own
 
 
 def test_input_errors(tmp_path):
