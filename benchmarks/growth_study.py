@@ -5,16 +5,18 @@ Every run has its own complete warmup + cosine schedule over the same FLOP budge
 run's FLOPs include its small-model phase, `small_share` of the budget) and the same LR.
 
 CPU (the default): the demo's sizing from the sizing study (stackfast.demo.CPU_SIZING: an
-8 x 32 byte-level target, 15 tokens per parameter, 20% small share, LR 3e-3) on the built-in
-corpus; scratch, small alone and all eight operators, two seeds each (~20 minutes on 2 cores):
+8 x 32 byte-level target, 1e12 FLOPs a run: 10 tokens per parameter, 20% small share, LR 5e-3
+for scratch and small alone, 8e-3 for every grown run) on the built-in byte-level corpus;
+scratch, small alone and all eight operators, two seeds each (~15 minutes on 2 cores):
 
     python benchmarks/growth_study.py
     python benchmarks/growth_study.py --operators stack depth_zero --seeds 1 --flops 3e11   # a quick look
 
 GPU (--gpu): one short run that can settle the question at a size where the large model is
 the right model: a target of >= 20M parameters at >= 10 tokens per parameter, trained on the
-machine's own site-packages .py sources (byte-level, tokenized at the start with stackfast's
-tokenizer; hundreds of MB, so the runs do not repeat it), all within --minutes (9) including
+machine's own Python sources (standard library and site-packages: .py, .pyi and C/C++/CUDA
+sources and headers; byte-level, tokenized at the start with stackfast's tokenizer; ~400M
+tokens, so the runs do not repeat it), all within --minutes (9) including
 the tokenization. The size comes from throughput measured at the start (a short probe), by
 the demo's rule (15 tokens per parameter, never under 10): scratch, small alone and G_stack
 with two seeds where they fit (else one, and the JSON says so), then, while time remains,
@@ -64,8 +66,8 @@ class GpuPreset:
 
 
 # The GPU path at a size a CPU runs in about a minute (CI's rehearsal): same steps, tiny numbers.
-REHEARSAL = GpuPreset(minutes=1.5, min_params=40e3, min_tokens_per_param=10.0, seq_len=128, batch=16,
-                      min_width=32)
+REHEARSAL = GpuPreset(minutes=1.5, min_params=30e3, min_tokens_per_param=10.0, seq_len=128, batch=16,
+                      min_width=16)
 # The GPU study's runs: the required three, then the paper's open choices while time remains.
 REQUIRED = ("scratch", "small", "stack")
 OPTIONAL = {"stack_replicate": ['growth.optimizer="replicate"'], "stack_continue": ['growth.schedule="continue"']}
@@ -73,10 +75,18 @@ MARGIN_S = 20.0  # the end of the study: summary, plot, JSON
 REPLACE = ("logging.overwrite=true",)  # --runs-dir is the study's own: earlier runs there are replaced
 
 
-def site_packages() -> list[Path]:
-    """The running Python's site-packages folders (pure and platform; once each)."""
-    paths = {Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
-    return sorted(p for p in paths if p.is_dir())
+# The GPU study's corpus: the source code the machine's own Python carries. site-packages'
+# .py alone is ~190 MB on a machine with torch and transformers; with the standard library,
+# stubs and C/C++ headers it was 426M byte tokens on the CPU development machine (8 s to
+# tokenize): enough for a 25M-parameter target at >= 10 tokens per parameter, never repeated.
+SOURCE_PATTERNS = ("*.py", "*.pyi", "*.h", "*.hpp", "*.cuh", "*.c", "*.cc", "*.cpp", "*.cu")
+
+
+def python_sources() -> list[Path]:
+    """The running Python's standard library and site-packages folders, none inside another
+    (a system Python keeps site-packages inside its standard library folder)."""
+    paths = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "purelib", "platlib")}
+    return sorted(p for p in paths if p.is_dir() and not any(q in p.parents for q in paths))
 
 
 def report(name: str, runs: list[dict], extra: dict, out: str | None, title: str) -> dict:
@@ -154,9 +164,9 @@ def gpu_study(args) -> dict:
     device = str(resolve_device(args.device))
     if not args.rehearse and not device.startswith("cuda"):
         raise SystemExit("growth_study.py --gpu: no CUDA device here; --gpu --rehearse runs the same path at tiny size")
-    corpus = [Path(c) for c in args.corpus] if args.corpus else (stdlib_files() if args.rehearse else site_packages())
+    corpus = [Path(c) for c in args.corpus] if args.corpus else (stdlib_files() if args.rehearse else python_sources())
     data_dir = Path(args.runs_dir) / "corpus"
-    tokenize(corpus, "bytes", data_dir, patterns=("*.py",), utf8_errors="replace", force=True)
+    tokenize(corpus, "bytes", data_dir, patterns=SOURCE_PATTERNS, utf8_errors="replace", force=True)
     corpus_tokens = sum(s.tokens.size for s in TokenData(data_dir).train)
     tokenized = time.perf_counter() - started
     print(f"growth study --gpu{' --rehearse' if args.rehearse else ''}: {corpus_tokens / 1e6:.1f}M byte tokens "
@@ -200,7 +210,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--gpu", action="store_true", help="the GPU study (see above)")
     parser.add_argument("--rehearse", action="store_true", help="with --gpu: the same path at tiny size")
     parser.add_argument("--minutes", type=float, help="with --gpu: the time limit (default 9; rehearsal 1.5)")
-    parser.add_argument("--corpus", nargs="+", help="with --gpu: source folders (default: site-packages)")
+    parser.add_argument("--corpus", nargs="+", help="with --gpu: source folders (default: the standard library "
+                        "and site-packages)")
     parser.add_argument("--flops", type=float, help="CPU: FLOPs of a run (default: the demo's)")
     parser.add_argument("--seeds", type=int, default=2, help="CPU: seeds of every run (default 2)")
     parser.add_argument("--operators", nargs="+", default=list(OPERATORS), choices=OPERATORS)

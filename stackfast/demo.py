@@ -264,9 +264,9 @@ def scaled_lr(sizing: Sizing, hidden: int) -> Sizing:
 
 def largest_hidden(flops: float, seq_len: int, corpus_tokens: int, tokens_per_param: float) -> int | None:
     """The widest target (a multiple of 16, from 256 of 64) that `flops` trains at >=
-    tokens_per_param tokens per parameter on at most corpus_tokens tokens (None: not even width 32)."""
+    tokens_per_param tokens per parameter on at most corpus_tokens tokens (None: not even width 16)."""
     best = None
-    for hidden in list(range(32, 256, 16)) + list(range(256, 4097, 64)):
+    for hidden in list(range(16, 256, 16)) + list(range(256, 4097, 64)):
         model = target_model(hidden)
         tokens = min(flops / model.flops_per_token(seq_len), corpus_tokens)
         if tokens / model.num_params() >= tokens_per_param:

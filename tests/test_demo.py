@@ -85,8 +85,10 @@ def test_largest_hidden_follows_the_tokens_per_parameter_rule():
     model, wider = target_model(hidden), target_model(hidden + (64 if hidden >= 256 else 16))
     assert 1e16 / model.flops_per_token(seq) / model.num_params() >= TOKENS_PER_PARAM
     assert 1e16 / wider.flops_per_token(seq) / wider.num_params() < TOKENS_PER_PARAM
-    # a corpus of 1M tokens caps the target at ~67k parameters whatever the FLOPs
-    assert largest_hidden(1e18, seq, 10**6, TOKENS_PER_PARAM) is None
+    # the corpus caps the target whatever the FLOPs: 1M tokens allow width 16 (32k parameters),
+    # 100k tokens not even that
+    assert largest_hidden(1e18, seq, 10**6, TOKENS_PER_PARAM) == 16
+    assert largest_hidden(1e18, seq, 10**5, TOKENS_PER_PARAM) is None
 
 
 def test_demo_scales_itself_up_on_a_gpu_by_the_same_rule(monkeypatch):
