@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="G_stack vs scratch vs small alone at equal FLOPs, with seeds, built-in corpus")
     p.add_argument("--run-dir", help="where runs go (default: a new runs/demo-<date>-<time>)")
     p.add_argument("--flops", type=float, help=f"FLOPs of a run (default {DEMO_SIZING.flops:g} on CPU, the sizing "
-                   "study's: about 4 minutes for all runs on 2 cores; on a GPU: sized from measured throughput)")
+                   "study's: about 4.5 minutes for all runs on 2 cores; on a GPU: sized from measured throughput)")
     p.add_argument("--small-share", type=float,
                    help=f"share of the FLOPs on the small model (default {DEMO_SIZING.small_share:g})")
     p.add_argument("--lr", type=float, help="one peak LR for every run (default: each arm's best in the "

@@ -86,7 +86,7 @@ def test_train_py_runs_as_a_file(tmp_path):
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
     # `stackfast demo --quick`: the whole command at a 30x smaller budget (the real demo,
-    # ~4 minutes on 2 CPU cores, runs with `make demo`): seeds, table, verdicts, JSON, plot.
+    # ~4.5 minutes on 2 CPU cores, runs with `make demo`): seeds, table, verdicts, JSON, plot.
     out = stackfast("demo", "--run-dir", tmp_path / "demo", "--quick", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert "| scratch | 2 |" in out.stdout and "| G_stack | 2 |" in out.stdout and "| small alone | 1 |" in out.stdout
