@@ -162,8 +162,6 @@ def gpu_study(args) -> dict:
     preset = dataclasses.replace(preset, **({"minutes": args.minutes} if args.minutes else {}))
     deadline = started + 60 * preset.minutes
     device = str(resolve_device(args.device))
-    if not args.rehearse and not device.startswith("cuda"):
-        raise SystemExit("growth_study.py --gpu: no CUDA device here; --gpu --rehearse runs the same path at tiny size")
     corpus = [Path(c) for c in args.corpus] if args.corpus else (stdlib_files() if args.rehearse else python_sources())
     data_dir = Path(args.runs_dir) / "corpus"
     tokenize(corpus, "bytes", data_dir, patterns=SOURCE_PATTERNS, utf8_errors="replace", force=True)
@@ -221,6 +219,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.rehearse and not args.gpu:
         parser.error("--rehearse goes with --gpu")
+    if args.gpu and not args.rehearse and resolve_device(args.device).type != "cuda":
+        parser.error("--gpu: no CUDA device here; --gpu --rehearse runs the same path at tiny size")
+    if args.minutes is not None and not 0 < args.minutes < 60:
+        parser.error(f"--minutes must be in (0, 60), got {args.minutes}")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     return gpu_study(args) if args.gpu else cpu_study(args)
 
 

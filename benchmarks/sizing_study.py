@@ -39,6 +39,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs-dir", default="runs/sizing-study")
     parser.add_argument("--out", default=str(RESULTS_DIR / "sizing_study.json"))
     args = parser.parse_args(argv)
+    if args.seeds < 1 or min(args.lrs + [args.budget, args.large_budget]) <= 0:
+        parser.error("--seeds must be at least 1, and --lrs, --budget and --large-budget positive")
 
     out = Path(args.out)
     study = json.loads(out.read_text()) if out.is_file() else {"runs": []}

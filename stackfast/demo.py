@@ -222,7 +222,10 @@ def summarize(runs: list[dict], budget: float) -> dict:
         spread = f" ± {small['std']:.4f}" if len(small["values"]) > 1 else ""
         lines.append(f"G_stack vs small alone: {stats['stack']['mean']:.4f} vs {small['mean']:.4f}{spread}: "
                      f"{compare(stats['stack'], small)}")
-    if speedups and all(s is not None for s in speedups):
+    if speedups and all(s == 1.0 for s in speedups):
+        lines.append("speedup to scratch's final loss: >= +100% in every seed (G_stack at half the budget "
+                     "already reaches it)")
+    elif speedups and all(s is not None for s in speedups):
         shown = ", ".join(">= +100%" if s >= 1.0 else f"{100 * s:+.0f}%" for s in speedups)
         mean = statistics.fmean(speedups)
         spread = (max(speedups) - min(speedups)) / 2

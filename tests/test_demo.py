@@ -72,6 +72,9 @@ def test_summary_gives_the_speedup_seed_by_seed():
     assert s["speedup_mean"] == pytest.approx(sum(expected) / 2, rel=1e-4)
     assert "speedup to scratch's final loss: +28% ± 13%" in s["verdict"][-1]
     assert "G_stack vs small alone" in s["verdict"][1]
+    for r in runs:
+        r["val_loss"] -= 0.9 * (r["arm"] == "stack_half")  # both halves reach scratch's loss
+    assert summarize(runs, 100.0)["verdict"][-1].startswith("speedup to scratch's final loss: >= +100% in every")
     runs[1]["val_loss"] = 4.6  # seed 1's G_stack misses scratch's loss: no speedup claimed
     s = summarize(runs, 100.0)
     assert s["speedup_mean"] is None and s["verdict"][-1].startswith("no speedup: in 1 of 2 seeds")
