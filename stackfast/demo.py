@@ -106,6 +106,7 @@ CPU_SIZING = Sizing(target=target_model(32), flops=1e12, small_share=0.2, lr_scr
 QUICK_DIVISOR = 30  # `stackfast demo --quick`: the command end to end, not the method
 ARMS = ("scratch", "small", "stack", "stack_half")
 LABELS = {"scratch": "scratch", "small": "small alone", "stack": "G_stack", "stack_half": "G_stack at B/2"}
+COLORS = {"scratch": "C0", "small": "C2", "stack": "C1"}  # an arm's seeds share its color in the plot
 
 
 def model_overrides(model: ModelConfig) -> list[str]:
@@ -297,6 +298,18 @@ def probe_flops_per_s(model: ModelConfig, device: str, seq_len: int, batch: int,
     return rows[-1]["tokens_per_s"] * model.flops_per_token(seq_len)
 
 
+def plot_demo(result: dict, out: Path) -> Path:
+    """The demo's picture from its result: every seed's curve of scratch, small alone and
+    G_stack against FLOPs (an arm's seeds in one color), the speedup line as the caption."""
+    shown = [r for r in result["runs"] if r["arm"] != "stack_half"]
+    return plot_runs([r["run_dir"] for r in shown], out,
+                     labels=[f"{LABELS[r['arm']]} (seed {r['seed']})" for r in shown],
+                     colors=[COLORS[r["arm"]] for r in shown],
+                     title="stackfast demo: validation loss, G_stack vs scratch vs small alone",
+                     note=f"{result['verdict'][-1]}; {result['sizing']['tokens_per_param']:.1f} tokens per "
+                          "target parameter", annotate_speedup=False)
+
+
 def run_demo(out_dir: Path, sizing: Sizing = CPU_SIZING, seeds: int = 2, device: str = "auto") -> dict:
     """Run the comparison (scratch, G_stack and G_stack at B/2 for every seed, small alone
     for the first), write demo.json and demo.png into out_dir, print the verdict."""
@@ -325,13 +338,7 @@ def run_demo(out_dir: Path, sizing: Sizing = CPU_SIZING, seeds: int = 2, device:
     result = {"sizing": sizing.describe(), "device": device, "seeds": seeds, "runs": runs, **summary,
               "wall_s": time.perf_counter() - started}
     try:
-        shown = [r for r in runs if r["arm"] != "stack_half"]
-        png = plot_runs([r["run_dir"] for r in shown], out_dir / "demo.png",
-                        labels=[f"{LABELS[r['arm']]} (seed {r['seed']})" for r in shown],
-                        title="stackfast demo: validation loss, G_stack vs scratch vs small alone",
-                        note=summary["verdict"][-1] + f"; {sizing.tokens_per_param():.1f} tokens per target parameter",
-                        annotate_speedup=False)
-        result["plot"] = str(png)
+        result["plot"] = str(plot_demo(result, out_dir / "demo.png"))
     except StackfastError as e:  # matplotlib missing: the numbers stand without the picture
         print(f"  (no plot: {e})")
     (out_dir / "demo.json").write_text(json.dumps(result, indent=1) + "\n")

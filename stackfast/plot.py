@@ -39,8 +39,12 @@ def speedup_vs(baseline: list, curve: list) -> float | None:
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None,
-              title: str = "", note: str = "", annotate_speedup: bool = True) -> Path:
+              title: str = "", note: str = "", annotate_speedup: bool = True,
+              colors: list[str] | None = None) -> Path:
     """Draw validation loss vs tokens and vs FLOPs for the runs; write a PNG to `out`.
+
+    `colors` (one matplotlib color per run) lets runs share a color, e.g. the seeds of one
+    configuration; by default every run gets its own.
 
     With annotate_speedup, each label gets its curve's speedup over the first run. That reads
     the run's curve mid-schedule; a comparison by complete schedules (the demo's) passes its
@@ -55,6 +59,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
     formats = FigureCanvasBase.get_supported_filetypes()
     if Path(out).suffix.lstrip(".").lower() not in formats:  # checked before any run is read
         raise StackfastError(f"--out {out}: not an image file name; use one of {', '.join('.' + f for f in formats)}")
+    if colors and len(colors) != len(run_dirs):
+        raise StackfastError(f"{len(colors)} colors for {len(run_dirs)} runs: one per run, in order")
     if labels and len(labels) != len(run_dirs):  # zip() would drop the runs without one
         raise StackfastError(f"--label given {len(labels)} times for {len(run_dirs)} runs: one per run, in order")
     labels = labels or [Path(d).name for d in run_dirs]
@@ -69,11 +75,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
         runs.append(rows)
     fig, (ax_tokens, ax_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
     baseline = val_curve(runs[0])
-    for rows, label in zip(runs, labels):
+    for i, (rows, label) in enumerate(zip(runs, labels)):
         curve = val_curve(rows)
         sp = speedup_vs(baseline, curve) if annotate_speedup and rows is not runs[0] else None
         suffix = f" (speedup {100 * sp:+.0f}% on its curve)" if sp is not None else ""
-        line, = ax_tokens.plot([c[0] for c in curve], [c[2] for c in curve], marker=".", label=label)
+        line, = ax_tokens.plot([c[0] for c in curve], [c[2] for c in curve], marker=".", label=label,
+                               color=colors[i] if colors else None)
         ax_flops.plot([c[1] for c in curve], [c[2] for c in curve], marker=".", color=line.get_color(),
                       label=label + suffix)
         for event in (r for r in rows if r.get("event") == "growth"):
