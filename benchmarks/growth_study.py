@@ -11,6 +11,7 @@ scratch, small alone and all eight operators, two seeds each (~15 minutes on 2 c
 
     python benchmarks/growth_study.py
     python benchmarks/growth_study.py --operators stack depth_zero --seeds 1 --flops 3e11   # a quick look
+    python benchmarks/growth_study.py --operators stack --choices   # G_stack's optimizer and schedule choices
 
 GPU (--gpu): one short run that can settle the question at a size where the large model is
 the right model: a target of >= 20M parameters at >= 10 tokens per parameter, trained on the
@@ -126,10 +127,18 @@ def cpu_study(args) -> dict:
           f"parameter), {100 * sizing.small_share:.0f}% on the small model, LR {sizing.lr_scratch:g} / "
           f"{sizing.lr_small:g} / {sizing.lr_grown:g} (scratch / small alone / grown), {args.seeds} seeds",
           flush=True)
+    seeds = range(1, args.seeds + 1)
     runs = [train_arm(runs_dir / f"{arm}-seed{seed}", sizing, arm, seed, args.device, extra=REPLACE)
-            for arm in ["scratch", "small", *args.operators] for seed in range(1, args.seeds + 1)]
-    return report("growth_study-cpu", runs, {"sizing": sizing.describe(), "seeds": args.seeds}, args.out,
-                  "growth study: scratch vs small alone vs the eight operators at equal FLOPs (CPU)")
+            for arm in ["scratch", "small", *args.operators] for seed in seeds]
+    if args.choices:
+        for name, extra in OPTIONAL.items():
+            for seed in seeds:
+                runs.append(train_arm(runs_dir / f"{name}-seed{seed}", sizing, "stack", seed, args.device,
+                                      label=name, extra=REPLACE + tuple(extra)))
+                runs[-1]["arm"] = name
+    name = "growth_study_choices-cpu" if args.choices else "growth_study-cpu"
+    return report(name, runs, {"sizing": sizing.describe(), "seeds": args.seeds}, args.out,
+                  "growth study: scratch vs small alone vs growth at equal FLOPs (CPU)")
 
 
 def plan_gpu(flops_per_s: float, seconds: float, preset: GpuPreset, corpus_tokens: int) -> tuple[Sizing, int, str]:
@@ -188,7 +197,8 @@ def gpu_study(args) -> dict:
         if time.perf_counter() + longest > deadline - MARGIN_S:
             skipped.append(name)
             continue
-        runs.append(train_arm(runs_dir / f"{name}-seed1", sizing, "stack", 1, device, extra=REPLACE + tuple(extra)))
+        runs.append(train_arm(runs_dir / f"{name}-seed1", sizing, "stack", 1, device, label=name,
+                              extra=REPLACE + tuple(extra)))
         runs[-1]["arm"] = name
     plan = {"preset": dataclasses.asdict(preset), "rehearsal": args.rehearse, "corpus": [str(c) for c in corpus],
             "corpus_tokens": corpus_tokens, "tokenize_s": tokenized, "probe_tflops": flops_per_s / 1e12,
@@ -213,6 +223,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--flops", type=float, help="CPU: FLOPs of a run (default: the demo's)")
     parser.add_argument("--seeds", type=int, default=2, help="CPU: seeds of every run (default 2)")
     parser.add_argument("--operators", nargs="+", default=list(OPERATORS), choices=OPERATORS)
+    parser.add_argument("--choices", action="store_true",
+                        help="CPU: also G_stack with the optimizer state replicated and with the schedule "
+                             "continued (results go to growth_study_choices-cpu.json)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs-dir", default="runs/growth-study", help="where the runs go (replaced)")
     parser.add_argument("--out", default=None, help=f"results folder (default {RESULTS_DIR})")
