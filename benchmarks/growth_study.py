@@ -48,7 +48,7 @@ from stackfast.bench.harness import RESULTS_DIR, environment, markdown_table, re
 from stackfast.config import StackfastError  # noqa: E402
 from stackfast.data import TokenData, stdlib_files, tokenize  # noqa: E402
 from stackfast.demo import (CPU_SIZING, TOKENS_PER_PARAM, Sizing, compare, largest_hidden, loss_stats,  # noqa: E402
-                            probe_flops_per_s, scaled_lr, target_model, train_arm)
+                            probe_flops_per_s, scaled_up, target_model, train_arm)
 from stackfast.growth_operators import OPERATORS  # noqa: E402
 from stackfast.metrics import read_metrics  # noqa: E402
 from stackfast.plot import plot_runs, speedup_vs, val_curve  # noqa: E402
@@ -120,6 +120,13 @@ def report(name: str, runs: list[dict], extra: dict, out: str | None, title: str
     return result
 
 
+def train_choice(runs_dir: Path, sizing: Sizing, name: str, seed: int, device: str) -> dict:
+    """One G_stack run with one of OPTIONAL's choices, recorded under the choice's name."""
+    record = train_arm(runs_dir / f"{name}-seed{seed}", sizing, "stack", seed, device, label=name,
+                       extra=REPLACE + tuple(OPTIONAL[name]))
+    return {**record, "arm": name}
+
+
 def cpu_study(args) -> dict:
     sizing = dataclasses.replace(CPU_SIZING, **({"flops": args.flops} if args.flops else {}))
     runs_dir = Path(args.runs_dir)
@@ -131,11 +138,7 @@ def cpu_study(args) -> dict:
     runs = [train_arm(runs_dir / f"{arm}-seed{seed}", sizing, arm, seed, args.device, extra=REPLACE)
             for arm in ["scratch", "small", *args.operators] for seed in seeds]
     if args.choices:
-        for name, extra in OPTIONAL.items():
-            for seed in seeds:
-                runs.append(train_arm(runs_dir / f"{name}-seed{seed}", sizing, "stack", seed, args.device,
-                                      label=name, extra=REPLACE + tuple(extra)))
-                runs[-1]["arm"] = name
+        runs += [train_choice(runs_dir, sizing, name, seed, args.device) for name in OPTIONAL for seed in seeds]
     name = "growth_study_choices-cpu" if args.choices else "growth_study-cpu"
     return report(name, runs, {"sizing": sizing.describe(), "seeds": args.seeds}, args.out,
                   "growth study: scratch vs small alone vs growth at equal FLOPs (CPU)")
@@ -149,20 +152,12 @@ def plan_gpu(flops_per_s: float, seconds: float, preset: GpuPreset, corpus_token
         for rule in (TOKENS_PER_PARAM, preset.min_tokens_per_param):
             hidden = largest_hidden(run_flops, preset.seq_len, corpus_tokens, rule)
             if hidden and target_model(hidden).num_params() >= preset.min_params:
-                return (gpu_sizing(hidden, run_flops, preset, corpus_tokens), seeds,
+                return (scaled_up(hidden, run_flops, corpus_tokens, preset.seq_len, preset.batch), seeds,
                         f"{seeds} seed(s) fit at >= {rule:g} tokens/param")
-    sizing = gpu_sizing(preset.min_width, flops_per_s * seconds / len(REQUIRED), preset, corpus_tokens)
+    sizing = scaled_up(preset.min_width, flops_per_s * seconds / len(REQUIRED), corpus_tokens, preset.seq_len,
+                       preset.batch)
     return sizing, 1, (f"under-sized: at the measured throughput a {sizing.target.num_params() / 1e6:.3g}M target "
                        f"sees only {sizing.tokens_per_param():.1f} tokens per parameter in the time")
-
-
-def gpu_sizing(hidden: int, flops: float, preset: GpuPreset, corpus_tokens: int) -> Sizing:
-    """A study run's sizing: the demo's small share and LRs (scaled by sqrt(32 / width)),
-    and no more FLOPs than the corpus's tokens pay for: a run never repeats its data."""
-    target = target_model(hidden, max_seq_len=preset.seq_len)
-    return dataclasses.replace(scaled_lr(CPU_SIZING, hidden), target=target, seq_len=preset.seq_len,
-                               flops=min(flops, corpus_tokens * target.flops_per_token(preset.seq_len)),
-                               batch=preset.batch)
 
 
 def gpu_study(args) -> dict:
@@ -174,7 +169,7 @@ def gpu_study(args) -> dict:
     corpus = [Path(c) for c in args.corpus] if args.corpus else (stdlib_files() if args.rehearse else python_sources())
     data_dir = Path(args.runs_dir) / "corpus"
     tokenize(corpus, "bytes", data_dir, patterns=SOURCE_PATTERNS, utf8_errors="replace", force=True)
-    corpus_tokens = sum(s.tokens.size for s in TokenData(data_dir).train)
+    corpus_tokens = TokenData(data_dir).train_tokens
     tokenized = time.perf_counter() - started
     print(f"growth study --gpu{' --rehearse' if args.rehearse else ''}: {corpus_tokens / 1e6:.1f}M byte tokens "
           f"from {len(corpus)} inputs ({corpus[0]}, ...) in {tokenized:.0f} s", flush=True)
@@ -192,14 +187,12 @@ def gpu_study(args) -> dict:
     runs = [train_arm(runs_dir / f"{arm}-seed{seed}", sizing, arm, seed, device, extra=REPLACE)
             for seed in range(1, seeds + 1) for arm in REQUIRED]
     skipped = []
-    for name, extra in OPTIONAL.items():
+    for name in OPTIONAL:
         longest = max(r["wall_s"] for r in runs)
         if time.perf_counter() + longest > deadline - MARGIN_S:
             skipped.append(name)
             continue
-        runs.append(train_arm(runs_dir / f"{name}-seed1", sizing, "stack", 1, device, label=name,
-                              extra=REPLACE + tuple(extra)))
-        runs[-1]["arm"] = name
+        runs.append(train_choice(runs_dir, sizing, name, 1, device))
     plan = {"preset": dataclasses.asdict(preset), "rehearsal": args.rehearse, "corpus": [str(c) for c in corpus],
             "corpus_tokens": corpus_tokens, "tokenize_s": tokenized, "probe_tflops": flops_per_s / 1e12,
             "sizing": sizing.describe(), "seeds": seeds, "seeds_reason": why, "skipped_for_time": skipped,

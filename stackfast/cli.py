@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stackfast import __version__
 from stackfast.config import StackfastError, check_device, describe, load_config
-from stackfast.demo import CPU_SIZING as DEMO_SIZING
+from stackfast.demo import CPU_SIZING
 from stackfast.growth_operators import OPERATORS, operator_spec
 
 
@@ -26,7 +26,7 @@ def cmd_train(args) -> int:
 
 def cmd_demo(args) -> int:
     import dataclasses
-    from stackfast.demo import CPU_SIZING, QUICK_DIVISOR, gpu_sizing, run_demo
+    from stackfast.demo import QUICK_DIVISOR, gpu_sizing, run_demo
     from stackfast.train import resolve_device
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -45,7 +45,7 @@ def cmd_demo(args) -> int:
     if device.type == "cuda" and args.flops is None and not args.quick:
         import torch
         from stackfast.data import TokenData, builtin_dataset
-        corpus = sum(s.tokens.size for s in TokenData(builtin_dataset(byte_level=True)).train)
+        corpus = TokenData(builtin_dataset(byte_level=True)).train_tokens
         print(f"sizing the demo for {torch.cuda.get_device_name(device)}: measuring throughput ...", flush=True)
         sizing = gpu_sizing(str(device), args.minutes, corpus)
     if args.quick:
@@ -399,13 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="G_stack vs scratch vs small alone at equal FLOPs, with seeds, built-in corpus")
     p.add_argument("--run-dir", help="where runs go (default: a new runs/demo-<date>-<time>)")
-    p.add_argument("--flops", type=float, help=f"FLOPs of a run (default {DEMO_SIZING.flops:g} on CPU, the sizing "
+    p.add_argument("--flops", type=float, help=f"FLOPs of a run (default {CPU_SIZING.flops:g} on CPU, the sizing "
                    "study's: about 4.5 minutes for all runs on 2 cores; on a GPU: sized from measured throughput)")
     p.add_argument("--small-share", type=float,
-                   help=f"share of the FLOPs on the small model (default {DEMO_SIZING.small_share:g})")
+                   help=f"share of the FLOPs on the small model (default {CPU_SIZING.small_share:g})")
     p.add_argument("--lr", type=float, help="one peak LR for every run (default: each arm's best in the "
-                   f"sizing study: {DEMO_SIZING.lr_scratch:g} scratch, {DEMO_SIZING.lr_small:g} small alone, "
-                   f"{DEMO_SIZING.lr_grown:g} G_stack; on a GPU scaled by sqrt(32 / width))")
+                   f"sizing study: {CPU_SIZING.lr_scratch:g} scratch, {CPU_SIZING.lr_small:g} small alone, "
+                   f"{CPU_SIZING.lr_grown:g} G_stack; on a GPU scaled by sqrt(32 / width))")
     p.add_argument("--seeds", type=int, default=2, help="seeds of scratch and G_stack (default 2)")
     p.add_argument("--minutes", type=float, default=5.0, help="GPU: the time all runs may take (default 5)")
     p.add_argument("--quick", action="store_true",

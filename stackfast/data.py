@@ -135,8 +135,7 @@ def input_files(inputs: Iterable[str | Path], patterns: Iterable[str] = DEFAULT_
         path = Path(item)
         if path.is_dir():
             files = []
-            for folder, subfolders, names in os.walk(path):
-                subfolders.sort()
+            for folder, _, names in os.walk(path):
                 files += [Path(folder) / n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
             files = sorted(f for f in files if f.is_file())
             if not files:
@@ -532,6 +531,11 @@ class TokenData:
         if expected == 0:
             return Shard(path, np.zeros(0, dtype=self.dtype))
         return Shard(path, np.memmap(path, dtype=self.dtype, mode="r"))
+
+    @property
+    def train_tokens(self) -> int:
+        """Tokens in the train split: what a run can read once without repeating."""
+        return sum(s.tokens.size for s in self.train)
 
     @property
     def tokenizer_file(self) -> Path | None:

@@ -93,8 +93,9 @@ class Sizing:
     def describe(self) -> dict:
         return {"target": dataclasses.asdict(self.target), "target_params": self.target.num_params(),
                 "flops": self.flops, "small_share": self.small_share,
-                "lr": {"scratch": self.lr_scratch, "small": self.lr_small, "grown": self.lr_grown}, "seq_len": self.seq_len,
-                "batch": self.batch, "data": self.data, "tokens_per_param": self.tokens_per_param()}
+                "lr": {"scratch": self.lr_scratch, "small": self.lr_small, "grown": self.lr_grown},
+                "seq_len": self.seq_len, "batch": self.batch, "data": self.data,
+                "tokens_per_param": self.tokens_per_param()}
 
 
 # The study's choice for 2 CPU cores (benchmarks/results/sizing_study.json): 8 x 32 byte-level
@@ -255,24 +256,25 @@ def gpu_sizing(device: str, minutes: float, corpus_tokens: int, runs: float = 7.
         flops_per_s = probe_flops_per_s(target_model(hidden), device, CPU_SIZING.seq_len, 64)
         budget = flops_per_s * (60.0 * minutes - (time.perf_counter() - started)) / runs
         hidden = largest_hidden(budget, CPU_SIZING.seq_len, corpus_tokens, tokens_per_param) or 32
-        sizing = dataclasses.replace(scaled_lr(CPU_SIZING, hidden), target=target_model(hidden), flops=budget,
-                                     batch=64)
-    tokens = sizing.flops / sizing.target.flops_per_token(sizing.seq_len)
-    if tokens > corpus_tokens:  # data-bound: spend no more than the corpus holds
-        sizing = dataclasses.replace(sizing, flops=corpus_tokens * sizing.target.flops_per_token(sizing.seq_len))
+        sizing = scaled_up(hidden, budget, corpus_tokens, CPU_SIZING.seq_len, 64)
     return sizing
 
 
-def scaled_lr(sizing: Sizing, hidden: int) -> Sizing:
-    """The sizing's LRs, tuned at its width, carried to width `hidden` by sqrt(width ratio)
-    (an untested rule: the study searched LRs at CPU sizes only)."""
-    factor = math.sqrt(sizing.target.hidden_size / hidden)
-    return dataclasses.replace(sizing, lr_scratch=sizing.lr_scratch * factor, lr_small=sizing.lr_small * factor,
-                               lr_grown=sizing.lr_grown * factor)
+def scaled_up(hidden: int, flops: float, corpus_tokens: int, seq_len: int, batch: int) -> Sizing:
+    """CPU_SIZING carried to a target of width `hidden`: its small share, its LRs scaled by
+    sqrt(32 / width) (an untested rule: the study searched LRs at CPU sizes only), and no more
+    than `flops` a run nor more FLOPs than the corpus's tokens pay for (data-bound: a run
+    never repeats its data)."""
+    target = target_model(hidden, max_seq_len=seq_len)
+    factor = math.sqrt(CPU_SIZING.target.hidden_size / hidden)
+    return dataclasses.replace(CPU_SIZING, target=target, seq_len=seq_len, batch=batch,
+                               flops=min(flops, corpus_tokens * target.flops_per_token(seq_len)),
+                               lr_scratch=CPU_SIZING.lr_scratch * factor, lr_small=CPU_SIZING.lr_small * factor,
+                               lr_grown=CPU_SIZING.lr_grown * factor)
 
 
 def largest_hidden(flops: float, seq_len: int, corpus_tokens: int, tokens_per_param: float) -> int | None:
-    """The widest target (a multiple of 16, from 256 of 64) that `flops` trains at >=
+    """The widest target (a multiple of 16, from 256 a multiple of 64) that `flops` trains at >=
     tokens_per_param tokens per parameter on at most corpus_tokens tokens (None: not even width 16)."""
     best = None
     for hidden in list(range(16, 256, 16)) + list(range(256, 4097, 64)):
