@@ -7,6 +7,10 @@
 #
 #     bash benchmarks/gpu_distributed.sh [OUT_DIR]      (default runs/gpu_distributed)
 #
+# NPROC (default 1) processes, one per GPU; SETS adds --set overrides to both runs, e.g. the
+# H100 levers: SETS="--set train.float8=tensorwise --set checkpoint.async_save=true
+# --set parallel.replicate_degree=2" (HSDP needs NPROC >= 2, a multiple of it).
+#
 # Prints the run's numbers and "OK" or "FAILED: <why>" last; exits non-zero on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,15 +24,18 @@ COMMON=(--set model.preset=toy --set data.seq_len=256 --set train.global_batch_s
         # grow the 2-layer toy-small into the 8-layer toy after 20 steps (20 * 16 * 256 tokens)
         --set growth.operator=stack --set growth.factor=4 --set growth.at_tokens=81920
         --set growth.optimizer=replicate --set "logging.run_dir=$OUT")
+NPROC=${NPROC:-1}
+read -r -a EXTRA <<< "${SETS:-}"
+COMMON+=("${EXTRA[@]}")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 echo "== full run: 60 steps, growth at step 20, checkpoints at 20, 40, 60"
-$PY -m torch.distributed.run --standalone --nproc_per_node=1 stackfast/train.py "${COMMON[@]}"
+$PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" stackfast/train.py "${COMMON[@]}"
 cp "$OUT/metrics.jsonl" "$OUT/metrics-full.jsonl"
 
 echo "== lose the step-60 checkpoint, then --resume auto (restarts from step 40)"
 rm -rf "$OUT/checkpoints/step_00000060"
-$PY -m torch.distributed.run --standalone --nproc_per_node=1 stackfast/train.py "${COMMON[@]}" --resume auto
+$PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" stackfast/train.py "${COMMON[@]}" --resume auto
 
 $PY - "$OUT" <<'EOF'
 import json, math, sys

@@ -12,12 +12,20 @@ A training checkpoint is a folder `<run_dir>/checkpoints/step_XXXXXXXX/` with
     checksums.json            sha256 of every other file: a resume or export re-hashes them
                               and refuses a file whose bytes changed (a flipped bit keeps
                               its size; DCP would load it silently). Each rank hashes its
-                              share of the files, on save and on load
+                              share of the files, on save and on load; DCP's .metadata
+                              (every tensor's shard, offset and length) is listed too
 Every rank writes into the hidden folder `.step_XXXXXXXX.tmp`; rank 0 renames it into
 place after a barrier, once all of it is complete. A crash mid-save leaves the previous
-checkpoint as the newest complete one (the stale temporary folder is removed by the next
-save of that step and never listed). The checkpoint folder must be on a filesystem that
-all nodes share.
+checkpoint as the newest complete one (the stale temporary folder is never listed, and the
+next job that holds the run folder removes it). A save that fails (a full disk, a read-only
+folder, an interrupt) removes its temporary folder itself. The checkpoint folder must be on a
+filesystem that all nodes share.
+
+checkpoint.async_save (`AsyncSaver`): the loop waits only while each rank copies its state
+into host memory; a background thread then writes the same files through the same writer,
+hashes them and renames the folder (rank 0, once every rank's part is written and hashed),
+while training goes on. One save is in flight at most; its failure is raised when the loop
+next waits for it (the next checkpoint step, the final save, the end).
 
 Weights-only folders (`stackfast grow`'s output: model.safetensors, state.json,
 config.toml, checksums.json) are read by `load_weights` too, as are DCP checkpoints in one
@@ -34,13 +42,17 @@ uses weights_only=False). Anything else is refused with an error naming the entr
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import pickle
 import re
 import shutil
+import threading
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,9 +65,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.tensor import DTensor
 
 from stackfast.config import Config, ConfigError, ModelConfig, StackfastError, config_from_dict, tomllib
-from stackfast.files import replace_folder, write_folder
+from stackfast.errors import WriteError
+from stackfast.files import replace_folder, write_failure, write_folder
 from stackfast.model import Transformer
 from stackfast.parallel import World, barrier
 
@@ -64,6 +78,7 @@ from stackfast.parallel import World, barrier
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+TMP_DIR = re.compile(r"^\.step_\d{8}\.tmp$")
 MODEL_FILE, STATE_FILE, CONFIG_FILE, DCP_METADATA, CHECKSUM_FILE = (
     "model.safetensors", "state.json", "config.toml", ".metadata", "checksums.json")
 
@@ -76,30 +91,353 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
                     config: Config, keep_last: int, world: World = World()) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
 
-    Collective: every rank calls it (each writes its own shards and RNG state)."""
+    Collective: every rank calls it (each writes its own shards and RNG state). A save that
+    fails for any reason (an interrupt included) removes its temporary folder and leaves the
+    checkpoints that were there as they were; a full disk, a read-only or forbidden folder or
+    an I/O error is one WriteError naming the problem, the folder and the newest complete
+    checkpoint; any other error is raised as it is."""
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".{final.name}.tmp"
-    if world.main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash during an earlier save
-        tmp.mkdir(parents=True)
-    barrier(world)
     # Plain tensors for a single process, DTensor shards under FSDP; keys are parameter names.
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp,
-             no_dist=not world.distributed)  # collective under torchrun
-    save_file(rng_state(), str(tmp / f"rng_rank{world.rank}.safetensors"))
+    try:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left behind by a crash during an earlier save
+            tmp.mkdir(parents=True)
+        barrier(world)
+        _write_files(tmp, {"model": model_state, "optim": optim_state}, rng_state(),
+                     json.dumps(state, indent=1) + "\n", config.to_toml(), world)  # collective under torchrun
+        barrier(world)  # every rank's files are complete: only now may they be hashed
+        write_checksums(tmp, world)  # collective
+        if world.main:
+            replace_folder(tmp, final)  # re-saving a step (the end of a resumed run) replaces it
+    except BaseException as error:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial save would hold the space forever
+        failure = _save_failure(error, ckpt_root, final.name, _needed_bytes((model_state, optim_state), world))
+        if failure is None:
+            raise
+        raise failure from None
     if world.main:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        (tmp / CONFIG_FILE).write_text(config.to_toml())
-    barrier(world)  # every rank's files are complete: only now may they be hashed
-    write_checksums(tmp, world)  # collective
-    if world.main:
-        replace_folder(tmp, final)  # re-saving a step (the end of a resumed run) replaces it
-        # Only this run's own checkpoints count and go: one copied in from elsewhere stays.
-        lineage = [c for c in list_checkpoints(ckpt_root) if run_id_of(c) == state["run_id"]]
-        for old in lineage[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(ckpt_root, state["run_id"], keep_last)
     return final
+
+
+def _write_files(tmp: Path, tensors: dict, rng: dict[str, torch.Tensor], state_text: str, config_text: str,
+                 world: World, group=None) -> None:
+    """This rank's files of a checkpoint in `tmp`: its DCP shards (collective under torchrun, on
+    `group`: the default one, or the background save's own), its RNG state; rank 0 also
+    state.json and config.toml. The sync and the background save both write through here."""
+    dcp.save(tensors, checkpoint_id=tmp, process_group=group, no_dist=not world.distributed)
+    save_file(rng, str(tmp / f"rng_rank{world.rank}.safetensors"))
+    if world.main:
+        (tmp / STATE_FILE).write_text(state_text)
+        (tmp / CONFIG_FILE).write_text(config_text)
+
+
+def _needed_bytes(tensors, world: World) -> int:
+    """What the checkpoint takes on disk: every rank's share, a replicated shard (HSDP) saved once."""
+    copies = getattr(world, "replicate_degree", 1)
+    return _state_bytes(tensors) * world.world_size // max(1, copies)
+
+
+def _save_failure(error: BaseException, ckpt_root: Path, name: str, needed: int) -> WriteError | None:
+    """The one-line WriteError for a checkpoint save that failed with `error`; None when the
+    error is not the file system's (the caller raises it as it is)."""
+    problem = write_failure(error, ckpt_root, needed=needed)
+    if problem is None:
+        return None
+    newest = latest_checkpoint(ckpt_root)
+    fix = ("make room (older checkpoints go only after a new one is complete, so a save needs room for one "
+           "more whatever checkpoint.keep_last is)" if problem.startswith("no space") else
+           "make the folder writable")
+    return WriteError(f"{ckpt_root}: cannot write checkpoint {name}: {problem}. Nothing of it was left "
+                      + (f"and the newest checkpoint, {newest.name}, is intact" if newest else
+                         "(there is no earlier checkpoint)")
+                      + f"; {fix} or move logging.run_dir, then continue with --resume auto")
+
+
+def _prune(ckpt_root: Path, run_id: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` of this run's own checkpoints (rank 0): one copied
+    in from elsewhere stays."""
+    lineage = [c for c in list_checkpoints(ckpt_root) if run_id_of(c) == run_id]
+    for old in lineage[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Background saves (checkpoint.async_save)
+# --------------------------------------------------------------------------------------
+
+class _Abandoned(Exception):
+    """A background save given up by the loop (a second stop signal): never renamed into place."""
+
+
+@dataclass
+class _Job:
+    """One background save: what was staged, where it goes, and how it ended."""
+    ckpt_root: Path
+    step: int
+    tensors: dict  # the host copy: plain CPU tensors, or DTensors around CPU copies of the local shards
+    rng: dict
+    state_text: str
+    config_text: str
+    run_id: str
+    keep_last: int
+    needed: int
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0  # from the start of the background work to the rename
+    abandoned: bool = False
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def final(self) -> Path:
+        return self.ckpt_root / f"step_{self.step:08d}"
+
+    @property
+    def tmp(self) -> Path:
+        return self.ckpt_root / f".step_{self.step:08d}.tmp"
+
+
+class AsyncSaver:
+    """checkpoint.async_save: a save stages a host copy of every rank's state (model and
+    optimizer shards, RNG states, state.json and config.toml as text) while the loop waits,
+    then writes, hashes and renames it on a background thread while training goes on.
+
+    The checkpoint it writes is the sync save's, file for file (the same writer,
+    `_write_files`, and the same checksums), and it appears the same way: built in the hidden
+    `.step_XXXXXXXX.tmp` and renamed into place by rank 0 only when every rank's part is
+    written and hashed; older ones are pruned then. The ranks' background threads agree on
+    each stage (every file written, every share hashed, renamed) through an all-gather of
+    their errors on a gloo group of their own (`group`): the loop's collectives on the default
+    group go on meanwhile, and DCP's planning collectives of the save run on it too.
+
+    At most one save is in flight: `save` first waits for the previous one (`wait`), which
+    raises its failure: a file-system failure as the sync save's one-line WriteError (the
+    previous checkpoint intact, the temporary folder removed), anything else as it is.
+    Every rank's wait raises the same, at the same step. A crash or kill -9 meanwhile leaves
+    only the temporary folder, which no resume lists and the next job removes.
+
+    The host buffers are kept between saves (pinned memory on GPU): one host copy of this
+    rank's model and optimizer state for the run's lifetime, reallocated when shapes change
+    (growth). The thread is a daemon: a process that ends without waiting (kill, a second
+    signal) leaves the temporary folder, never a checkpoint under its final name."""
+
+    def __init__(self, world: World = World()):
+        self.world = world
+        # Collective under torchrun: every rank creates it at the same point, before the loop.
+        self.group = dist.new_group(backend="gloo") if world.distributed else None
+        self.job: _Job | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.finished: _Job | None = None  # the last background save that wait() collected
+
+    def save(self, ckpt_root: Path, step: int, model: torch.nn.Module, optimizer, state: dict, config: Config,
+             keep_last: int) -> float:
+        """Wait for the save in flight, stage this one and start writing it in the background.
+        Collective under torchrun (every rank calls it at the same step). Returns the seconds
+        spent waiting for the previous save."""
+        waited = self.wait()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        tensors = self._stage({"model": model_state, "optim": optim_state})
+        job = _Job(ckpt_root, step, tensors, rng_state(), json.dumps(state, indent=1) + "\n", config.to_toml(),
+                   state["run_id"], keep_last, _needed_bytes(tensors, self.world))
+        job.thread = threading.Thread(target=self._write, args=(job,), name=f"stackfast-checkpoint-{step}",
+                                      daemon=True)
+        self.job = job
+        job.thread.start()
+        return waited
+
+    def wait(self) -> float:
+        """Wait for the save in flight (if any) to be renamed into place; raise its failure.
+        Returns the seconds waited. A signal handler may interrupt the wait (a second stop
+        signal): the save then stays in flight, for `abandon`."""
+        job = self.job
+        if job is None:
+            return 0.0
+        started = time.perf_counter()
+        job.thread.join()
+        self.job, self.finished = None, job
+        if job.error is not None:
+            failure = _save_failure(job.error, job.ckpt_root, job.final.name, job.needed)
+            if failure is None:
+                raise job.error
+            raise failure from None
+        return time.perf_counter() - started
+
+    def metrics(self, waited: float) -> dict:
+        """The async fields of a checkpoint step's metrics row: the part of the loop's stall spent
+        waiting for the previous save (`checkpoint_wait_s`; > 0: saves come faster than they are
+        written) and, once collected, that save's step and background time (stage to rename)."""
+        row = {"checkpoint_wait_s": waited}
+        if self.finished is not None:
+            row.update(checkpoint_background_step=self.finished.step,
+                       checkpoint_background_s=self.finished.seconds)
+            self.finished = None
+        return row
+
+    def abandon(self) -> None:
+        """Give up the save in flight without waiting (a second stop signal): it is never renamed
+        into place unless it already was; rank 0 removes its temporary folder (what a writer
+        still adds to it meanwhile goes with the next job's cleanup of stale saves)."""
+        job, self.job = self.job, None
+        if job is None:
+            return
+        with job.lock:  # the thread renames under this lock: either renamed already, or never
+            job.abandoned = True
+        if self.world.main:
+            shutil.rmtree(job.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "AsyncSaver":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Leaving the loop: on a stop-now interrupt the save in flight is abandoned; on any other
+        error it is still waited for (a complete checkpoint of an earlier step is worth keeping),
+        its own failure giving way to the error being raised."""
+        if error is None:
+            self.wait()
+        elif isinstance(error, KeyboardInterrupt):
+            self.abandon()
+        else:
+            try:
+                self.wait()
+            except BaseException:  # the error already on its way out is the one to report
+                pass
+
+    @torch.no_grad()
+    def _stage(self, tree):
+        """A copy of `tree` in host memory: every tensor copied into this saver's buffers (a
+        DTensor as a DTensor around a copy of its local shard), other leaves deep-copied. The
+        loop updates parameters and moments in place right after: the copy must be real."""
+        buffers, used = self.buffers, {}
+        on_gpu = []
+
+        def copy_of(t: torch.Tensor, key: str) -> torch.Tensor:
+            t = t.detach()
+            pin = t.device.type == "cuda" and t.numel() > 0
+            buf = buffers.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.is_pinned() != pin:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            buf.copy_(t, non_blocking=pin)
+            if pin:
+                on_gpu.append(t)
+            used[key] = buf
+            return buf
+
+        def stage(node, key: str):
+            if isinstance(node, DTensor):
+                # The same placement and global shape; the local shard now a host copy.
+                return DTensor(copy_of(node.to_local(), key), node._spec, requires_grad=False)
+            if isinstance(node, torch.Tensor):
+                return copy_of(node, key)
+            if isinstance(node, dict):
+                return {k: stage(v, f"{key}/{k}") for k, v in node.items()}
+            if isinstance(node, (list, tuple)):
+                return type(node)(stage(v, f"{key}/{i}") for i, v in enumerate(node))
+            return copy.deepcopy(node)
+
+        staged = stage(tree, "")
+        if on_gpu:
+            torch.cuda.synchronize()  # host sync: the copies must be complete before the loop moves on
+        self.buffers = used  # buffers of tensors gone (growth changed the shapes) are freed
+        return staged
+
+    def _write(self, job: _Job) -> None:
+        """The background thread: write, hash, rename (rank 0), prune. Every rank goes through
+        the same agreements, so all of them end with the same error, or none; whatever fails
+        (an agreement itself included: a rank gone) is the job's error, never a silent end."""
+        started = time.perf_counter()
+        try:
+            self._write_steps(job)
+        except BaseException as error:
+            job.error = error
+            if self.world.main:
+                shutil.rmtree(job.tmp, ignore_errors=True)  # the partial save would hold the space forever
+        else:
+            if self.world.main:
+                _prune(job.ckpt_root, job.run_id, job.keep_last)
+        job.tensors = None  # the buffers stay with the saver, for the next save
+        job.seconds = time.perf_counter() - started
+
+    def _write_steps(self, job: _Job) -> None:
+        world, group = self.world, self.group
+
+        def step(work, main_only=False) -> None:
+            """work() on this rank, then the agreement: any rank's error is raised on all."""
+            error = None
+            if world.main or not main_only:
+                try:
+                    work()
+                except BaseException as e:
+                    error = e
+            error = _agree(error, world, group)
+            if error is not None:
+                raise error
+
+        def make_folder() -> None:
+            shutil.rmtree(job.tmp, ignore_errors=True)  # left behind by a crash during an earlier save
+            job.tmp.mkdir(parents=True)
+
+        def rename() -> None:
+            with job.lock:  # abandon() takes it too: either renamed already, or never
+                if job.abandoned:
+                    raise _Abandoned(f"checkpoint {job.final.name} abandoned")
+                _merge_checksums(job.tmp, world)
+                replace_folder(job.tmp, job.final)
+
+        step(make_folder, main_only=True)  # the folder is there before anyone writes into it
+        step(lambda: _write_files(job.tmp, job.tensors, job.rng, job.state_text, job.config_text, world, group))
+        step(lambda: _hash_share(job.tmp, world))  # every rank's files are complete: only now hashed
+        step(rename, main_only=True)  # renamed into place, or not, for every rank
+
+
+def _agree(error: BaseException | None, world: World, group) -> BaseException | None:
+    """The first error of any rank (this rank's own first), or None: an all-gather on `group`,
+    so it is also a barrier. Another rank's error arrives pickled (without its traceback; an
+    unpicklable one as its type and first line), wrapped to say which rank it came from."""
+    if not world.distributed:
+        return error
+    mine = None
+    if error is not None:
+        try:
+            pickle.loads(pickle.dumps(error))  # some exceptions pickle but cannot be rebuilt (extra arguments)
+            mine = error
+        except Exception:
+            mine = RuntimeError(f"{type(error).__name__}: {_first_line(error)}")
+    errors: list = [None] * world.world_size
+    dist.all_gather_object(errors, mine, group=group)
+    if error is not None:
+        return error
+    rank, first = next(((r, e) for r, e in enumerate(errors) if e is not None), (None, None))
+    if first is None:
+        return None
+    wrapped = RuntimeError(f"rank {rank}: {type(first).__name__}: {_first_line(first)}")
+    wrapped.__cause__ = first  # write_failure looks through the chain for an OSError
+    return wrapped
+
+
+def remove_stale_saves(ckpt_root: Path) -> list[Path]:
+    """Remove the temporary folders of saves that a crash interrupted (`.step_XXXXXXXX.tmp`).
+
+    For the job that holds the run folder's lock (rank 0, before its first save): no other
+    job can be writing there, so every such folder is stale."""
+    stale = [p for p in ckpt_root.iterdir() if TMP_DIR.match(p.name)] if ckpt_root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _state_bytes(tree) -> int:
+    """Bytes of the tensors in a (nested) state dict: this rank's share of a checkpoint."""
+    if isinstance(tree, dict):
+        return sum(_state_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_state_bytes(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return local.numel() * local.element_size()
+    return 0
 
 
 def run_id_of(folder: Path) -> str | None:
@@ -259,11 +597,21 @@ def write_checksums(folder: Path, world: World = World()) -> None:
     """checksums.json: the sha256 of every file in `folder`, each rank hashing every
     world_size-th one into a part file that rank 0 merges after a barrier (collective under
     FSDP; files and barriers only: no object collective at the end of a run's last save)."""
+    _hash_share(folder, world)
+    barrier(world)
+    _merge_checksums(folder, world)
+
+
+def _hash_share(folder: Path, world: World) -> None:
+    """This rank's share of checksums.json (every world_size-th file) into its part file."""
     # Part files may already be there (a faster rank's): never hashed themselves.
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(CHECKSUM_FILE))
     part = folder / f"{CHECKSUM_FILE}.rank{world.rank}"
     part.write_text(json.dumps({name: _sha256(folder / name) for name in names[world.rank::world.world_size]}))
-    barrier(world)
+
+
+def _merge_checksums(folder: Path, world: World) -> None:
+    """Rank 0, once every rank's part is written: the parts merged into checksums.json."""
     if world.main:
         parts = [folder / f"{CHECKSUM_FILE}.rank{r}" for r in range(world.world_size)]
         checksums = {name: digest for p in parts for name, digest in json.loads(p.read_text()).items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 from stackfast import __version__
 from stackfast.config import StackfastError, check_device, describe, load_config
 from stackfast.demo import CPU_SIZING
+from stackfast.files import PLACE_ERRNOS
 from stackfast.growth_operators import OPERATORS, operator_spec
 
 
@@ -242,10 +243,10 @@ def cmd_eval(args) -> int:
     check_device(args.device, "--device")
     out = _output_file(args.out, args.force) if args.out else None
     device = resolve_device(args.device)
-    if args.tasks:
-        return _lm_eval(args, source, device)
     if not source.is_dir():
         raise StackfastError(f"{source}: no such checkpoint folder")
+    if args.tasks:
+        return _lm_eval(args, source, device)
     if args.data:
         data_path = args.data
     elif not is_hf_dir(source):
@@ -301,6 +302,10 @@ def _lm_eval(args, source: Path, device) -> int:
                              "must be available locally or downloadable)") from None
     from stackfast.checkpoint import is_hf_dir, load_model, save_hf
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise StackfastError(f"--tasks {args.tasks!r}: no task names (give a comma-separated list)")
+    if args.limit is not None and args.limit < 1:
+        raise StackfastError(f"--limit must be a positive integer, got {args.limit}")
     if args.task_path and not Path(args.task_path).is_dir():
         raise StackfastError(f"--task-path {args.task_path}: not a folder")
     task_manager = TaskManager(include_path=args.task_path)
@@ -308,6 +313,7 @@ def _lm_eval(args, source: Path, device) -> int:
     if unknown:
         raise StackfastError(f"--tasks: unknown to lm-evaluation-harness: {', '.join(unknown)} "
                              "(`lm-eval ls tasks` lists them; --task-path adds a folder of task YAML files)")
+    _load_tasks(tasks, task_manager)
     with tempfile.TemporaryDirectory() as tmp:
         folder = source
         if not is_hf_dir(source):
@@ -327,6 +333,21 @@ def _lm_eval(args, source: Path, device) -> int:
     return 0
 
 
+def _load_tasks(tasks: list[str], task_manager) -> None:
+    """Load every task and its data once before the model is exported, so a task whose data
+    is missing or unreadable is one line naming the task, not a traceback from the middle of
+    the evaluation. lm-eval loads them again in simple_evaluate (from the datasets cache)."""
+    from lm_eval.tasks import get_task_dict
+    load = getattr(task_manager, "load", None) or (lambda names: get_task_dict(names, task_manager))
+    for task in tasks:
+        try:
+            load([task])
+        except Exception as e:  # any failure of lm-eval or datasets while reading the task's files
+            detail = (str(e).strip().splitlines() or [""])[0]
+            raise StackfastError(f"--tasks {task}: lm-evaluation-harness could not load the task: "
+                                 f"{type(e).__name__}: {detail}") from None
+
+
 def cmd_bench(args) -> int:
     from stackfast.bench import harness, run_all
     try:
@@ -340,6 +361,7 @@ def cmd_bench(args) -> int:
 def info() -> dict:
     """Versions, device, kernel selection and compiled parts."""
     import torch
+    from stackfast.float8 import info as float8_info
     from stackfast.model import use_triton
     from stackfast.ops import extension_info, extension_summary
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -358,6 +380,8 @@ def info() -> dict:
         "kernels_auto": "triton" if use_triton("auto", device) else "torch",
         "extension": extension_info(),  # which compiled parts of csrc/ import (cpu, cuda)
         "replicate_": extension_summary(),  # says so in one line when the PyTorch fallback runs
+        # train.float8: torchao's version and whether float8 runs here (this GPU, or emulated on CPU)
+        "float8": float8_info(device),
     }
     return out
 
@@ -504,6 +528,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except StackfastError as e:
         print(f"stackfast: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # The file system's refusals in a command's own writes (plan, eval, plot --out; the
+        # writers with a handler of their own say more): one line, not a traceback.
+        if e.errno not in PLACE_ERRNOS:
+            raise
+        print(f"stackfast: error: {e.filename or 'a write'}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stackfast: interrupted", file=sys.stderr)

@@ -6,7 +6,8 @@ On disk a dataset is a folder:
     val_00000.bin         the held-out validation split
     tokenizer.json | tokenizer.model   a copy of the tokenizer (for export and audits)
 It is written into a temporary folder and renamed into place when complete, so a
-crash never leaves a half-written dataset under the final name.
+crash never leaves a half-written dataset under the final name (and the next write of that
+name removes a killed writer's temporary folder: stackfast/files.py).
 
 The loader draws seq_len+1 windows at positions that are a pure function of
 (seed, step): resuming at a step reproduces the data exactly, and with W processes each
@@ -23,6 +24,7 @@ import io
 import json
 import os
 import queue
+import re
 import shutil
 import sys
 import sysconfig
@@ -129,13 +131,18 @@ DEFAULT_PATTERNS = ("*.txt", "*.jsonl")
 def input_files(inputs: Iterable[str | Path], patterns: Iterable[str] = DEFAULT_PATTERNS) -> Iterator[Path]:
     """The files of `inputs`: files named directly, and in folders (recursively, symlinked
     folders not followed, sorted for a deterministic order) the files whose name matches one
-    of `patterns` (shell-style, e.g. '*.py')."""
+    of `patterns` (shell-style, e.g. '*.py'). A folder that cannot be read is an error, as an
+    unreadable file is: skipping it would make a dataset without its text, silently."""
     patterns = tuple(patterns)
+
+    def unreadable(error: OSError):
+        raise DataError(f"{error.filename or path}: cannot read folder ({error.strerror or error})")
+
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             files = []
-            for folder, _, names in os.walk(path):
+            for folder, _, names in os.walk(path, onerror=unreadable):
                 files += [Path(folder) / n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
             files = sorted(f for f in files if f.is_file())
             if not files:
@@ -156,7 +163,7 @@ def iter_pieces(inputs: Iterable[str | Path], patterns: Iterable[str] = DEFAULT_
     'replace' reads bytes that are not UTF-8 as U+FFFD instead of refusing the file."""
     for path in input_files(inputs, patterns):
         try:
-            yield from (_read_jsonl(path) if path.suffix == ".jsonl" else _read_txt(path, utf8_errors))
+            yield from (_read_jsonl(path, utf8_errors) if path.suffix == ".jsonl" else _read_txt(path, utf8_errors))
         except OSError as e:  # unreadable (permissions, a FIFO gone, an I/O error)
             raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -201,13 +208,20 @@ def _read_txt(path: Path, utf8_errors: str = "strict") -> Iterator[tuple[Path, s
             yield path, piece, last
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[Path, str, bool]]:
+# A UTF-16 surrogate code point: JSON may write one alone ("\ud800"), which is no character
+# and cannot be encoded (UTF-8 tokenizers would fail on it without naming the line).
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _read_jsonl(path: Path, utf8_errors: str = "strict") -> Iterator[tuple[Path, str, bool]]:
+    """The documents of a .jsonl file. `utf8_errors` 'replace' reads bytes that are not UTF-8,
+    and lone surrogates of JSON escapes, as U+FFFD; 'strict' refuses them naming the line."""
     # Lines end at \n only: read as bytes, not with splitlines(), which also splits at
     # U+2028, U+0085 and other characters that JSON strings may hold raw.
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             try:
-                decoded = line.decode("utf-8")
+                decoded = line.decode("utf-8", utf8_errors)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             del line  # a long line is held once as text, not also as bytes
@@ -222,6 +236,14 @@ def _read_jsonl(path: Path) -> Iterator[tuple[Path, str, bool]]:
                 raise DataError(f"{path}:{n}: expected an object with a string 'text' field")
             text = record.pop("text")
             del record
+            # Valid escaped pairs are joined by json into one character: only lone halves match.
+            surrogate = LONE_SURROGATE.search(text)
+            if surrogate and utf8_errors == "strict":
+                raise DataError(f"{path}:{n}: 'text' holds a lone surrogate \\u{ord(surrogate.group()):04x} (an "
+                                f"escape that is no Unicode character) at character {surrogate.start()}; "
+                                f"--utf8-errors replace reads it as U+FFFD")
+            if surrogate:
+                text = LONE_SURROGATE.sub("\ufffd", text)
             for piece, last in split_document([text]):
                 yield path, piece, last
 
@@ -325,13 +347,19 @@ def check_output(out_dir: Path, inputs: Iterable[str | Path], force: bool) -> No
 
     An existing non-empty folder needs `force`, and `force` replaces only an earlier output
     of tokenize (an index.json of our format) or an empty folder: never a file, another
-    folder, one that is or holds an input, or the current folder.
+    folder, one that is or holds an input, or the current folder. An output inside an input
+    folder is refused whether it exists or not: its files would be read back as text.
     """
+    resolved = out_dir.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if source in resolved.parents and source.is_dir():
+            raise DataError(f"{out_dir}: is inside the input folder {item}, whose files would be read back as text "
+                            f"(an earlier output's shards, its temporary folder); choose an --out outside the inputs")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a folder (choose another --out)")
-    resolved = out_dir.resolve()
     for item in inputs:
         source = Path(item).resolve()
         if source == resolved or resolved in source.parents:

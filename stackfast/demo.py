@@ -56,6 +56,9 @@ def target_model(hidden: int, vocab_size: int = 256, n_layers: int = TARGET_LAYE
     return model
 
 
+MIN_PHASE_STEPS = 5
+
+
 @dataclass(frozen=True)
 class Sizing:
     """One comparison: the target, the FLOP budget of each run, the small model's share of
@@ -86,6 +89,15 @@ class Sizing:
     def with_lr(self, lr: float) -> "Sizing":
         """The same comparison with one LR for every arm."""
         return dataclasses.replace(self, lr_scratch=lr, lr_small=lr, lr_grown=lr)
+
+    def min_flops(self) -> float:
+        """The smallest budget a run may have: every phase of every arm (G_stack at half the
+        budget has the shortest) trains at least MIN_PHASE_STEPS steps, so rounding to whole
+        steps keeps the arms' budgets within 10% of each other (the 2-step floor of `steps`
+        would otherwise make the runs' budgets unequal and the speedup meaningless)."""
+        small = OPERATORS["stack"].small_model(self.target, GROWTH_FACTOR)
+        small_step, target_step = (m.flops_per_token(self.seq_len) * self.tokens_per_step for m in (small, self.target))
+        return 2 * MIN_PHASE_STEPS * max(small_step / self.small_share, target_step / (1 - self.small_share))
 
     def tokens_per_param(self) -> float:
         return self.flops / self.target.flops_per_token(self.seq_len) / self.target.num_params()
@@ -315,6 +327,10 @@ def plot_demo(result: dict, out: Path) -> Path:
 def run_demo(out_dir: Path, sizing: Sizing = CPU_SIZING, seeds: int = 2, device: str = "auto") -> dict:
     """Run the comparison (scratch, G_stack and G_stack at B/2 for every seed, small alone
     for the first), write demo.json and demo.png into out_dir, print the verdict."""
+    if sizing.flops < sizing.min_flops():
+        raise StackfastError(f"a budget of {sizing.flops:.3g} FLOPs a run is too small for an equal-budget "
+                             f"comparison: G_stack at half of it would train a phase for fewer than "
+                             f"{MIN_PHASE_STEPS} steps; use --flops >= {sizing.min_flops():.3g}")
     started = time.perf_counter()
     target = sizing.target
     small = OPERATORS["stack"].small_model(target, GROWTH_FACTOR)

@@ -13,18 +13,35 @@ tensors and PyTorch elsewhere.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from stackfast.config import ModelConfig
+from stackfast.errors import ConfigError
 
 
 def use_triton(kernels: str, device: torch.device) -> bool:
     """Whether the Triton ops run for this `kernels` setting on this device."""
     return kernels == "triton" or (kernels == "auto" and device.type == "cuda")
+
+
+def check_kernels(kernels: str, device: torch.device) -> None:
+    """Refuse, before a run writes anything, a `kernels` setting that cannot run on `device`:
+    'triton' needs triton, and CUDA tensors unless the interpreter (TRITON_INTERPRET=1) is on."""
+    if kernels != "triton":
+        return  # 'auto' and 'torch' fall back to PyTorch wherever the kernels cannot run
+    if importlib.util.find_spec("triton") is None:
+        raise ConfigError("model.kernels = 'triton' needs the triton package (not installed); "
+                          "use 'auto' or 'torch'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"model.kernels = 'triton' needs a CUDA device (train.device is {device.type}); "
+                          "use 'auto' or 'torch' on CPU, or set TRITON_INTERPRET=1 to run the kernels "
+                          "in the (slow) Triton interpreter")
 
 
 def _rms_max_hidden() -> int:

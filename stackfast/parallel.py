@@ -2,14 +2,29 @@
 
 Kept out of model.py so the model stays a plain nn.Module:
 - `init_distributed` joins the process group when the job was launched by torchrun
-  (RANK / WORLD_SIZE / LOCAL_RANK in the environment): NCCL on GPU, gloo on CPU, and a
-  1-D device mesh over all processes. Without torchrun it returns a single-process
-  World and creates no process group.
+  (RANK / WORLD_SIZE / LOCAL_RANK in the environment): NCCL on GPU, gloo on CPU, and the
+  device mesh: 1-D over all processes ("dp_shard") for FSDP, or, with
+  parallel.replicate_degree = R > 1, 2-D (R, world_size / R) named ("dp_replicate",
+  "dp_shard") for HSDP. Without torchrun it returns a single-process World and creates
+  no process group.
 - `wrap_model` applies activation checkpointing and torch.compile per transformer block,
   then (under torchrun) FSDP2 `fully_shard` per block and on the root. Every parameter
-  becomes a DTensor sharded on dim 0 across the mesh; with bf16 compute the shards are
+  becomes a DTensor sharded on dim 0 across the mesh's "dp_shard" dimension (placements
+  (Shard(0),) for FSDP, (Replicate(), Shard(0)) for HSDP); with bf16 compute the shards are
   gathered as bf16 for forward/backward, gradients are reduced in fp32 and the
   optimizer updates the fp32 shards (the master weights).
+
+HSDP: given a 2-D mesh, FSDP2 all-gathers parameters and reduce-scatters gradients within
+a shard group (world_size / R consecutive ranks: one node when R is the number of nodes,
+as torchrun numbers ranks node by node), then all-reduces each gradient shard across the
+R groups, once per optimizer step (after the last micro-batch with defer_grad_sync): the
+only traffic between nodes. The optimizer updates each group's identical copy of the
+shards; the result is the same average gradient as FSDP over all processes. Everything
+else holds unchanged: the data split, the all-reduces of metrics over the world, DCP
+checkpoints (DCP saves each replicated shard once and reshards on load, so a checkpoint
+resumes under FSDP, HSDP or one process), the gradient norm (a DTensor norm reduces over
+the shard dimension only, so replicas are not counted twice) and G_stack's local copies
+(a copy has its source's shape and placements, so its local shard is its source's).
 Parameter names do not change (state-dict keys are the plain model's), so checkpoints do
 not depend on these options.
 """
@@ -23,9 +38,10 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from stackfast.config import ConfigError, ParallelConfig
+from stackfast.float8 import plain
 from stackfast.model import Transformer, init_parameter
 
 
@@ -35,7 +51,18 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    mesh: DeviceMesh | None = None
+    mesh: DeviceMesh | None = None  # 1-D ("dp_shard",) or, for HSDP, 2-D ("dp_replicate", "dp_shard")
+
+    @property
+    def replicate_degree(self) -> int:
+        """Copies of the sharded model state (1 for FSDP, R for HSDP)."""
+        return self.mesh["dp_replicate"].size() if self.mesh is not None and self.mesh.ndim == 2 else 1
+
+    @property
+    def strategy(self) -> str:
+        """How parameters are spread, for the start-up line: 'FSDP', or 'HSDP 2 x 4' (replicas x shards)."""
+        r = self.replicate_degree
+        return f"HSDP {r} x {self.world_size // r}" if r > 1 else "FSDP"
 
     @property
     def distributed(self) -> bool:
@@ -52,15 +79,28 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def init_distributed(device: torch.device) -> tuple[World, torch.device]:
+def check_replicate_degree(replicate_degree: int, world_size: int) -> None:
+    """parallel.replicate_degree must divide the number of processes (one line otherwise)."""
+    if replicate_degree < 1 or world_size % replicate_degree:
+        raise ConfigError(f"parallel.replicate_degree: {replicate_degree} does not divide the world size "
+                          f"({world_size} process{'es' if world_size != 1 else ''}); use a divisor of "
+                          f"{world_size}, e.g. the number of nodes")
+
+
+def init_distributed(device: torch.device, replicate_degree: int = 1) -> tuple[World, torch.device]:
     """Join torchrun's process group (if launched by it); returns the World and this rank's device.
 
     On GPU each process takes cuda:LOCAL_RANK. The group is destroyed by `shutdown`.
+    replicate_degree (parallel.replicate_degree): R > 1 builds the 2-D HSDP mesh
+    (R, world_size / R); it must divide the world size (1 without torchrun), checked
+    before the process group is joined, so a bad value is one error on every rank and
+    nothing is written.
     """
+    world_size = int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+    check_replicate_degree(replicate_degree, world_size)
     if not launched_by_torchrun():
         return World(), device
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if device.index not in (None, local_rank):
             raise ConfigError(f"train.device: {device} under torchrun; use 'auto' or 'cuda' "
@@ -69,7 +109,11 @@ def init_distributed(device: torch.device) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+    if replicate_degree > 1:  # ranks r * shard + s: each shard group is consecutive ranks (a node)
+        mesh = init_device_mesh(device.type, (replicate_degree, world_size // replicate_degree),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp_shard",))
     return World(rank, world_size, local_rank, mesh), device
 
 
@@ -113,22 +157,33 @@ def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a (possibly DTensor) tensor; in-place writes to it are local."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    """This rank's part of a (possibly DTensor) tensor; in-place writes to it are local. Under
+    float8 all-gather the local shard is torchao's wrapper without storage: its data tensor
+    is returned (float8.plain)."""
+    return plain(t.to_local() if isinstance(t, DTensor) else t)
 
 
 def local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """The part of `full` (the whole of parameter p) that this rank holds of p.
 
-    FSDP2 shards dim 0 like torch.chunk (the last shards may be smaller or empty), so
-    rank r's rows are chunk r of the full tensor: no communication needed.
+    FSDP2 shards dim 0 like torch.chunk (the last shards may be smaller or empty) over the
+    mesh dimension whose placement is Shard(0) ("dp_shard"), and replicates over the others
+    (HSDP's "dp_replicate"): this rank's rows are chunk k of the full tensor, k its
+    coordinate on the shard dimension (not its global rank). No communication needed.
     """
     if not isinstance(p, DTensor):
         return full
     mesh = p.device_mesh
-    chunks = full.chunk(mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
-    return chunks[rank] if rank < len(chunks) else full[:0]
+    part = full
+    for dim, placement in enumerate(p.placements):  # mesh dimensions in order, as DTensor shards
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is not Shard:  # e.g. _StridedShard (FSDP + TP), Partial: not produced here
+            raise NotImplementedError(f"local_part: placement {placement} of a {tuple(p.shape)} parameter")
+        chunks = part.chunk(mesh.size(dim), dim=placement.dim)
+        k = mesh.get_local_rank(dim)
+        part = chunks[k] if k < len(chunks) else part.narrow(placement.dim, 0, 0)
+    return part
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from stackfast.checkpoint import list_checkpoints, load_config_of
 from stackfast.config import Config, ConfigError, StackfastError
+from stackfast.errors import WriteError
 
 LOCK_FILE = ".lock"
 # Settings that define the run: a resume with another value would silently train another run.
@@ -38,15 +39,33 @@ class RunFolderError(StackfastError):
 
 
 class RunLock:
-    """An exclusive lock on a run folder, held while the job runs (rank 0 only)."""
+    """An exclusive lock on a run folder, held while the job runs (rank 0 only).
+
+    A folder this process may not write (a read-only mount, no permission) is locked through
+    a read-only descriptor of an existing .lock, or not at all when there is none, and
+    `writable` is False: the job may still read the run (a finished run says so and writes
+    nothing), and refuses to train there with one line (`refuse_read_only`)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK_FILE
         self.file = None
+        self.writable = True
+        self.why = ""  # why the folder is not writable: the OSError's words
 
     def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            if not self.path.parent.is_dir():
+                raise WriteError(f"{self.path.parent}: cannot create the run folder ({e.strerror or e}); choose "
+                                 f"another logging.run_dir") from None
+            self.writable, self.why = False, f"{e.strerror or e}: {e.filename or self.path}"
+            try:
+                self.file = open(self.path, "r")
+            except OSError:  # no .lock to hold: nothing can have been written there by a job since
+                self.file = None
+                return self
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -59,18 +78,34 @@ class RunLock:
             self.file.close()
             raise RunFolderError(f"{self.path.parent}: in use by another job ({who}); wait for it to end or "
                                  f"choose another logging.run_dir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        self.file.flush()
+        except OSError:
+            if self.writable:
+                raise
+            self.file.close()  # a file system without locks on read-only files: read without one
+            self.file = None
+        if self.writable:
+            try:
+                self.file.seek(0)
+                self.file.truncate()
+                self.file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+                self.file.flush()
+            except OSError as e:  # a full disk: the lock is held all the same, only its note is missing
+                self.why = f"{e.strerror or e}: {self.path}"
         return self
+
+    def refuse_read_only(self) -> None:
+        """Raise WriteError unless the run folder can be written (a job that would train there)."""
+        if not self.writable:
+            raise WriteError(f"{self.path.parent}: cannot write the run folder ({self.why}); a run writes its "
+                             f"checkpoints and logs there: choose another logging.run_dir")
 
     def __exit__(self, *exc) -> None:
         # The file stays: deleting it would let a job waiting on the old inode and a new one
         # that creates a fresh file both hold "the" lock.
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
 
 
 def run_files(run_dir: Path) -> list[Path]:

@@ -8,15 +8,21 @@ scheduled LR. Under torchrun every process trains an FSDP2-sharded copy of the m
 its share of the global batch; rank 0 writes logs and metrics. The global batch, and so
 the run, does not depend on the number of processes.
 
-Host syncs: only at logging, validation and checkpoint steps. Per-step losses, gradient
+Host syncs: at logging, validation and checkpoint steps, and one per micro-batch in the
+fused loss on CUDA (its target range check, waited on once the loss is queued, so the GPU
+is never idle for it). Per-step losses, gradient
 norms and skip flags stay on the device until such a step flushes them with one transfer;
 a non-finite step is skipped on the device (fused AdamW's found_inf).
 
 Faults: SIGTERM or SIGINT finishes the current step (several processes: the next
 logging, validation or checkpoint step, where they agree), writes a checkpoint and
-returns (exit status 0); a step with a non-finite loss or gradient norm is skipped (no
+returns (exit status 0); a second signal stops at once without a checkpoint (a save in progress
+is abandoned and its temporary folder removed; one line, exit status 128 + the signal); a
+failed write (a full disk, a read-only run folder) is one line, exit status 2, the previous
+checkpoint intact; a step with a non-finite loss or gradient norm is skipped (no
 update) and logged, and train.max_bad_steps of them in a row stop the run with an error
-at the next flush, the last checkpoint untouched. With checkpoint.resume = "auto" a restarted job (torchrun
+at the next flush, the last checkpoint untouched. Under torchrun, signal the workers, not
+torchrun, which exits 1 after passing a signal on (README: "Pre-emption"). With checkpoint.resume = "auto" a restarted job (torchrun
 --max-restarts, or the same command again) continues from the newest checkpoint.
 """
 from __future__ import annotations
@@ -41,15 +47,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from stackfast.checkpoint import (STEP_DIR, CheckpointError, latest_checkpoint, load_checkpoint, load_config_of,
-                                  load_model_source, load_state, model_from_weights, save_checkpoint, verify_checksums)
+from stackfast.checkpoint import (STEP_DIR, AsyncSaver, CheckpointError, latest_checkpoint, load_checkpoint,
+                                  load_config_of, load_model_source, load_state, model_from_weights,
+                                  remove_stale_saves, save_checkpoint, verify_checksums)
 from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_data
+from stackfast.errors import StopNow, WriteError
+from stackfast.files import PLACE_ERRNOS
+from stackfast.float8 import check_float8, describe as describe_float8, precompute_scales, with_float8
 from stackfast.growth import apply_growth, growth_timing, rebuild_ramp
 from stackfast.growth.depth import copy_optimizer_state
 from stackfast.growth_operators import OPERATORS, operators_where
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
-from stackfast.model import Transformer
+from stackfast.model import Transformer, check_kernels
 from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, init_parameters,
                                 set_gradient_sync, shutdown, strip_block_options, wrap_model)
 from stackfast.runs import RunLock, check_resume, prepare_fresh
@@ -196,14 +206,26 @@ def run(cfg: Config) -> dict:
     Under torchrun this joins the process group (and leaves it at the end); every
     process calls run() with the same config."""
     cfg.validate()
-    world, device = init_distributed(resolve_device(cfg.train.device))
+    check_kernels(cfg.model.kernels, resolve_device(cfg.train.device))  # before any process group or file
+    check_float8(cfg.train.float8, resolve_device(cfg.train.device))  # so are torchao and the GPU for float8
+    world, device = init_distributed(resolve_device(cfg.train.device), cfg.parallel.replicate_degree)
     try:
         cfg.batch_split(world.world_size)  # an uneven split is an error before anything is written
         find_resume(cfg)  # so is a resume folder that is not there (the lock below creates the run folder)
         with StopSignal() as stop, contextlib.ExitStack() as held:
+            lock = None
             if world.main:  # one job per run folder, for as long as this one runs
-                held.enter_context(RunLock(Path(cfg.logging.run_dir)))
-            return _train(cfg, world, device, stop)
+                lock = held.enter_context(RunLock(Path(cfg.logging.run_dir)))
+                if not cfg.checkpoint.resume:  # a fresh run writes: refused now in a folder it cannot write
+                    lock.refuse_read_only()
+            return _train(cfg, world, device, stop, lock)
+    except OSError as e:
+        # The file system's refusals (a full disk, a read-only or forbidden place, an I/O
+        # error) in writes without a handler of their own (logs, config.toml): one line.
+        if e.errno not in PLACE_ERRNOS:
+            raise
+        raise WriteError(f"{e.filename or cfg.logging.run_dir}: {e.strerror}; the run stopped there, its "
+                         f"checkpoints as they were (continue with --resume auto once this is fixed)") from None
     finally:
         shutdown(world)
 
@@ -211,11 +233,14 @@ def run(cfg: Config) -> dict:
 class StopSignal:
     """SIGTERM and SIGINT set `requested` instead of ending the process, so the loop can
     finish its step and checkpoint (a cluster's warning before pre-emption). A second
-    signal interrupts at once. Handlers can only be installed in the main thread;
-    the previous ones come back on exit."""
+    signal interrupts at once (StopNow, a KeyboardInterrupt; `interrupted` records it).
+    Handlers can only be installed in the main thread; the previous ones come back on
+    exit. The flags belong to this object, one per run(): nothing of a stop outlives it."""
 
     def __init__(self):
         self.requested = False
+        self.received: signal.Signals | None = None  # the first signal, once it came
+        self.interrupted: signal.Signals | None = None  # the second signal, once it came
         self.previous = {}
 
     def __enter__(self) -> "StopSignal":
@@ -226,12 +251,15 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
-        self.requested = True
+            self.interrupted = signal.Signals(signum)
+            raise StopNow(f"second {self.interrupted.name}: stopped at once, without a checkpoint", signum)
+        self.requested, self.received = True, signal.Signals(signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            # None: a handler installed outside Python, which cannot be put back: the default then.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self.previous.clear()
 
 
 @dataclass
@@ -347,7 +375,8 @@ def should_stop(stop: StopSignal, world: World, device: torch.device, host_sync:
     return host_sync and agree_to_stop(stop.requested, device)
 
 
-def start_or_resume(cfg: Config, world: World, run_dir: Path) -> tuple[TrainState, Path | None, list[str]]:
+def start_or_resume(cfg: Config, world: World, run_dir: Path,
+                    lock: RunLock | None = None) -> tuple[TrainState, Path | None, list[str]]:
     """The run's state, fresh or read from the checkpoint to resume from (its checksums
     verified first); that checkpoint (None: a fresh start) and the settings changed since."""
     resume_from = find_resume(cfg)
@@ -355,6 +384,8 @@ def start_or_resume(cfg: Config, world: World, run_dir: Path) -> tuple[TrainStat
     # A fresh run, or a resume from another folder's checkpoint, must not mix into a run here.
     if resume_from is None or resume_from.resolve().parent != (run_dir / "checkpoints").resolve():
         if world.main:
+            if lock is not None:
+                lock.refuse_read_only()  # before prepare_fresh, which may delete a run's files
             prepare_fresh(run_dir, cfg)  # refuses to overwrite another run unless told to
         barrier(world)
     if resume_from is None:
@@ -369,7 +400,7 @@ def start_or_resume(cfg: Config, world: World, run_dir: Path) -> tuple[TrainStat
     return state, resume_from, check_resume(load_config_of(resume_from), cfg, resume_from)
 
 
-def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) -> dict:
+def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lock: RunLock | None = None) -> dict:
     autocast = autocast_context(cfg.train.dtype, device)
     run_dir = Path(cfg.logging.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -397,18 +428,24 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     tokens_per_step = cfg.tokens_per_step()
     eval_rows = cfg.train.eval_batches * cfg.train.global_batch_size
 
-    state, resume_from, changes = start_or_resume(cfg, world, run_dir)
+    state, resume_from, changes = start_or_resume(cfg, world, run_dir, lock)
     if resume_from is not None and state.step >= total_steps:
         if world.main:
             print(f"stackfast: the run in {resume_from} is finished ({state.step} of {total_steps} steps); "
                   f"nothing to do (raise train.total_tokens or train.max_steps to train on)")
         return {"steps": state.step, "rank": world.rank, "finished": True, "stopped": False}
+    if lock is not None:
+        lock.refuse_read_only()  # from here on the run writes
+        remove_stale_saves(run_dir / "checkpoints")  # a killed save's partial folder: this job holds the lock
     # A run that has grown keeps the growth step it grew at, even if its token budget changed since.
     grow_at = state.growth_step if state.growth_step is not None else growth_step(cfg, total_steps)
     if resume_from is None:
         state.grown = grow_at is None
     small_cfg = operator.small_model(cfg.model, cfg.growth.factor) if grow_at is not None else None
     shard = functools.partial(wrap_model, cfg=cfg.parallel, world=world, bf16=use_bf16(cfg.train.dtype, device))
+    # float8: the block linears become Float8Linear before compile and FSDP, in every model `shard`
+    # wraps (the first, one loaded from init_from, the grown one)
+    shard = with_float8(shard, cfg.train.float8, device, world.distributed)
     init_from = cfg.checkpoint.init_from if resume_from is None else ""
     model = build_model(cfg.model if state.grown else small_cfg, device, shard, init_from,
                         seeded=resume_from is None, allow_unverified=cfg.checkpoint.allow_unverified)
@@ -429,7 +466,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     throughput = Throughput(flops_per_token, peak_flops(device, cfg.train.peak_tflops))
     throughput.last_tokens = state.tokens
     progress = Progress(total_steps, cfg.logging.progress and world.main, initial=state.step)
-    where = f"{world.world_size} processes ({device.type}, FSDP)" if world.distributed else str(device)
+    where = f"{world.world_size} processes ({device.type}, {world.strategy})" if world.distributed else str(device)
     for change in changes:
         progress.message(f"resuming with a changed setting: {change}")
     progress.message(f"stackfast: {model.num_params() / 1e6:.1f}M parameters, {total_steps} steps of "
@@ -438,7 +475,11 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
                      + (f"; grows ({cfg.growth.operator}, x{cfg.growth.factor}) after step {grow_at}"
                         if not state.grown else "")
                      + (f"; resumed from {resume_from}" if resume_from else ""))
+    if cfg.train.float8 != "none":
+        progress.message(describe_float8(cfg.train.float8, device, world.distributed))
     pending = PendingSteps(log, throughput, progress, world, cfg.train.max_bad_steps, run_dir / "checkpoints")
+    # checkpoint.async_save: saves written in the background (collective: a process group of its own).
+    saver = AsyncSaver(world) if cfg.checkpoint.async_save else None
     val_loss = None
     started = time.perf_counter()
     start_tokens = state.tokens
@@ -447,7 +488,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
     # The loader runs ahead on a background thread (pinned memory on GPU): the device never
     # waits for data. The keys are the loop's own (step, micro-step) order.
     keys = ((s, m) for s in range(state.step, total_steps) for m in range(accum))
-    with contextlib.closing(Prefetcher(loader, keys, pin_memory=device.type == "cuda")) as batches:
+    with contextlib.closing(Prefetcher(loader, keys, pin_memory=device.type == "cuda")) as batches, \
+            (saver or contextlib.nullcontext()):  # leaving: waits for (or, on a second signal, drops) a save in flight
         while state.step < total_steps:
             if should_grow(state, grow_at):
                 pending.flush(state)  # the small model's last steps: logged, bad ones counted
@@ -480,11 +522,37 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
                 log.write({"step": step, "tokens": state.tokens, "flops": state.flops, "val_loss": val_loss})
                 progress.message(f"step {step}: val_loss {val_loss:.4f}")
             if save_now or stopping:
-                saved = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, state.state_dict(),
-                                        cfg, cfg.checkpoint.keep_last, world)
+                blocked, waited = time.perf_counter(), 0.0
+                try:
+                    if saver is not None and not (done or stopping):  # in the background; the last one at once
+                        waited = saver.save(run_dir / "checkpoints", step, model, optimizer, state.state_dict(),
+                                            cfg, cfg.checkpoint.keep_last)
+                    else:
+                        waited = saver.wait() if saver is not None else 0.0  # the save in flight first
+                        saved = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, state.state_dict(),
+                                                cfg, cfg.checkpoint.keep_last, world)
+                except BaseException:
+                    # A second signal in the save: DCP wraps it (CheckpointException), torch's
+                    # zip writer may turn it into a RuntimeError; the save removed its folder.
+                    if stop.interrupted is None:
+                        raise
+                    newest = latest_checkpoint(run_dir / "checkpoints")
+                    raise StopNow(f"second {stop.interrupted.name} during the checkpoint of step {step}: stopped "
+                                  f"at once without it; the newest checkpoint is {newest or 'none'} (continue "
+                                  f"from it with --resume auto)", stop.interrupted) from None
+                # The loop's stall at this checkpoint (async: the wait for the previous save + the host copy).
+                log.write({"step": step, "tokens": state.tokens, "flops": state.flops,
+                           "checkpoint_blocked_s": time.perf_counter() - blocked,
+                           **(saver.metrics(waited) if saver is not None else {})})
             if stopping and not done:
-                progress.message(f"step {step}: stopped by a signal; wrote {saved}. Run the same command with "
-                                 f"--resume auto to continue")
+                # Said even without a progress display: a run cut short must never look like a finished one.
+                which = stop.received.name if stop.received else "sent to another process"
+                note = (f"step {step}: stopped by a signal ({which}); wrote {saved}. Run the same command with "
+                        f"--resume auto to continue")
+                if progress.enabled:
+                    progress.message(note)
+                elif world.main:
+                    print(note, file=sys.stderr, flush=True)
                 break
 
     progress.close()
@@ -495,7 +563,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal) ->
             "loss": pending.last_loss, "val_loss": val_loss, "wall_s": wall, "tokens_per_s": tokens_per_s,
             "params": model.num_params(), "device": str(device), "run_dir": str(run_dir),
             "growth_step": grow_at, "mfu_convention": MFU_CONVENTION, "world_size": world.world_size,
-            "rank": world.rank, "stopped": state.step < total_steps, "skipped_steps": state.skipped_steps}
+            "rank": world.rank, "stopped": state.step < total_steps, "skipped_steps": state.skipped_steps,
+            "stop_signal": stop.received.name if stop.received else None}
 
 
 def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -533,6 +602,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, grad_norm)
     optimizer.found_inf = bad
     optimizer.step()
+    precompute_scales(model)  # float8 all-gather under FSDP: next step's weight scales, one all-reduce
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, bad
 
@@ -620,7 +690,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     """`stackfast train`: run the configured job and print its one-line summary."""
     overrides = args.set + ([f'checkpoint.resume="{args.resume}"'] if args.resume else []) \
         + (["logging.overwrite=true"] if args.force else [])
-    summary = run(load_config(args.config, overrides))  # a StackfastError is the CLI's to report
+    try:
+        summary = run(load_config(args.config, overrides))  # a StackfastError is the CLI's to report
+    except StopNow as e:  # a second signal: one line, and the status of a process that signal ended
+        print(f"stackfast: stopped: {e}", file=sys.stderr)
+        return e.exit_status
     if summary["rank"] != 0 or summary.get("finished"):
         return 0
     if summary["stopped"]:

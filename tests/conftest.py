@@ -5,6 +5,7 @@ set before `triton.jit` functions are defined). HF_HUB_OFFLINE stops transformer
 from retrying hub lookups on this offline machine.
 """
 import os
+import signal
 
 import torch
 
@@ -25,6 +26,18 @@ def on_kernel_device():
     """Tensors a test makes default to KERNEL_DEVICE (used by the kernel test modules)."""
     with torch.device(KERNEL_DEVICE):
         yield
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A test that leaves a SIGTERM/SIGINT handler of its own behind (a run's StopSignal not
+    uninstalled) would turn a later signal into a silent stop of another test's run: fail it."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    after = {sig: signal.getsignal(sig) for sig in before}
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    assert after == before, f"signal handlers changed by the test: {after} (were {before})"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -80,3 +93,32 @@ def assert_within_torch_error(out, ref64, torch_out, dtype, what):
     allowed = 2 * (torch_out.double() - ref64).abs() + ATOL[dtype] * ref64.abs().max()
     assert (err <= allowed).all(), \
         f"{what}: max error {err.max():.3g}, worst excess {(err - allowed).max():.3g}"
+
+
+def run_on_views(fn, leaves, views, grad_outputs, **kwargs):
+    """Forward and backward of `fn(*views(*leaves), **kwargs)`: the op gets views of the leaves
+    (sliced rows, transposes, expands), and `grad_outputs` (one per output, in any layout, cast
+    to the output's dtype) flow back through it to the floating-point leaves. Returns
+    (outputs, gradients of the floating-point leaves), detached."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in leaves]
+    outputs = fn(*views(*leaves), **kwargs)
+    outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    grads = torch.autograd.grad(outputs, [t for t in leaves if t.requires_grad],
+                                [g.to(o.dtype) for g, o in zip(grad_outputs, outputs)])
+    return [o.detach() for o in outputs], list(grads)
+
+
+def assert_views_match_fp64(op, ref, leaves, views, grad_outputs, dtype, names, **kwargs):
+    """`op` on views of the leaves, forward and backward, within the tolerance rule of its
+    PyTorch reference `ref` (run in dtype for torch's own error, and on fp64 copies of the
+    leaves for the fp64 reference). `names` label the outputs, then the leaf gradients."""
+    def as64(t):
+        return t.double() if t.is_floating_point() else t
+    ours = run_on_views(op, leaves, views, grad_outputs, **kwargs)
+    low = run_on_views(ref, leaves, views, grad_outputs, **kwargs)
+    ref64 = run_on_views(ref, [as64(t) for t in leaves], views, [as64(g) for g in grad_outputs], **kwargs)
+    got = ours[0] + ours[1]
+    assert len(names) == len(got)
+    for name, out, torch_out, want in zip(names, got, low[0] + low[1], ref64[0] + ref64[1]):
+        assert out.shape == want.shape, name
+        assert_within_torch_error(out, want, torch_out, dtype, name)

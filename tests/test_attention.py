@@ -1,8 +1,10 @@
 """stackfast.ops.attention (Triton; the interpreter on CPU) against its fp64 reference."""
 import importlib
+import math
 
 import pytest
 import torch
+from conftest import run_on_views
 
 from stackfast.ops import _launch, attention, attention_ref
 
@@ -46,6 +48,7 @@ CASES = [
     (torch.float16, 1, 257, 4, 1, 32, True),   # GQA group 4 (the dk/dv head loop), odd length
     (torch.bfloat16, 2, 100, 4, 2, 64, False),  # GQA group 2, not causal
     (torch.bfloat16, 1, 70, 2, 2, 256, True),  # the largest head dim (small tiles on a GPU)
+    (torch.float16, 1, 45, 4, 2, 256, False),  # head dim 256 with GQA, not causal
 ]
 
 
@@ -66,14 +69,15 @@ def test_matches_fp64_reference(dtype, batch, seqlen, heads, kv_heads, head_dim,
         assert_within_torch_error(out, ref64, torch_out, name)
 
 
-def test_deterministic_mode_uses_the_dq_kernel(monkeypatch):
+@pytest.mark.parametrize("seqlen, head_dim", [(97, 32), (45, 256)])
+def test_deterministic_mode_uses_the_dq_kernel(monkeypatch, seqlen, head_dim):
     """torch.use_deterministic_algorithms(True): dq from its own kernel (no atomics), the same
     bits on every run, within the tolerance rule like the default (atomic) path."""
     module = attention_mod()
     torch.manual_seed(0)
-    q = torch.randn(1, 97, 4, 32, dtype=torch.float16)
-    k, v = (torch.randn(1, 97, 2, 32, dtype=torch.float16) for _ in range(2))
-    d_out = torch.randn(1, 97, 4, 32, dtype=torch.float16).double()
+    q = torch.randn(1, seqlen, 4, head_dim, dtype=torch.float16)
+    k, v = (torch.randn(1, seqlen, 2, head_dim, dtype=torch.float16) for _ in range(2))
+    d_out = torch.randn(1, seqlen, 4, head_dim, dtype=torch.float16).double()
     launched = []
     original = module._launcher
     monkeypatch.setattr(module, "_launcher", lambda kernel, q: launched.append(kernel) or original(kernel, q))
@@ -92,6 +96,38 @@ def test_deterministic_mode_uses_the_dq_kernel(monkeypatch):
     for name, out, det, torch_out, ref64 in zip(["out", "dq", "dk", "dv"], atomic, runs[0], torch_lowprec, ref):
         assert_within_torch_error(out, ref64, torch_out, name)
         assert_within_torch_error(det, ref64, torch_out, f"{name} (deterministic)")
+
+
+def test_dkdv_kernel_gets_the_dq_orientation_of_its_architecture(monkeypatch):
+    """The dk/dv kernel orients its dq matmul for sm_90's wgmma (M >= 64) only where the dots run
+    on it: 16-bit inputs on sm_90 (the interpreter counts as sm_90); fp32 dots are FMA loops, and
+    on sm_80 the swapped form spilled."""
+    module = attention_mod()
+    launches = []
+    monkeypatch.setattr(module, "_launcher", lambda kernel, q: _RecordKwargs(kernel, launches))
+    monkeypatch.setattr(module, "_bwd_preprocess_kernel", _RecordKwargs("preprocess", launches))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q = torch.zeros(1, 8, 2, 64, dtype=dtype)
+        lse = torch.zeros(1, 2, 8)
+        module._attention_bwd(q, q, q, q, q, lse, True, 0.125)
+    hopper = module._arch(q.device) >= 90
+    assert [kwargs["WGMMA"] for kernel, kwargs in launches if kernel == "dkdv"] == [hopper, hopper, False]
+    assert module._wgmma(90, torch.bfloat16) and module._wgmma(90, torch.float16)
+    assert not module._wgmma(80, torch.bfloat16) and not module._wgmma(90, torch.float32)
+
+
+def test_interpreter_runs_the_dkdv_layouts_of_the_gpu_defaults():
+    """_dkdv_inner has two layouts, scores transposed (BLOCK_N >= BLOCK_M) or not (BLOCK_M >
+    BLOCK_N, sm_90 at head dim 256): the interpreter's config at each head dim takes the layout of
+    the sm_90 default, so the tests above run the code the GPUs run."""
+    module = attention_mod()
+    for head_dim in module.HEAD_DIMS:
+        for kernel in ("dkdv", "dkdv-gqa"):
+            bm, bn, _, _ = module.CONFIGS[kernel][90][head_dim][0]
+            ibm, ibn, _, _ = module._INTERPRETER_CONFIGS_BY_HEAD_DIM.get(head_dim, {}).get(
+                kernel, module._INTERPRETER_CONFIGS[kernel])
+            assert (ibm > ibn) == (bm > bn), (kernel, head_dim)
+    assert any(bm > bn for bm, bn, _, _ in module.CONFIGS["dkdv"][90][256])  # both layouts are in use
 
 
 def test_fp32_head_dim_256_is_refused():
@@ -178,3 +214,152 @@ def test_autotune_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("STACKFAST_AUTOTUNE", "0")
     [only] = module._configs(gpu_configs, (32, 32, 4, 1))
     assert only.kwargs == {"BLOCK_M": 128, "BLOCK_N": 64} and only.num_warps == 4 and only.num_stages == 3
+
+
+class _RecordKwargs:
+    """Stands in for a kernel (or its autotuned launcher): records the keyword arguments of each
+    launch and runs nothing."""
+
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, kwargs))
+
+
+class _RecordLaunch:
+    """Stands in for a kernel (or its autotuned launcher): records the grid of each launch,
+    evaluated at `meta`'s block sizes, and runs nothing."""
+
+    def __init__(self, name, grids, meta):
+        self.name, self.grids, self.meta = name, grids, meta
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grids.append((self.name, tuple(grid({**kwargs, **self.meta}) if callable(grid) else grid)))
+        return launch
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads", [(2048, 32, 8), (70000, 2, 1)])
+def test_launch_grids_stay_within_cuda_limits(monkeypatch, batch, heads, kv_heads):
+    """CUDA allows 2**31 - 1 blocks on grid axis x but 65535 on y and z, and Triton does not check
+    (nor does the interpreter): batch 2048 x 32 heads = 65536 (batch, head) pairs did not fit on
+    axis y. Every kernel of the forward and of both backward paths must get grids within the
+    limits that together cover every (block, head, sequence), also for a batch above 65535."""
+    module = attention_mod()
+    grids = []
+    block = 16  # the smallest blocks of any config: the most programs
+    meta = {"BLOCK_M": block, "BLOCK_N": block}
+    monkeypatch.setattr(module, "_launcher", lambda kernel, q: _RecordLaunch(kernel, grids, meta))
+    monkeypatch.setattr(module, "_bwd_preprocess_kernel", _RecordLaunch("preprocess", grids, {}))
+    seqlen, head_dim = 3, 16  # a short sequence: a few MB of tensors
+    q = torch.empty(batch, seqlen, heads, head_dim, dtype=torch.float16)
+    k = torch.empty(batch, seqlen, kv_heads, head_dim, dtype=torch.float16)
+    o, lse = module._attention_fwd(q, k, k, True, 0.25)
+    module._attention_bwd(q, q, k, k, o, lse, True, 0.25)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        module._attention_bwd(q, q, k, k, o, lse, True, 0.25)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    blocks = -(-seqlen // block)
+    want = {"fwd": blocks * heads, "preprocess": -(-seqlen // module._PREPROCESS_BLOCK) * heads * 2,
+            "dkdv-gqa": blocks * kv_heads * 2, "dq": blocks * heads}  # the backward ran twice
+    got = dict.fromkeys(want, 0)
+    for name, grid in grids:
+        assert len(grid) <= 3 and grid[0] <= 2**31 - 1 and all(n <= 65535 for n in grid[1:]), (name, grid)
+        got[name] += math.prod(grid)
+    assert got == {name: n * batch for name, n in want.items()}
+    with pytest.raises(ValueError, match="exceeds CUDA's limits"):
+        module.launch_grid(16, 16, 70000, 1)
+
+
+def test_batch_launched_in_slices(monkeypatch):
+    """A batch above the grid's z limit is launched in slices: the same results (the limit made 1
+    here, so each sequence is its own launch)."""
+    module = attention_mod()
+    torch.manual_seed(0)
+    q = torch.randn(3, 37, 4, 32, dtype=torch.float16)
+    k, v = (torch.randn(3, 37, 2, 32, dtype=torch.float16) for _ in range(2))
+    d_out = torch.randn(3, 37, 4, 32, dtype=torch.float16).double()
+    whole = _forward_backward(attention, q, k, v, d_out)
+    monkeypatch.setattr(module, "MAX_GRID", module.MAX_GRID[:2] + (1,))
+    for got, want in zip(_forward_backward(attention, q, k, v, d_out), whole):
+        torch.testing.assert_close(got, want)
+
+
+# (name, leaf shapes, views -> (q, k, v), upstream gradient (batch, seqlen, heads, head_dim))
+STRIDED = [
+    # q from a (batch, heads, seqlen, head_dim) tensor; k and v halves of one fused kv projection
+    ("transposed q, fused kv", [(2, 4, 37, 32), (2, 37, 2, 2, 32)],
+     lambda q, kv: (q.transpose(1, 2), kv[:, :, 0], kv[:, :, 1]), lambda: torch.randn(2, 4, 37, 32).transpose(1, 2)),
+    # q sliced out of a fused qkv projection; one kv head expanded to four (MQA as MHA)
+    ("sliced q, expanded kv", [(1, 37, 6, 32), (1, 37, 1, 32)],
+     lambda qkv, kv: (qkv[:, :, :4], kv.expand(1, 37, 4, 32), kv.expand(1, 37, 4, 32)),
+     lambda: torch.randn(1, 1, 4, 32).expand(1, 37, 4, 32)),
+]
+
+
+@pytest.mark.parametrize("name, shapes, views, grad", STRIDED, ids=[c[0] for c in STRIDED])
+def test_strided_inputs(name, shapes, views, grad):
+    """Non-contiguous q, k, v (transposed, sliced, expanded) and upstream gradients (transposed,
+    expanded), fp16, against the fp64 reference, forward and backward."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(shape, dtype=torch.float16) for shape in shapes]
+    grads = [grad().half()]
+    names = ["out"] + [f"d leaf {i}" for i in range(len(leaves))]
+    ours = run_on_views(attention, leaves, views, grads)
+    low = run_on_views(attention_ref, leaves, views, grads)
+    ref = run_on_views(attention_ref, [t.double() for t in leaves], views, [g.double() for g in grads])
+    for name, out, torch_out, ref64 in zip(names, ours[0] + ours[1], low[0] + low[1], ref[0] + ref[1]):
+        assert_within_torch_error(out, ref64, torch_out, name)
+
+
+@pytest.mark.parametrize("shape", [(0, 16, 4, 32), (2, 0, 4, 32)], ids=["batch 0", "seqlen 0"])
+def test_empty_inputs(monkeypatch, shape):
+    """Batch 0 or seqlen 0: empty output and gradients, as the reference, and no launch (on a
+    GPU the autotuner would otherwise time its configs on an empty problem and keep a winner
+    for that seqlen)."""
+    module = attention_mod()
+    monkeypatch.setattr(module, "_launcher", lambda *a: pytest.fail("launched a kernel on an empty input"))
+    q = torch.randn(shape, requires_grad=True)
+    k = torch.randn(*shape[:2], 2, 32, requires_grad=True)
+    out = attention(q, k, k)
+    assert out.shape == shape and attention_ref(q, k, k).shape == shape
+    dq, dk = torch.autograd.grad(out.sum(), (q, k))
+    assert dq.shape == q.shape and dk.shape == k.shape
+
+
+def _max_error(out, ref64):
+    return (out.double() - ref64).abs().max().item()
+
+
+# (dtype, batch, seqlen, heads, kv_heads, head_dim, causal): odd lengths, head dims other than 64, GQA
+FLASH_CASES = [
+    (torch.float16, 1, 97, 4, 2, 32, True),
+    (torch.bfloat16, 1, 97, 4, 2, 32, False),
+    (torch.float16, 2, 101, 3, 1, 128, False),
+    (torch.bfloat16, 1, 93, 6, 2, 16, True),
+]
+
+
+@pytest.mark.parametrize("dtype, batch, seqlen, heads, kv_heads, head_dim, causal", FLASH_CASES)
+def test_flash_attention_error_rule(dtype, batch, seqlen, heads, kv_heads, head_dim, causal):
+    """flash-attn's accuracy rule: the largest error against the fp64 reference at most twice a
+    plain PyTorch implementation's at the same precision for the output, three times for dq, dk
+    and dv, plus the rounding of the reference to the dtype (flash-attn's atol, 2 |r + 0.3 - 0.3 - r|).
+    Under the interpreter the kernels compute in fp32 (no bf16 arithmetic there): the rule
+    bites on a GPU."""
+    torch.manual_seed(0)
+    q = torch.randn(batch, seqlen, heads, head_dim, dtype=dtype)
+    k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+    d_out = torch.randn(batch, seqlen, heads, head_dim, dtype=dtype).double()
+    got = _forward_backward(attention, q, k, v, d_out, causal=causal)
+    torch_lowprec = _forward_backward(attention_ref, q, k, v, d_out, causal=causal)
+    ref = _forward_backward(attention_ref, q, k, v, d_out, causal=causal, upcast=True)
+    for name, factor, out, torch_out, ref64 in zip(["out", "dq", "dk", "dv"], [2, 3, 3, 3], got, torch_lowprec, ref):
+        rounded = ref64.to(dtype)
+        atol = 2 * (rounded + 0.3 - 0.3 - rounded).abs().max().item()
+        err, torch_err = _max_error(out, ref64), _max_error(torch_out, ref64)
+        assert err <= factor * torch_err + atol, f"{name}: error {err:.3g}, PyTorch's {torch_err:.3g}, atol {atol:.3g}"

@@ -125,7 +125,7 @@ def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_linear_cross_entropy, "GPU_QUICK", (16, 50, 8))
     parts = run_all.gpu_parts(torch.device("cpu"), str(tmp_path))
     assert list(parts) == ["ceilings", "checks", "attention", "rms_norm", "fused", "linear_cross_entropy", "replicate",
-                           "train", "train_7b", "growth"]
+                           "train", "train_7b", "growth", "checkpoint"]
     results = {name: parts[name]() for name in ("ceilings", "checks", "attention", "rms_norm", "fused",
                                                 "linear_cross_entropy")}
     assert results["ceilings"][0]["what"] == "bf16 matmul 64^3" and results["ceilings"][1]["gbps"] > 0

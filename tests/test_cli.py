@@ -46,6 +46,19 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert len(lines) == 1 and lines[0].startswith("stackfast: error: ") and message in lines[0], out.stderr
 
 
+def test_triton_kernels_on_cpu_without_the_interpreter_are_refused_before_anything_is_written(tmp_path):
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "stackfast", "train", *TINY, "--set", "model.kernels=triton",
+                          "--set", 'train.device="cpu"', "--set", f'logging.run_dir="{tmp_path / "run"}"'],
+                         capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("stackfast: error: model.kernels = 'triton' needs a CUDA device (train.device is "
+                                  "cpu); use 'auto' or 'torch' on CPU, or set TRITON_INTERPRET=1 to run the kernels "
+                                  "in the (slow) Triton interpreter"), out.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_command_exits_2():
     assert stackfast("fly").returncode == 2
 
@@ -138,6 +151,11 @@ def user_files(tmp_path, monkeypatch):
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     (tmp_path / "exists.json").write_text("{}")
     (tmp_path / "latin1.toml").write_bytes("[logging]\nrun_dir = 'caf\u00e9'\n".encode("latin-1"))
+    (tmp_path / "tasks").mkdir()  # an lm-eval task whose data file is missing
+    (tmp_path / "tasks" / "broken_mc.yaml").write_text(
+        "task: broken_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: missing.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n")
     return tmp_path
 
 
@@ -191,6 +209,16 @@ def _tree(folder):
     (["demo", "--run-dir", "d", "--seeds", "0"], "--seeds must be at least 1, got 0"),
     (["demo", "--run-dir", "d", "--small-share", "1"], "--small-share must be between 0 and 1, got 1.0"),
     (["demo", "--run-dir", "d", "--device", "cuda:x"], "--device: expected"),
+    # Budgets so small that the 2-step floor made G_stack's runs bigger than scratch's (and the
+    # half run equal to the full one) printed ">= +100% in every seed".
+    (["demo", "--run-dir", "d", "--flops", "1", "--quick"],
+     "a budget of 1 FLOPs a run is too small for an equal-budget comparison"),
+    (["demo", "--run-dir", "d", "--quick", "--small-share", "0.01"], "use --flops >= 5.12e+11"),
+    (["eval", "--checkpoint", "ckpt", "--tasks", ",,,"], "--tasks ',,,': no task names"),
+    (["eval", "--checkpoint", "ckpt", "--tasks", "stackfast_tiny_mc", "--limit", "-1"],
+     "--limit must be a positive integer, got -1"),
+    (["eval", "--checkpoint", "ckpt", "--tasks", "broken_mc", "--task-path", "tasks"],
+     "--tasks broken_mc: lm-evaluation-harness could not load the task: FileNotFoundError"),
 ])
 def test_more_bad_input_is_one_line_exit_2_and_writes_nothing(user_files, capsys, args, message):
     """The same contract as above, in-process (no interpreter start per case)."""

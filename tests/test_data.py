@@ -407,3 +407,78 @@ def test_streamed_shards_and_validation_tail_match_the_token_stream(corpus, tmp_
         sizes = [s["tokens"] for s in index[split]]
         assert all(size == shard_tokens for size in sizes[:-1]) and 0 < sizes[-1] <= shard_tokens
     assert sorted(p.name for p in out.glob("*.bin")) == sorted(s["file"] for s in index["train"] + index["val"])
+
+
+def test_an_unreadable_subfolder_is_refused_like_an_unreadable_file(corpus, tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list unless told otherwise: a dataset would silently
+    lack its text. Unreadable is simulated by monkeypatching os.scandir (the test may run as
+    root, whom permissions do not stop)."""
+    import os
+    scandir = os.scandir
+
+    def forbidden(path="."):
+        if not isinstance(path, int) and os.fspath(path) == str(corpus / "sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", forbidden)
+    with pytest.raises(DataError, match=rf"^{corpus / 'sub'}: cannot read folder \(Permission denied\)$"):
+        tokenize([corpus], "bytes", tmp_path / "ds")
+    assert not (tmp_path / "ds").exists() and not any(p.name.startswith(".ds") for p in tmp_path.iterdir())
+
+
+def test_a_lone_surrogate_in_jsonl_names_the_line_or_is_replaced(tmp_path):
+    """JSON can escape half of a UTF-16 pair alone ("\\ud800"): no character, no UTF-8. Strict
+    refuses it naming file and line; --utf8-errors replace reads it as U+FFFD, as it reads bytes
+    that are not UTF-8. An escaped pair is one character and is fine."""
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "pair \\ud83d\\ude00"}\n{"text": "a\\ud800b"}\n{"text": "c\\udfffd"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: 'text' holds a lone surrogate \\ud800 .* at character 1; "
+                                        rf"--utf8-errors replace reads it as U\+FFFD$"):
+        tokenize([path], "bytes", tmp_path / "strict")
+    assert not (tmp_path / "strict").exists()
+    tokenize([path], "bytes", tmp_path / "replaced", utf8_errors="replace", val_fraction=0.1)
+    data = TokenData(tmp_path / "replaced")
+    stream = np.concatenate([s.tokens for s in data.train + data.val]).astype(np.uint8).tobytes()
+    assert stream.decode("utf-8") == "pair \U0001F600a\ufffdbc\ufffdd"
+
+
+def test_jsonl_bytes_that_are_not_utf8_follow_utf8_errors(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"b\.jsonl:1: not UTF-8 text"):
+        tokenize([path], "bytes", tmp_path / "strict")
+    tokenize([path], "bytes", tmp_path / "replaced", utf8_errors="replace", val_fraction=0.2)
+    data = TokenData(tmp_path / "replaced")
+    assert np.concatenate([s.tokens for s in data.train + data.val]).astype(np.uint8).tobytes() == "caf\ufffd".encode()
+
+
+def test_an_output_inside_an_input_folder_is_refused(corpus, tmp_path):
+    """A second run with --pattern '*' --force would read the first output's shards as text."""
+    tokenize([corpus], "bytes", tmp_path / "ds")  # outside: fine
+    for out in (corpus / "tokens", corpus / "sub" / "tokens"):
+        with pytest.raises(DataError, match=rf"^{out}: is inside the input folder {corpus}, whose files would be "
+                                            rf"read back as text"):
+            tokenize([corpus], "bytes", out, patterns=["*"], force=True)
+        assert not out.exists()
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.txt", "c.jsonl", "sub"]
+
+
+def test_stale_temporary_folders_of_the_output_are_removed_and_live_ones_kept(corpus, tmp_path):
+    """A tokenize killed with kill -9 leaves `.OUT.tmp-XXXXXXXX` (its lock released by the
+    kernel): the next write of OUT removes it. One whose writer still holds its lock stays,
+    and so does anything not of that naming."""
+    import fcntl
+    import os
+    stale, live = tmp_path / ".ds.tmp-abcd1234", tmp_path / ".ds.tmp-live_567"
+    others = [tmp_path / ".ds.tmp-short", tmp_path / ".other.tmp-abcd1234", tmp_path / "ds.tmp-abcd1234"]
+    for folder in [stale, live, *others]:
+        folder.mkdir()
+        (folder / "train_00000.bin").write_bytes(b"\0" * 100)
+    held = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live writer holds its folder
+    try:
+        tokenize([corpus], "bytes", tmp_path / "ds")
+    finally:
+        os.close(held)
+    assert not stale.exists() and live.exists() and all(o.exists() for o in others)
+    assert TokenData(tmp_path / "ds").index["total_tokens"] > 0

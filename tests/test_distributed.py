@@ -221,6 +221,43 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0_then_resume_finishes(
     assert sorted(losses(tmp_path)) == list(range(1, 101))
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (read from /proc: Linux)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_sigterm_to_the_workers_under_torchrun_exits_0(tmp_path):
+    """The README's clean stop under torchrun: signal the workers (torchrun's children), not
+    torchrun (which exits 1 after passing a signal on, whatever its workers did). Every
+    worker checkpoints and exits 0, so torchrun exits 0 too."""
+    args = [a for o in overrides(tmp_path, 2, "train.max_steps=100") for a in ("--set", o)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(TRAIN), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped by a signal" in stdout
+    last = max(losses(tmp_path))
+    assert 3 <= last < 100 and list_checkpoints(tmp_path / "checkpoints")[-1].name == f"step_{last:08d}"
+
+
 class Exploit:
     def __reduce__(self):
         return (exec, ("open('PWNED', 'w').write('x')",))

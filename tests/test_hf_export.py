@@ -92,3 +92,24 @@ def test_eval_tasks_scores_a_local_multiple_choice_task(trained, tmp_path):
     assert "stackfast_tiny_mc" in out.stderr and "acc" in out.stderr
     unknown = stackfast("eval", "--checkpoint", trained, "--tasks", "stackfast_tiny_mcq", "--task-path", TASKS)
     assert unknown.returncode == 2 and unknown.stderr.startswith("stackfast: error: --tasks: unknown"), unknown.stderr
+
+
+def test_export_into_a_full_disk_is_one_line_and_replaces_nothing(trained, tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk in its own error ("I/O error: No space left on device
+    (os error 28)", no OSError): the export ends in one line, exit 2, with no temporary folder
+    left and the earlier export it was to replace (--force) untouched. The full disk is
+    simulated by monkeypatching the weights writer."""
+    from safetensors import SafetensorError
+    from stackfast import cli
+    out = tmp_path / "hf"
+    assert cli.main(["export-hf", "--checkpoint", str(trained), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr("stackfast.checkpoint.save_file", full)
+    capsys.readouterr()
+    assert cli.main(["export-hf", "--checkpoint", str(trained), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stackfast: error: {out}: not written: no space left on device ("), err
+    assert sorted(os.listdir(tmp_path)) == ["hf"] and {p.name: p.read_bytes() for p in out.iterdir()} == before

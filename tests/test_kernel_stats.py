@@ -1,5 +1,6 @@
-"""benchmarks/kernel_stats.py: the offline compile report (sm_90, bf16, head dim 128, causal:
-the CI subset), compiled with the triton wheel's compiler and ptxas, no GPU needed."""
+"""benchmarks/kernel_stats.py: the offline compile report (sm_90, bf16, head dim 128 causal, and
+the head-dim-256 dk/dv: the CI subset), compiled with the triton wheel's compiler and ptxas, no
+GPU needed."""
 import json
 import os
 import subprocess
@@ -38,8 +39,23 @@ def test_report_covers_every_attention_kernel(report):
         assert row["arch"] == 90 and row["head_dim"] == 128 and row["dtype"] == "bf16" and row["default"]
         assert 0 < row["registers"] <= 255 and 0 < row["shared_bytes"] <= 232448 and row["fits"]
         assert row["spill_bytes"] == 0, row
-    # the matmul kernels use Hopper's tensor-core instructions
-    assert all(row["wgmma"] > 0 for row in rows if row["kernel"] in ("attention.fwd", "attention.dkdv"))
+    # the matmul kernels use Hopper's tensor-core instructions, and only those: a dot whose M is
+    # below wgmma's 64 rows falls back to mma.sync (the atomic dq of dk/dv at 32 query rows did)
+    assert all(row["wgmma"] > 0 for row in rows if row["kernel"] != "attention.preprocess")
+    assert [row for row in rows if row["mma"]] == []
+    assert {(row["group"], row["kernel"]) for row in rows if row["kernel"].startswith("attention.dkdv")} == {
+        (g, k) for g in (1, 4) for k in ("attention.dkdv", "attention.dkdv-deterministic")}
+
+
+def test_head_dim_256_backward_runs_on_wgmma():
+    """sm_90 at head dim 256: the dk/dv defaults (atomic dq or not, GQA or not) had no wgmma at
+    all (32 x 32 and 16 x 16 blocks); now BLOCK_M 64 with the scores untransposed, no mma.sync."""
+    result, rows = run_report("--arch", "90", "--kernels", "attention.dkdv", "--dtypes", "bf16", "--head-dims", "256",
+                              "--causal", "true", "--default-only", "--json", "--jobs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]  # no spills, fits
+    assert {(row["kernel"], row["group"]) for row in rows} == {
+        (k, g) for g in (1, 4) for k in ("attention.dkdv", "attention.dkdv-deterministic")}
+    assert all(row["wgmma"] > 0 and row["mma"] == 0 and row["spill_bytes"] == 0 for row in rows), rows
 
 
 def test_the_fused_ops_kernels_join_the_report_and_compile_without_spills():

@@ -3,7 +3,7 @@ interpreter on CPU) against the fp64 full-logits reference: loss, d hidden, d we
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_within_torch_error
+from conftest import assert_views_match_fp64, assert_within_torch_error
 
 from stackfast.ops import _launch, linear_cross_entropy, linear_cross_entropy_ref
 from stackfast.ops.linear_cross_entropy import default_chunk_size
@@ -56,11 +56,71 @@ def test_same_as_f_cross_entropy_with_ignore_index_and_upstream_grad():
         torch.testing.assert_close(a, b)
 
 
-def test_all_ignored_is_nan_like_f_cross_entropy():
-    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
-    targets = torch.full((4,), -100)
-    assert torch.isnan(linear_cross_entropy(hidden, weight, targets))
-    assert torch.isnan(F.cross_entropy(hidden @ weight.T, targets))
+@pytest.mark.parametrize("use_kernel", [False, True])
+@pytest.mark.parametrize("tokens", [(4,), (2, 3), (0,), (2, 0)], ids=["all ignored", "all ignored 2-D", "no tokens",
+                                                                   "no tokens 2-D"])
+def test_no_counted_token_gives_zero_loss_and_zero_gradients(tokens, use_kernel):
+    """Every target ignored, or no tokens: loss 0.0 and exact zero gradients (sum / max(count, 1),
+    the documented rule; F.cross_entropy's mean over zero elements is nan, 0 * inf in the
+    gradients), for the kernel, the PyTorch chunks and the reference. A training step that
+    accumulates such a micro-batch with a normal one stays finite."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(*tokens, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    targets = torch.full(tokens, -100)
+    assert torch.isnan(F.cross_entropy((hidden @ weight.T).reshape(-1, 10), targets.reshape(-1)))
+    for fn in (lambda *a: linear_cross_entropy(*a, chunk_size=2, use_kernel=use_kernel), linear_cross_entropy_ref):
+        loss, d_hidden, d_weight = _run(fn, hidden, weight, targets)
+        assert loss.item() == 0.0 and d_hidden.shape == hidden.shape
+        assert not d_hidden.any() and not d_weight.any() and not d_weight.isnan().any()
+    # gradient accumulation over two micro-batches, the second fully masked
+    other = torch.randint(0, 10, (3,))
+    step = (linear_cross_entropy(torch.randn(3, 8), weight, other, use_kernel=use_kernel)
+            + linear_cross_entropy(hidden, weight, targets, use_kernel=use_kernel)) / 2
+    step.backward()
+    assert step.isfinite() and weight.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+@pytest.mark.parametrize("bad", [10, 1010, -5])
+def test_out_of_range_targets_raise(bad, use_kernel):
+    """A target outside [0, vocab) that is not ignore_index raises, as F.cross_entropy does: the
+    kernel used to read outside the logits row and return a finite loss."""
+    hidden, weight = torch.randn(2, 3, 8), torch.randn(10, 8)
+    targets = torch.tensor([[1, -100, 9], [0, bad, 3]])
+    with pytest.raises(IndexError, match=rf"target {bad} \(token 4\) is out of range for a vocab of 10"):
+        linear_cross_entropy(hidden, weight, targets, chunk_size=2, use_kernel=use_kernel)
+    if not targets.is_cuda:  # on a GPU, F.cross_entropy's device-side assert would end the test session
+        with pytest.raises(IndexError):
+            linear_cross_entropy_ref(hidden, weight, targets)
+    # the same target is fine as the ignore_index
+    targets[0, 1] = 2
+    loss = linear_cross_entropy(hidden, weight, targets, ignore_index=bad, use_kernel=use_kernel)
+    want = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), ignore_index=bad)
+    torch.testing.assert_close(loss, want)
+
+
+# (name, leaf shapes, views of (hidden, weight, targets)): each a non-contiguous layout
+STRIDED = [
+    ("sliced hidden, transposed weight", [(2, 9, 64), (48, 97), (2, 9)], lambda h, w, t: (h[..., 8:56], w.t(), t)),
+    ("transposed hidden, sliced weight", [(48, 7), (97, 80), (7, 3)], lambda h, w, t: (h.t(), w[:, :48], t[:, 1])),
+    ("expanded hidden and targets", [(1, 48), (97, 48), (1,)], lambda h, w, t: (h.expand(5, 48), w, t.expand(5))),
+]
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name, shapes, views", STRIDED, ids=[c[0] for c in STRIDED])
+def test_strided_inputs(name, shapes, views, dtype, use_kernel):
+    """Sliced, transposed and expanded hidden states, weights and targets against the fp64
+    reference, forward and backward (with an upstream gradient other than 1)."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(shapes[0]).to(dtype), (torch.randn(shapes[1]) / 48 ** 0.5).to(dtype)
+    targets = torch.randint(0, 97, shapes[2])
+    targets.view(-1)[-1] = -100  # one ignored token (none in the expanded case: one target)
+    targets.view(-1)[0] = 5
+    assert_views_match_fp64(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=3, use_kernel=use_kernel),
+                            linear_cross_entropy_ref, [hidden, weight, targets], views, [torch.tensor(3.0)], dtype,
+                            ["loss", "d hidden", "d weight"])
 
 
 def test_no_grad_and_one_sided_grad():

@@ -79,7 +79,8 @@ def test_import_info_train_grow_eval_work_without_triton(tmp_path):
 
 
 def test_eval_tasks_without_lm_eval_is_one_line(tmp_path):
-    out = without(["lm_eval"], tmp_path, "eval", "--checkpoint", str(tmp_path / "missing"), "--tasks", "piqa")
+    (tmp_path / "ckpt").mkdir()  # lm-eval is looked for once the checkpoint folder is found
+    out = without(["lm_eval"], tmp_path, "eval", "--checkpoint", str(tmp_path / "ckpt"), "--tasks", "piqa")
     assert out.returncode == 2
     assert out.stderr.startswith("stackfast: error:") and "lm-evaluation-harness" in out.stderr, out.stderr
 

@@ -157,3 +157,35 @@ def test_device_mismatch(path):
         replicate_([on_gpu, torch.zeros(4)], [])
     with pytest.raises(RuntimeError, match=r"destinations\[0\]\[0\] is on cpu but sources\[0\]"):
         replicate_([on_gpu], [[torch.zeros(4)]])
+
+
+def strided_views():
+    """(sources, destinations, message) with one non-contiguous tensor each: replicate_ copies
+    bytes, so it refuses views instead of copying them wrongly (or writing through an expand)."""
+    wide, ok = torch.zeros(4, 10), torch.zeros(4, 6)
+    return {
+        "sliced-row source": ([wide[:, :6]], [[ok.clone()]], r"sources\[0\] is not contiguous"),
+        "expanded source": ([torch.zeros(1, 6).expand(4, 6)], [[ok.clone()]], r"sources\[0\] is not contiguous"),
+        "sliced-row copy": ([ok], [[wide[:, 2:8]]], r"destinations\[0\]\[0\] is not contiguous"),
+        "expanded copy": ([ok], [[ok.clone()], [torch.zeros(1, 6).expand(4, 6)]],
+                          r"destinations\[1\]\[0\] is not contiguous"),
+        "transposed copy": ([ok], [[torch.zeros(6, 4).t()]], r"destinations\[0\]\[0\] is not contiguous"),
+    }
+
+
+@pytest.mark.parametrize("case", list(strided_views()))
+def test_strided_views_are_refused(path, case):
+    sources, destinations, message = strided_views()[case]
+    before = [[d.clone() for d in copies] for copies in destinations]
+    with pytest.raises(RuntimeError, match=message):
+        replicate_(sources, destinations)
+    assert all(torch.equal(a, b) for x, y in zip(destinations, before) for a, b in zip(x, y))  # nothing written
+
+
+def test_empty_tensors_of_any_shape(path):
+    """Zero elements in any shape (no tokens, no layers): nothing to copy, no error; a contiguous
+    row slice (a view at an offset) is copied like any tensor."""
+    sources = [torch.zeros(0, 5), torch.zeros(3, 0, 2), torch.randn(6, 4)[2:5]]
+    destinations = empty_copies(sources, g=3)
+    replicate_(sources, destinations)
+    assert_copies(sources, destinations)

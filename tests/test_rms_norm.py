@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import assert_within_torch_error
+from conftest import assert_views_match_fp64, assert_within_torch_error
 
 from stackfast.ops import _launch, rms_norm, rms_norm_ref
 
@@ -106,3 +106,66 @@ def test_torch_compile_fullgraph():
     grads_eager = torch.autograd.grad(block(x, weight, residual), (x, weight))
     for got, want in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(got, want)
+
+
+def _with_residual(fn):
+    return lambda x, weight, residual=None: fn(x, weight, residual=residual)
+
+
+# (name, dtype, leaf shapes, views of the leaves -> (x, weight[, residual]), upstream gradients)
+STRIDED = [
+    # a row-strided x (issue 21: the backward read the caller's strided x as if contiguous)
+    ("sliced rows", torch.float32, [(6, 96), (64,)], lambda x, w: (x[:, :64], w),
+     lambda: [torch.randn(6, 64)]),
+    # the residual path with a transposed residual, a strided weight, a transposed d_normed and
+    # an expanded d_new_residual (what a sum downstream sends back)
+    ("residual, transposed", torch.float16, [(10, 96), (160,), (80, 10)],
+     lambda x, w, r: (x[:, 8:88], w[::2], r.t()),
+     lambda: [torch.randn(80, 10).t(), torch.randn(1, 80).expand(10, 80)]),
+    # one row broadcast to all tokens, an upstream gradient transposed
+    ("expanded", torch.float16, [(1, 48), (48,)], lambda x, w: (x.expand(2, 7, 48), w),
+     lambda: [torch.randn(7, 48, 2).permute(2, 0, 1)]),
+]
+
+
+@pytest.mark.parametrize("name, dtype, shapes, views, grad_outputs", STRIDED, ids=[c[0] for c in STRIDED])
+def test_strided_inputs_and_gradients(name, dtype, shapes, views, grad_outputs):
+    """Non-contiguous x, weight, residual and upstream gradients, forward and backward, against
+    the fp64 reference: the kernels index contiguous rows, so every view must be copied (and the
+    copy, not the caller's view, saved for the backward)."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(shape).to(dtype) for shape in shapes]
+    leaves[1] = (1 + 0.1 * leaves[1].float()).to(dtype)  # the weight near 1
+    grads = [g.to(dtype) for g in grad_outputs()]
+    outputs = ["normed", "new_residual"] if len(shapes) == 3 else ["normed"]
+    assert_views_match_fp64(_with_residual(rms_norm), _with_residual(rms_norm_ref), leaves, views, grads, dtype,
+                            outputs + ["dx", "dweight", "dresidual"][:len(shapes)])
+
+
+@pytest.mark.parametrize("shape, with_residual", [((0, 64), False), ((2, 0, 48), True)])
+def test_no_tokens(shape, with_residual):
+    """Zero rows: empty outputs, an empty dx and an exactly zero weight gradient, as the reference."""
+    x, weight = torch.randn(shape, requires_grad=True), torch.randn(shape[-1], requires_grad=True)
+    residual = torch.randn(shape, requires_grad=True) if with_residual else None
+    out = rms_norm(x, weight, residual=residual)
+    outs = list(out) if with_residual else [out]
+    assert all(o.shape == shape for o in outs)
+    sum(o.sum() for o in outs).backward()
+    assert x.grad.shape == shape and torch.equal(weight.grad, torch.zeros_like(weight))
+    assert residual is None or residual.grad.shape == shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_residual_rounds_the_sum_in_low_precision(dtype):
+    """In fp16/bf16 the fused residual add is rounded to the dtype before the norm: new_residual
+    is exactly x + residual as PyTorch adds them, and normed is exactly rms_norm(new_residual),
+    the tensor the backward reads (normalising the unrounded fp32 sum would break both)."""
+    torch.manual_seed(0)
+    x, residual = torch.randn(6, 200, dtype=dtype), 8 * torch.randn(6, 200, dtype=dtype)
+    weight = (1 + 0.1 * torch.randn(200)).to(dtype)
+    normed, new_residual = rms_norm(x, weight, residual=residual)
+    assert torch.equal(normed, rms_norm(new_residual, weight))
+    if dtype == torch.float16 or not _launch.INTERPRET:
+        assert torch.equal(new_residual, x + residual)
+    else:  # the interpreter converts fp32 to bf16 by truncation (a GPU rounds to nearest even)
+        torch.testing.assert_close(new_residual, x + residual, rtol=2**-7, atol=0)

@@ -2,7 +2,7 @@
 convention: the same rotation as stackfast.model.apply_rope and Hugging Face Llama."""
 import pytest
 import torch
-from conftest import assert_within_torch_error
+from conftest import assert_views_match_fp64, assert_within_torch_error
 
 from stackfast.model import apply_rope, rope_tables
 from stackfast.ops import _launch, rope, rope_ref
@@ -84,3 +84,46 @@ def test_custom_op_passes_opcheck():
         torch.library.opcheck(torch.ops.stackfast.rope.default, (q, k, cos, sin, inverse))
         torch.library.opcheck(torch.ops.stackfast.rope.default, (q, k, cos[None].expand(2, 5, 8).contiguous(),
                                                                  sin[None].expand(2, 5, 8).contiguous(), inverse))
+
+
+
+# (name, leaf shapes, views of the leaves and of the (26, 32) tables -> (q, k, cos, sin), upstream
+# gradients of (q, k))
+STRIDED = [
+    # q and k sliced out of one fused qkv projection; upstream gradients transposed views
+    ("fused qkv", [(2, 13, 10, 32)], lambda qkv, cos, sin: (qkv[:, :, :6], qkv[:, :, 6:8], cos[:13], sin[:13]),
+     lambda: [torch.randn(2, 6, 13, 32).transpose(1, 2), torch.randn(2, 2, 13, 32).transpose(1, 2)]),
+    # q transposed from (B, H, S, D), one kv head expanded, tables that are strided rows of a
+    # longer table expanded over the batch; upstream gradients expanded
+    ("transposed q, expanded k and tables", [(2, 6, 13, 32), (2, 13, 1, 32)],
+     lambda q, k, cos, sin: (q.transpose(1, 2), k.expand(2, 13, 2, 32), cos[None, ::2].expand(2, 13, 32),
+                             sin[None, ::2].expand(2, 13, 32)),
+     lambda: [torch.randn(1, 13, 6, 32).expand(2, 13, 6, 32), torch.randn(2, 13, 1, 32).expand(2, 13, 2, 32)]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name, shapes, views, grad_outputs", STRIDED, ids=[c[0] for c in STRIDED])
+def test_strided_inputs(name, shapes, views, grad_outputs, dtype):
+    """Non-contiguous q, k, cos, sin and upstream gradients (sliced, transposed, expanded) against
+    the fp64 reference, forward and backward. (rope takes tables, not positions: there is no
+    index to range-check.)"""
+    torch.manual_seed(0)
+    cos, sin = rope_tables(32, 26, 10000.0)  # constants: not leaves, no gradient
+    leaves = [torch.randn(shape).to(dtype) for shape in shapes]
+    grads = [g.to(dtype) for g in grad_outputs()]
+    names = ["q", "k"] + (["d qkv"] if len(leaves) == 1 else ["dq", "dk"])
+    assert_views_match_fp64(rope, rope_ref, leaves, lambda *t: views(*t, cos, sin), grads, dtype, names)
+
+
+@pytest.mark.parametrize("batch, seqlen", [(0, 5), (2, 0)])
+def test_empty_inputs(batch, seqlen):
+    """No tokens: empty rotated q and k and empty gradients, as the reference."""
+    q = torch.randn(batch, seqlen, 4, 16, requires_grad=True)
+    k = torch.randn(batch, seqlen, 2, 16, requires_grad=True)
+    cos, sin = rope_tables(16, 8, 10000.0)
+    q_out, k_out = rope(q, k, cos[:seqlen], sin[:seqlen])
+    assert q_out.shape == q.shape and k_out.shape == k.shape
+    assert [t.shape for t in rope_ref(q, k, cos[:seqlen], sin[:seqlen])] == [q.shape, k.shape]
+    dq, dk = torch.autograd.grad((q_out.sum() + k_out.sum()), (q, k))
+    assert dq.shape == q.shape and dk.shape == k.shape

@@ -191,3 +191,21 @@ def test_export_never_replaces_its_own_input(finished, tmp_path):
         out = stackfast("export-hf", "--checkpoint", ckpt, "--out", out_dir, "--force")
         assert out.returncode == 2 and "the input is never overwritten" in out.stderr
     assert snapshot(ckpt) == before
+
+
+def test_a_changed_dcp_metadata_file_is_refused_by_its_checksum(finished, tmp_path):
+    """DCP's .metadata (the index of every tensor's shard, offset and length) is covered by
+    checksums.json like the shards: a change that still unpickles, which DCP would load
+    without a word, is refused by name before anything is read."""
+    from stackfast.checkpoint import load_weights
+    ckpt = tmp_path / "step_00000004"
+    shutil.copytree(finished / "checkpoints" / "step_00000004", ckpt)
+    assert ".metadata" in json.loads((ckpt / "checksums.json").read_text())
+    metadata = (ckpt / ".metadata").read_bytes()
+    assert metadata.count(b".step_00000004.tmp") == 1  # the save's checkpoint id: a same-length change
+    (ckpt / ".metadata").write_bytes(metadata.replace(b".step_00000004.tmp", b".step_00000004.tmq"))
+    with pytest.raises(CheckpointError, match=r"step_00000004/\.metadata: checksum mismatch"):
+        run(config(tmp_path / "r", "train.max_steps=6", f'checkpoint.resume="{ckpt}"'))
+    with pytest.raises(CheckpointError, match=r"step_00000004/\.metadata: checksum mismatch"):
+        load_weights(ckpt)  # grow, export-hf, eval, init_from
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -1,7 +1,7 @@
 """stackfast.ops.swiglu (Triton; the interpreter on CPU) against its fp64 reference."""
 import pytest
 import torch
-from conftest import assert_within_torch_error
+from conftest import assert_views_match_fp64, assert_within_torch_error
 
 from stackfast.ops import _launch, swiglu, swiglu_ref
 
@@ -61,3 +61,33 @@ def test_torch_compile_fullgraph():
     want = torch.autograd.grad(swiglu_ref(gate, up).sum(), (gate, up))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# (name, leaf shapes, views -> (gate, up), upstream gradient)
+STRIDED = [
+    # gate and up halves of one fused projection; the gradient a transposed view
+    ("fused gate-up", [(3, 7, 2 * 40)], lambda both: (both[..., :40], both[..., 40:]),
+     lambda: torch.randn(40, 7, 3).permute(2, 1, 0)),
+    # a transposed gate, an up broadcast over the tokens; the gradient expanded
+    ("transposed, expanded", [(40, 21), (1, 40)], lambda gate, up: (gate.t(), up.expand(21, 40)),
+     lambda: torch.randn(21, 1).expand(21, 40)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name, shapes, views, grad", STRIDED, ids=[c[0] for c in STRIDED])
+def test_strided_inputs(name, shapes, views, grad, dtype):
+    """Non-contiguous gate, up and upstream gradient against the fp64 reference, forward and backward."""
+    torch.manual_seed(0)
+    leaves = [(3 * torch.randn(shape)).to(dtype) for shape in shapes]
+    names = ["y"] + [f"d leaf {i}" for i in range(len(leaves))]
+    assert_views_match_fp64(swiglu, swiglu_ref, leaves, views, [grad().to(dtype)], dtype, names)
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)])
+def test_empty_inputs(shape):
+    gate, up = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    y = swiglu(gate, up)
+    assert y.shape == shape and swiglu_ref(gate, up).shape == shape
+    d_gate, d_up = torch.autograd.grad(y.sum(), (gate, up))
+    assert d_gate.shape == shape and d_up.shape == shape

@@ -155,3 +155,41 @@ def test_a_malformed_checksum_list_is_refused(tmp_path, content):
     (tmp_path / "checksums.json").write_text(content)
     with pytest.raises(CheckpointError, match="checksums.json: corrupt checksum list"):
         verify_checksums(tmp_path)
+
+
+def test_a_stop_signal_never_outlives_its_run(tmp_path, monkeypatch, capsys):
+    """Only SIGTERM or SIGINT delivered while a run() goes can stop it: the flag belongs to
+    that run's StopSignal, whose handlers go when it ends, and the stop is said on stderr even
+    with the progress display off (a run cut short never passes for a finished one). The
+    signal is raised synchronously inside a step (signal.raise_signal runs the handler before
+    it returns), so it cannot reach another test's run."""
+    import signal
+    from stackfast import train as train_module
+    from stackfast.train import StopSignal
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    train_step, calls = train_module.train_step, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(train_module, "train_step", signalled)
+    summary = run(tiny_config(tmp_path / "a", "train.max_steps=4", "train.eval_batches=1"))
+    assert summary["stopped"] and summary["steps"] == 2 and summary["stop_signal"] == "SIGTERM"
+    assert "step 2: stopped by a signal (SIGTERM); wrote" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in before} == before
+    monkeypatch.undo()
+    summary = run(tiny_config(tmp_path / "b", "train.max_steps=4", "train.eval_batches=1"))
+    assert summary["steps"] == 4 and not summary["stopped"] and summary["stop_signal"] is None
+    # A handler that C code installed reads back as None, which signal.signal refuses: the
+    # default comes back instead of a TypeError that would leave this run's handler in place.
+    real_signal = signal.signal
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: (real_signal(sig, handler), None)[1])
+    try:
+        with StopSignal():
+            pass
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    finally:
+        for sig, handler in before.items():
+            real_signal(sig, handler)

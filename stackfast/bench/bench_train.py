@@ -11,6 +11,11 @@ model patched by stackfast.ops.apply_stackfast_kernels: RMSNorm, RoPE, attention
 fused linear cross-entropy) and HF + Liger-Kernel (RMSNorm, RoPE, SwiGLU, fused linear
 cross-entropy) when liger_kernel imports. The HF models compute their
 own loss (`labels=`), so Liger's fused cross-entropy is in play.
+stackfast+float8 (GPU of compute capability 8.9+, torchao installed; otherwise a row
+`skipped` with the reason): train.float8 = 'tensorwise', the block linears in float8
+(stackfast.float8.convert; float8 all-gather with --fsdp), compiled per block as torchao
+recommends (its scaling and casts fuse only under torch.compile), so its ratio is to
+stackfast+compile of the same run (`ratio_vs_stackfast+compile`).
 
     python -m stackfast.bench.bench_train                  # CPU: toy model, seq 256, batch 8
     python -m stackfast.bench.bench_train --preset tinyllama-1.1b --seq-len 2048 --batch 8   # GPU default
@@ -42,9 +47,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from stackfast import float8
 from stackfast.bench.harness import main_device, markdown_table, measure, summarize, write_results
 from stackfast.checkpoint import hf_llama_config, to_hf_state_dict
-from stackfast.config import ModelConfig, OptimConfig, ParallelConfig
+from stackfast.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
 from stackfast.metrics import MFU_CONVENTION, peak_flops
 from stackfast.model import Transformer
 from stackfast.parallel import World, init_distributed, shutdown, wrap_model
@@ -107,9 +113,11 @@ def candidates(cfg: ModelConfig, device: torch.device, world: World, args, gpu: 
     ac = "full" if args.activation_checkpointing else "none"
     gpu = device.type == "cuda" if gpu is None else gpu
 
-    def ours(compile_blocks: bool, kernels: str = cfg.kernels):
+    def ours(compile_blocks: bool, kernels: str = cfg.kernels, float8_mode: str = "none"):
         def build():
             model = seeded_model(dataclasses.replace(cfg, kernels=kernels), device)
+            # before compile and FSDP, as in training (train.py's shard)
+            float8.convert(model, float8_mode, device, fsdp=world.distributed)
             return wrap_model(model, ParallelConfig(compile=compile_blocks, activation_checkpointing=ac), world,
                               bf16=gpu)
         return build
@@ -119,11 +127,20 @@ def candidates(cfg: ModelConfig, device: torch.device, world: World, args, gpu: 
         out.append(("stackfast+compile", ours(True), model_loss))
     if gpu:  # on CPU 'auto' already means the PyTorch ops
         out.append(("stackfast(kernels=torch)", ours(False, "torch"), model_loss))
+    # Compiled on a GPU (or with --compile); a CPU rehearsal of the GPU set (gpu=True on a CPU
+    # device) builds it emulated and eager.
+    extra = []
+    skip = float8_skip_reason(device, gpu)
+    if skip is None:
+        extra.append(("stackfast+float8", ours(args.compile or device.type == "cuda", float8_mode="tensorwise"),
+                      model_loss))
+    else:
+        print(f"stackfast+float8: {skip}")
     try:
         import transformers
     except ImportError:
         print("transformers is not installed: no Hugging Face baseline (pip install 'stackfast[hf]')")
-        return out
+        return out + extra
 
     def hf(liger: bool, stackfast_kernels: bool = False):
         def build():
@@ -147,12 +164,25 @@ def candidates(cfg: ModelConfig, device: torch.device, world: World, args, gpu: 
     out.append(("hf-llama-sdpa", hf(False), hf_loss))
     if gpu:  # the kernels need a GPU (on CPU only the slow interpreter runs them)
         out.append(("hf-llama+stackfast", hf(False, stackfast_kernels=True), hf_loss))
+    out += extra  # before Liger, whose patch of transformers' classes must come last
     try:
         import liger_kernel  # noqa: F401
         out.append(("hf-llama+liger", hf(True), hf_loss))
     except ImportError:
         print("liger_kernel is not installed: no HF + Liger baseline (benchmarks/NOTES.md: carrying it to a GPU)")
     return out
+
+
+def float8_skip_reason(device: torch.device, gpu: bool) -> str | None:
+    """Why the stackfast+float8 candidate is not timed here (None: it is): float8 matmuls
+    need an sm_89+ GPU (a CPU would only emulate them) and torchao."""
+    if not gpu:
+        return "skipped: float8 training needs an sm_89+ GPU (on the CPU it is only emulated)"
+    try:
+        float8.check_float8("tensorwise", device)
+    except ConfigError as error:
+        return f"skipped: {error}"
+    return None
 
 
 def chosen(built: list[tuple], only: str | None) -> list[tuple]:
@@ -259,6 +289,9 @@ def main(argv=None) -> list[dict]:
         except ValueError as error:
             parser.error(str(error))
         results = time_candidates(cfg, built, batches, device, world, reps)
+        skip = float8_skip_reason(device, gpu)
+        if skip is not None and args.only is None:
+            results.append(("stackfast+float8", None, skip))
     rows = []
     for name, timing, note in results:
         row = {"name": name, "preset": preset, "seq_len": seq_len, "batch": args.batch, "device": str(device),
@@ -275,10 +308,14 @@ def main(argv=None) -> list[dict]:
         for base in ("hf-llama-sdpa", "hf-llama+liger"):
             if base in timed:
                 row[f"ratio_vs_{base}"] = row["tokens_per_s"] / timed[base]["tokens_per_s"]
+    if "stackfast+float8" in timed:  # float8 against the same compiled model in bf16, same run
+        base = "stackfast+compile" if "stackfast+compile" in timed else "stackfast"
+        timed["stackfast+float8"][f"ratio_vs_{base}"] = (timed["stackfast+float8"]["tokens_per_s"]
+                                                         / timed[base]["tokens_per_s"])
     path = write_results(args.name, rows, args.out)
     print(markdown_table(rows, ["name", "preset", "seq_len", "batch", "median_ms", "p20_ms", "p80_ms",
                                 "tokens_per_s", "mfu", "peak_mem_bytes", "ratio_vs_hf-llama-sdpa",
-                                "ratio_vs_hf-llama+liger", "skipped"]))
+                                "ratio_vs_hf-llama+liger", "ratio_vs_stackfast+compile", "skipped"]))
     print(f"results: {path}")
     return rows
 

@@ -6,9 +6,10 @@ SDPA backend / PyTorch eager / compile / Liger; the fused linear cross-entropy's
 memory), layer replication, the 1.1B train step against HF, HF + stackfast kernels and
 HF + Liger, the 7B train step (one-process FSDP, activation checkpointing; skipped
 where its 95 GB of training state cannot fit, e.g. an 80 GB H100) and the G_stack growth
-time of a 7B target. With --cpu (or without a
-GPU, about 3 minutes): the train step against HF, replication, loader throughput and the
-fused loss's peak memory against the full logits.
+time of a 7B target, and the training loop's stall at a checkpoint step, sync against
+checkpoint.async_save (a 134M model). With --cpu (or without a GPU, about 5 minutes): the
+train step against HF, replication, loader throughput, the fused loss's peak memory against
+the full logits and the checkpoint stall (a 134M model, fp32 + AdamW: 1.6 GB a checkpoint).
 Every part writes its JSON under benchmarks/results/ (GPU name, versions, git revision);
 the last thing printed is one markdown table of ratios against the baselines measured in
 the same run, with the design targets beside them.
@@ -23,7 +24,7 @@ import traceback
 
 import torch
 
-from stackfast.bench import (bench_growth, bench_loader, bench_replicate, bench_train, harness)
+from stackfast.bench import (bench_checkpoint, bench_growth, bench_loader, bench_replicate, bench_train, harness)
 
 
 MATMUL_SIZE = 8192  # the ceilings' bf16 matmul is MATMUL_SIZE^3 (the H200 reference figures in docs/design.md)
@@ -90,6 +91,12 @@ def summary_rows(parts: dict) -> list[dict]:
         ours = r["skipped"] if "skipped" in r else f"{r['median_ms']:.0f} ms"
         rows.append({"what": f"{r['what']} ({r['small']} -> {r['target']})", "ours": ours,
                      "baseline": None, "ratio": None, "target": "< 1 s on GPU"})
+    for r in parts.get("checkpoint", []):
+        if r.get("mode") == "async":
+            rows.append({"what": f"checkpoint stall, async_save ({r['params'] / 1e6:.0f}M params, "
+                                 f"{r['checkpoint_bytes'] / 1e9:.2f} GB)",
+                         "ours": f"{r['median_ms']:.0f} ms", "baseline": "sync save",
+                         "ratio": r["stall_ratio_vs_sync"], "target": "> 1 (shorter stall)"})
     for r in parts.get("loader", []):
         if "ratio_vs_floor" in r:
             rows.append({"what": f"loader seq {r['seq_len']} x{r['batch']}", "ours": f"{r['tokens_per_s']:.3g} tok/s",
@@ -135,6 +142,7 @@ def gpu_parts(device: torch.device, out_dir: str | None) -> dict:
         "train_7b": lambda: bench_train.main(["--preset", "7b", "--batch", "4", "--activation-checkpointing", "--fsdp",
                                               "--only", "stackfast", "--reps", "5", "--name", "train-7b"] + out),
         "growth": lambda: bench_growth.main(out),
+        "checkpoint": lambda: bench_checkpoint.main(["--saves", "3"] + out),
     }
 
 
@@ -148,6 +156,7 @@ def cpu_parts(out_dir: str | None, quick: bool) -> dict:
         "replicate": lambda: bench_replicate.main(["--cpu"] + out + (["--scale", "64"] if quick else [])),
         "loader": lambda: bench_loader.main(out + (["--seq-len", "64", "--reps", "3"] if quick else [])),
         "growth": lambda: bench_growth.main(["--cpu"] + out + (["--reps", "1"] if quick else [])),
+        "checkpoint": lambda: bench_checkpoint.main(["--cpu"] + out + (["--quick"] if quick else [])),
         # peak memory of the fused loss against the full logits (the 16384 x 32000 x 2048 figure: run it alone)
         "linear_cross_entropy": lambda: bench_linear_cross_entropy.main(
             ["--cpu"] + out + (["--sizes", "512", "2000", "128"] if quick else ["--quick"])),

@@ -14,13 +14,16 @@ Backward (FlashAttention-2/3): a preprocess kernel computes delta = rowsum(dO * 
 dk/dv kernel where each program owns a key block of one kv head and loops over the query
 blocks (and over the query heads of its group when GROUP > 1: the GQA reduction happens in
 registers). By default it also computes dq there, five matmuls per block pair (S, dP, dV,
-dK, dQ), adding each block's dq to an fp32 buffer with atomics. Under
+dK, dQ), adding each block's dq to an fp32 buffer with atomics; on sm_90 every one of them
+is a wgmma (each oriented so that its M is at least 64 rows, see _dkdv_inner). Under
 `torch.use_deterministic_algorithms(True)` dq comes instead from a separate kernel where
 each program owns a query block (seven matmuls per block pair, as S and dP are computed
 twice, but the same bits on every run).
 
 Causal blocks are split into a part fully below the diagonal (no mask computed) and
-the blocks that cross the diagonal or the end of the sequence (masked).
+the blocks that cross the diagonal (masked); the forward and dq kernels also mask the keys
+past the end of the sequence, while the dk/dv kernel's padding rows (keys or queries past the
+end, loaded as zeros) add nothing that is stored, so it masks neither (see _dkdv_one_head).
 
 Configs are listed per architecture (sm_80: A100, 163 KB of shared memory per block;
 sm_90: H100/H200, 227 KB) and head dim; `compile_specs` hands them to
@@ -66,7 +69,7 @@ def _configs(gpu_configs, interpreter_config):
 
 # kernel -> arch -> head dim -> [(BLOCK_M, BLOCK_N, num_warps, num_stages)], the first being
 # the default. BLOCK_M counts query rows, BLOCK_N keys; the causal block split needs
-# BLOCK_M % BLOCK_N == 0 (forward, dq) and BLOCK_N % BLOCK_M == 0 (dk/dv). Configs that do
+# BLOCK_M % BLOCK_N == 0 (forward, dq) and, in dk/dv, one to divide the other. Configs that do
 # not fit a device's shared memory are skipped by the autotuner; the lists keep only
 # configs without spills in benchmarks/kernel_stats.py (triton 3.7.1, bf16 and fp16; the
 # configs that spilled were dropped: 128x128 fwd at head dim 128, 64x32 4-warp fwd at 256).
@@ -83,21 +86,25 @@ CONFIGS = {
              128: [(64, 64, 8, 2)],
              256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
     },
-    # dk/dv (and the atomic dq): k, v, dk and dv stay in registers, so BLOCK_N * HEAD_DIM
+    # dk/dv (and the atomic dq): dk and dv accumulate in registers, so BLOCK_N * HEAD_DIM
     # bounds the tile; small BLOCK_M (query rows per step) keeps the transient tiles small.
+    # sm_90: every matmul has M >= 64 (wgmma; see _dkdv_inner): BLOCK_N >= 64, or at head dim 256
+    # BLOCK_M = 64 with the scores untransposed. The second configs trade wgmma N for fewer dq
+    # atomics (BLOCK_N 128: half the atomics, 16 query rows per step) or registers for CTAs.
     "dkdv": {
-        90: {**dict.fromkeys(_SMALL, [(64, 128, 8, 2), (32, 64, 4, 2)]),
-             128: [(32, 64, 8, 2), (16, 64, 8, 2)],
-             256: [(32, 32, 8, 2)]},
+        90: {**dict.fromkeys(_SMALL, [(64, 128, 8, 2), (64, 64, 4, 2)]),
+             128: [(32, 64, 8, 2), (16, 128, 8, 2)],
+             256: [(64, 32, 8, 2), (64, 16, 8, 2)]},
         80: {**dict.fromkeys(_SMALL, [(32, 128, 8, 2)]),
              128: [(32, 64, 8, 2), (16, 64, 8, 2)],
              256: [(32, 32, 8, 2)]},
     },
     # dk/dv with GQA (GROUP > 1): the runtime loop over the group's query heads costs registers
     "dkdv-gqa": {
-        90: {**dict.fromkeys(_SMALL, [(32, 64, 8, 2)]),
-             128: [(16, 64, 8, 2)],
-             256: [(16, 16, 8, 2)]},
+        90: {16: [(64, 128, 8, 2), (64, 64, 8, 2)], 32: [(64, 128, 8, 2), (64, 64, 8, 2)],
+             64: [(32, 64, 8, 2), (32, 128, 8, 2)],
+             128: [(16, 64, 8, 2), (16, 128, 8, 2)],
+             256: [(64, 16, 8, 2)]},
         80: {**dict.fromkeys(_SMALL, [(32, 64, 8, 2)]),
              128: [(16, 64, 8, 2)],
              256: [(16, 32, 8, 2), (16, 16, 8, 2)]},
@@ -117,8 +124,9 @@ CONFIGS = {
 # worst) 32x32 fwd and dq spilled 1.8-2.3 KB on sm_90 (64x64 fwd: 5.6 KB at head dim 64);
 # dk/dv spilled 8-96 B at 16x16 with 2 stages, one stage does not. With GQA ptxas spills a
 # few bytes at some warp counts and not others (also without GQA at two points below), so
-# each head dim keeps the one the report shows spill-free (sm_80 at head dim 32: none with
-# one stage).
+# each head dim keeps the one the report shows spill-free (at head dim 32 with GQA: 8 warps
+# and one stage, on sm_80 the one of six spill-free in all four variants, atomic dq or not,
+# causal or not; on sm_90 4 warps spilled 16 B with triton 3.6).
 def _fp32_everywhere(config):
     return {arch: dict.fromkeys(FP32_HEAD_DIMS, [config]) for arch in (80, 90)}
 
@@ -126,15 +134,22 @@ def _fp32_everywhere(config):
 FP32_CONFIGS = {
     "fwd": _fp32_everywhere((32, 16, 4, 2)),
     "dkdv": _fp32_everywhere((16, 16, 4, 1)),
-    "dkdv-gqa": {90: {16: [(16, 16, 4, 1)], 32: [(16, 16, 4, 1)], 64: [(16, 16, 8, 1)], 128: [(16, 16, 2, 1)]},
-                 80: {16: [(16, 16, 4, 1)], 32: [(16, 16, 4, 2)], 64: [(16, 16, 8, 1)], 128: [(16, 16, 2, 1)]}},
+    "dkdv-gqa": {90: {16: [(16, 16, 8, 1)], 32: [(16, 16, 8, 1)], 64: [(16, 16, 8, 1)], 128: [(16, 16, 2, 1)]},
+                 80: {16: [(16, 16, 4, 1)], 32: [(16, 16, 8, 1)], 64: [(16, 16, 8, 1)], 128: [(16, 16, 2, 1)]}},
     "dq": _fp32_everywhere((32, 16, 4, 2)),
 }
 # the general configs spill 8-16 B here (non-causal), another warp count does not
 FP32_CONFIGS["fwd"][80][32] = [(32, 16, 2, 2)]
 FP32_CONFIGS["dkdv"][90][16] = [(16, 16, 8, 1)]
+# since the (blocks, heads, batch) grid (no division in the kernels), 32x16 4-warp dq spilled
+# 32 B at head dim 128, causal, on sm_90 (and 8-warp 8 B); 16x16 does not
+FP32_CONFIGS["dq"][90][128] = [(16, 16, 4, 2)]
 _INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv-gqa": (32, 64, 4, 1),
                         "dq": (64, 32, 4, 1)}
+# dk/dv at head dim 256 in the GPUs' sm_90 shape (BLOCK_M > BLOCK_N: untransposed scores), so the
+# tests run that code path too; (32, 64) runs the transposed one, with the swapped dq from head
+# dim 64 (see _dkdv_inner)
+_INTERPRETER_CONFIGS_BY_HEAD_DIM = {256: {"dkdv": (64, 32, 4, 1), "dkdv-gqa": (64, 32, 4, 1)}}
 # Few configs: every new key costs one compile and one timing per config (seconds).
 _TUNE_KEY = ["seqlen", "HEAD_DIM", "CAUSAL", "GROUP"]
 
@@ -151,6 +166,13 @@ def _arch(device: torch.device) -> int:
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
+def _wgmma(arch: int, dtype: torch.dtype) -> bool:
+    """Whether the dots run on sm_90's warpgroup MMA (wgmma), whose M is a multiple of 64: the
+    dk/dv kernel then orients its dq matmul for it (_dkdv_inner). fp32 ("ieee") dots are FMA
+    loops on every architecture."""
+    return arch >= 90 and dtype != torch.float32
+
+
 @functools.cache
 def _tuner(kernel: str, arch: int, head_dim: int, dtype: torch.dtype):
     """The autotuned launcher of `kernel` for one architecture, head dim and dtype."""
@@ -158,7 +180,8 @@ def _tuner(kernel: str, arch: int, head_dim: int, dtype: torch.dtype):
           "dq": _attn_bwd_dq_kernel}[kernel]
     # the atomic dq buffer is summed into: zeroed before each timing run of a config
     extra = {"reset_to_zero": ["dq_ptr"]} if kernel.startswith("dkdv") else {}
-    configs = _configs(configs_for(kernel, arch, head_dim, dtype), _INTERPRETER_CONFIGS[kernel])
+    interpreter = _INTERPRETER_CONFIGS_BY_HEAD_DIM.get(head_dim, {}).get(kernel, _INTERPRETER_CONFIGS[kernel])
+    configs = _configs(configs_for(kernel, arch, head_dim, dtype), interpreter)
     return triton.autotune(configs=configs, key=_TUNE_KEY, **extra)(fn)
 
 
@@ -168,6 +191,20 @@ def _tile_ptrs(base_ptr, batch, head, offs_s, seqlen, n_heads, HEAD_DIM: tl.cons
     tensor: a (len(offs_s), HEAD_DIM) tile. int64 row index: the tensor may pass 2**31."""
     rows = (batch.to(tl.int64) * seqlen + offs_s) * n_heads + head
     return base_ptr + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _row_offset(batch, head, start, seqlen, n_heads, HEAD_DIM: tl.constexpr):
+    """Offset (int64 scalar) of row `start` of one head of a contiguous (batch, seqlen, n_heads,
+    HEAD_DIM) tensor; with _block_offsets, the same tile as _tile_ptrs."""
+    return ((batch.to(tl.int64) * seqlen + start) * n_heads + head) * HEAD_DIM
+
+
+@triton.jit
+def _block_offsets(n_heads, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """int32 offsets of a (BLOCK, HEAD_DIM) tile from its first row: BLOCK rows of one head
+    (below 2**31: 128 rows x 65535 heads, the grid's limit, x 256)."""
+    return tl.arange(0, BLOCK)[:, None] * (n_heads * HEAD_DIM) + tl.arange(0, HEAD_DIM)[None, :]
 
 
 @triton.jit
@@ -209,13 +246,18 @@ def _keep(offs_rows, offs_cols, seqlen, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _query_block(n_heads, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(start_m, batch, head, kv_head) of this program in a (query blocks, batch * heads)
-    grid. The last query blocks (the heaviest when causal) are started first."""
+def _query_block(GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(start_m, batch, head, kv_head) of this program in the (query blocks, heads, batch) grid
+    of launch_grid. The last query blocks (the heaviest when causal) are started first."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    batch = tl.program_id(1) // n_heads
-    head = tl.program_id(1) % n_heads
-    return start_m, batch, head, head // GROUP
+    head = tl.program_id(1)
+    return start_m, tl.program_id(2), head, head // GROUP
+
+
+@triton.jit
+def _row_stats_base(batch, head, n_heads, seqlen):
+    """Offset of row 0 of (batch, head) in the (batch, heads, seqlen) lse and delta, in int64."""
+    return (batch.to(tl.int64) * n_heads + head) * seqlen
 
 
 @triton.jit
@@ -268,7 +310,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_heads, seqlen, qk_sc
                      HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):
-    start_m, batch, head, kv_head = _query_block(n_heads, GROUP, BLOCK_M)
+    start_m, batch, head, kv_head = _query_block(GROUP, BLOCK_M)
     n_kv_heads = n_heads // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_tile(_tile_ptrs(q_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM),
@@ -289,7 +331,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_heads, seqlen, qk_sc
     o_ptrs = _tile_ptrs(o_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM)
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < seqlen)
     # lse: (batch, heads, seqlen) fp32, base 2, scale folded in
-    tl.store(lse_ptr + tl.program_id(1).to(tl.int64) * seqlen + offs_m, m_i + tl.math.log2(l_i),
+    tl.store(lse_ptr + _row_stats_base(batch, head, n_heads, seqlen) + offs_m, m_i + tl.math.log2(l_i),
              mask=offs_m < seqlen)
 
 
@@ -297,12 +339,13 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_heads, seqlen, qk_sc
 def _bwd_preprocess_kernel(o_ptr, do_ptr, delta_ptr, n_heads, seqlen,
                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta[b, h, s] = sum_d o * do, the softmax-backward term shared by dq and dk.
-    batch = tl.program_id(1) // n_heads
-    head = tl.program_id(1) % n_heads
+    # Grid: (query blocks, heads, batch) (launch_grid).
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o, do = _load_tile_pair(o_ptr, do_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM,
                           True)
-    tl.store(delta_ptr + tl.program_id(1).to(tl.int64) * seqlen + offs_m, tl.sum(o * do, 1),
+    tl.store(delta_ptr + _row_stats_base(batch, head, n_heads, seqlen) + offs_m, tl.sum(o * do, 1),
              mask=offs_m < seqlen)
 
 
@@ -311,34 +354,58 @@ _PREPROCESS_BLOCK = 32  # rows per program (64 spilled 8 bytes at head dim 128 i
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head, offs_n,
-                seqlen, n_heads, qk_scale, lo, hi, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """Accumulate into dk, dv (BLOCK_N, HEAD_DIM) the query blocks [lo, hi) of one query head,
-    and with ATOMIC_DQ add each block's dq (unscaled) to the fp32 buffer at dq_ptr. Works on
-    transposed scores (BLOCK_N, BLOCK_M) so no tile of k or v is transposed."""
+                seqlen, n_heads, qk_scale, lo, hi, DIAGONAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, WGMMA: tl.constexpr):
+    """Accumulate into dk, dv the query blocks [lo, hi) of one query head, and with ATOMIC_DQ
+    add each block's dq (unscaled) to the fp32 buffer at dq_ptr. DIAGONAL: the causal mask.
+
+    The matmuls are oriented (at compile time, from the block shape) so that on sm_90 each
+    result has M >= 64 rows: wgmma's M is a multiple of 64 (a warpgroup's rows), and Triton
+    falls back to mma.sync below that.
+    - BLOCK_N >= BLOCK_M (the configs up to head dim 128, and sm_80's): scores transposed
+      (BLOCK_N, BLOCK_M), dk and dv (BLOCK_N, HEAD_DIM): M = BLOCK_N in four matmuls. dq is
+      ds k (M = BLOCK_M) or, with WGMMA when BLOCK_M < 64 <= HEAD_DIM, dq^T = k^T ds^T
+      (M = HEAD_DIM; FlashAttention-3's dQ_swapAB), transposed back. On sm_80 (mma.sync) the
+      swapped form cost registers and spilled, so it is sm_90's only.
+    - BLOCK_M > BLOCK_N (sm_90 at head dim 256, where 64 keys x 256 of fp32 dk and dv spill):
+      scores (BLOCK_M, BLOCK_N), dk and dv accumulated transposed, (HEAD_DIM, BLOCK_N)
+      (FlashAttention-3's dKV_swapAB), dq = ds k: M = BLOCK_M or HEAD_DIM in all five."""
     row_base = (batch * n_heads + head).to(tl.int64) * seqlen  # into lse / delta (b, h, s)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do = _load_tile_pair(q_ptr, do_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM,
                               UPCAST)
         lse, delta = _load_row_stats(lse_ptr, delta_ptr, row_base, offs_m, seqlen)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M): P transposed
-        if MASK:
-            # rows past seqlen are padding queries here (zero q and do, but lse is 0 too)
-            keep_t = offs_m[None, :] < seqlen
-            if CAUSAL:
-                keep_t = keep_t & (offs_m[None, :] >= offs_n[:, None])
-            p_t = tl.where(keep_t, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)  # (BLOCK_M, HEAD_DIM)
-            dq_ptrs = _tile_ptrs(dq_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM)
-            tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < seqlen, sem="relaxed")
+        if BLOCK_M > BLOCK_N:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+            if DIAGONAL:
+                p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+            dv += tl.dot(tl.trans(do), p.to(do.dtype), input_precision=DOT_PRECISION)  # dv^T
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = (p * (dp - delta[:, None])).to(q.dtype)
+            dk += tl.dot(tl.trans(q), ds, input_precision=DOT_PRECISION)  # dk^T
+            if ATOMIC_DQ:
+                dq = tl.dot(ds, k, input_precision=DOT_PRECISION)  # (BLOCK_M, HEAD_DIM)
+                dq_ptrs = _tile_ptrs(dq_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM)
+                tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < seqlen, sem="relaxed")
+        else:
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M): P transposed
+            if DIAGONAL:
+                p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:
+                if WGMMA and BLOCK_M < 64 and HEAD_DIM >= 64:
+                    dq = tl.trans(tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION))
+                else:
+                    dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)  # (BLOCK_M, HEAD_DIM)
+                dq_ptrs = _tile_ptrs(dq_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM)
+                tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < seqlen, sem="relaxed")
     return dk, dv
 
 
@@ -346,24 +413,31 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, 
 def _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head, start_n,
                    offs_n, seqlen, n_heads, qk_scale, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """All the query blocks of one query head: [full_start, full_end) needs no mask; the
-    diagonal blocks (causal) and the last partial query block are masked."""
-    full_end = (seqlen // BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        full_start = start_n + BLOCK_N  # queries before start_n see none of these keys
+                   DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, WGMMA: tl.constexpr):
+    """All the query blocks of one query head. Causal: the queries before start_n see none of
+    these keys; the query blocks that overlap the key block [start_n, start_n + BLOCK_N) cross
+    the diagonal (masked), the later ones see all of it. When BLOCK_M > BLOCK_N the key block
+    lies inside the first query block and one loop applies the mask to every block: a second
+    (pipelined) loop cost registers that spilled at head dim 256, and the mask is two
+    instructions per score against 2 * 5 * 256 matmul FLOPs there.
+    Query rows past seqlen (in the last block) need no mask: their q, do, lse and delta load as
+    0, so P is 1 and dS 0 there, which adds 0 to dk and dv, and their dq is not stored."""
+    if CAUSAL and BLOCK_M > BLOCK_N:
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
-                             offs_n, seqlen, n_heads, qk_scale, start_n,
-                             tl.minimum(start_n + BLOCK_N, seqlen), CAUSAL, True, HEAD_DIM,
-                             BLOCK_M, UPCAST, DOT_PRECISION, ATOMIC_DQ)
+                             offs_n, seqlen, n_heads, qk_scale, start_n, seqlen, True, HEAD_DIM,
+                             BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ, WGMMA)
+    elif CAUSAL:
+        full_start = tl.minimum(start_n + BLOCK_N, seqlen)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
+                             offs_n, seqlen, n_heads, qk_scale, start_n, full_start, True, HEAD_DIM,
+                             BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ, WGMMA)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
+                             offs_n, seqlen, n_heads, qk_scale, full_start, seqlen, False, HEAD_DIM,
+                             BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ, WGMMA)
     else:
-        full_start = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
-                         offs_n, seqlen, n_heads, qk_scale, full_start, full_end, CAUSAL, False,
-                         HEAD_DIM, BLOCK_M, UPCAST, DOT_PRECISION, ATOMIC_DQ)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
-                         offs_n, seqlen, n_heads, qk_scale, tl.maximum(full_start, full_end),
-                         seqlen, CAUSAL, True, HEAD_DIM, BLOCK_M, UPCAST, DOT_PRECISION, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
+                             offs_n, seqlen, n_heads, qk_scale, 0, seqlen, False, HEAD_DIM, BLOCK_M,
+                             BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ, WGMMA)
     return dk, dv
 
 
@@ -372,32 +446,44 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
                           n_heads, seqlen, qk_scale, sm_scale,
                           HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                           UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Grid: (key blocks, batch * kv_heads).
+                          ATOMIC_DQ: tl.constexpr, WGMMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    # Grid: (key blocks, kv_heads, batch) (launch_grid). WGMMA: sm_90 and later (see _dkdv_inner).
     n_kv_heads = n_heads // GROUP
     start_n = tl.program_id(0) * BLOCK_N
-    batch = tl.program_id(1) // n_kv_heads
-    kv_head = tl.program_id(1) % n_kv_heads
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k, v = _load_tile_pair(k_ptr, v_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads,
                           HEAD_DIM, UPCAST)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if BLOCK_M > BLOCK_N:  # dk and dv accumulated transposed (see _dkdv_inner)
+        dk = tl.zeros([HEAD_DIM, BLOCK_N], dtype=tl.float32)
+        dv = tl.zeros([HEAD_DIM, BLOCK_N], dtype=tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if GROUP == 1:  # no head loop (compile time)
         dk, dv = _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch,
                                 kv_head, start_n, offs_n, seqlen, n_heads, qk_scale, CAUSAL,
-                                HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ)
+                                HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ,
+                                WGMMA)
     else:
         for head in range(kv_head * GROUP, kv_head * GROUP + GROUP):  # GQA: sum over the group
             dk, dv = _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch,
                                     head, start_n, offs_n, seqlen, n_heads, qk_scale, CAUSAL,
-                                    HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ)
+                                    HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ,
+                                    WGMMA)
+    if BLOCK_M > BLOCK_N:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
 
+    # The stores' addresses from a scalar base: computed here, not kept from the k and v loads
+    # (the same rows) in registers through the loops.
     store_mask = offs_n[:, None] < seqlen
-    dk_ptrs = _tile_ptrs(dk_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads, HEAD_DIM)
-    tl.store(dk_ptrs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
-    dv_ptrs = _tile_ptrs(dv_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads, HEAD_DIM)
-    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+    tile = _block_offsets(n_kv_heads, BLOCK_N, HEAD_DIM)
+    row = _row_offset(batch, kv_head, start_n, seqlen, n_kv_heads, HEAD_DIM)
+    tl.store(dk_ptr + row + tile, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptr + row + tile, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
@@ -427,12 +513,12 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The deterministic path's dq (see the module docstring).
-    start_m, batch, head, kv_head = _query_block(n_heads, GROUP, BLOCK_M)
+    start_m, batch, head, kv_head = _query_block(GROUP, BLOCK_M)
     n_kv_heads = n_heads // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q, do = _load_tile_pair(q_ptr, do_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM,
                           UPCAST)
-    row_base = tl.program_id(1).to(tl.int64) * seqlen  # into lse / delta (b, h, s)
+    row_base = _row_stats_base(batch, head, n_heads, seqlen)  # into lse / delta (b, h, s)
     lse, delta = _load_row_stats(lse_ptr, delta_ptr, row_base, offs_m, seqlen)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -454,6 +540,30 @@ def _kernel_options(q: torch.Tensor, k: torch.Tensor) -> dict:
             "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
+# CUDA's grid limits (x, y, z), which Triton does not check: batch * heads on y, as the kernels
+# once had it, cannot launch batch 2048 with 32 heads. The kernels take a (sequence blocks,
+# heads, batch) grid instead: the blocks of one head run together (sharing its keys and values
+# in L2, as before), nothing is divided in the kernel, and a batch above 65535 is launched in
+# slices (_batch_slices).
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def launch_grid(seqlen: int, block: int, heads: int, batch: int) -> tuple[int, int, int]:
+    """The grid of a kernel whose programs each own `block` rows of one head of one sequence:
+    (cdiv(seqlen, block), heads, batch), checked against CUDA's limits."""
+    grid = (triton.cdiv(seqlen, block), heads, batch)
+    if any(n > limit for n, limit in zip(grid, MAX_GRID)):
+        raise ValueError(f"attention: the launch grid {grid} (sequence blocks, heads, batch) exceeds CUDA's "
+                         f"limits {MAX_GRID}")
+    return grid
+
+
+def _batch_slices(batch: int) -> list[slice]:
+    """Slices of the batch that a grid's z axis takes (one in all but huge batches)."""
+    step = MAX_GRID[2]
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
 def _launcher(kernel: str, q: torch.Tensor):
     return _tuner(kernel, _arch(q.device), q.shape[-1], q.dtype)
 
@@ -469,11 +579,15 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     o = torch.empty_like(q)
     lse = torch.empty((batch, n_heads, seqlen), device=q.device, dtype=torch.float32)
 
-    def grid(meta):
-        return triton.cdiv(seqlen, meta["BLOCK_M"]), batch * n_heads
+    if o.numel() == 0:  # batch 0 or seqlen 0: nothing to launch (nor to autotune)
+        return o, lse
+    options = _kernel_options(q, k)
+    for rows in _batch_slices(batch):
+        def grid(meta, n=rows.stop - rows.start):
+            return launch_grid(seqlen, meta["BLOCK_M"], n_heads, n)
 
-    _launcher("fwd", q)[grid](q, k, v, o, lse, n_heads, seqlen, softmax_scale * LOG2E, CAUSAL=causal,
-                              **_kernel_options(q, k))
+        _launcher("fwd", q)[grid](q[rows], k[rows], v[rows], o[rows], lse[rows], n_heads, seqlen,
+                                  softmax_scale * LOG2E, CAUSAL=causal, **options)
     return o, lse
 
 
@@ -492,31 +606,35 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
     batch, seqlen, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
+    if q.numel() == 0:  # batch 0 or seqlen 0: empty gradients, nothing to launch
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)  # (batch, heads, seqlen) fp32
-    _bwd_preprocess_kernel[(triton.cdiv(seqlen, _PREPROCESS_BLOCK), batch * n_heads)](
-        o, do, delta, n_heads, seqlen, HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK)
-
     atomic_dq = not torch.are_deterministic_algorithms_enabled()
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     # atomic path: unscaled dq summed in fp32; deterministic path: written by the dq kernel
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic_dq else torch.empty_like(q)
     options = _kernel_options(q, k)
     scales = (softmax_scale * LOG2E, softmax_scale)
+    for rows in _batch_slices(batch):
+        n = rows.stop - rows.start
+        _bwd_preprocess_kernel[launch_grid(seqlen, _PREPROCESS_BLOCK, n_heads, n)](
+            o[rows], do[rows], delta[rows], n_heads, seqlen, HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK)
 
-    def dkdv_grid(meta):
-        return triton.cdiv(seqlen, meta["BLOCK_N"]), batch * n_kv_heads
+        def dkdv_grid(meta, n=n):
+            return launch_grid(seqlen, meta["BLOCK_N"], n_kv_heads, n)
 
-    dkdv = _launcher("dkdv" if n_heads == n_kv_heads else "dkdv-gqa", q)
-    dkdv[dkdv_grid](q, k, v, do, lse, delta, dk, dv, dq, n_heads, seqlen, *scales, CAUSAL=causal,
-                    ATOMIC_DQ=atomic_dq, **options)
+        _launcher("dkdv" if n_heads == n_kv_heads else "dkdv-gqa", q)[dkdv_grid](
+            q[rows], k[rows], v[rows], do[rows], lse[rows], delta[rows], dk[rows], dv[rows], dq[rows], n_heads,
+            seqlen, *scales, CAUSAL=causal, ATOMIC_DQ=atomic_dq, WGMMA=_wgmma(_arch(q.device), q.dtype),
+            **options)
+        if not atomic_dq:
+            def dq_grid(meta, n=n):
+                return launch_grid(seqlen, meta["BLOCK_M"], n_heads, n)
+
+            _launcher("dq", q)[dq_grid](q[rows], k[rows], v[rows], do[rows], lse[rows], delta[rows], dq[rows],
+                                        n_heads, seqlen, *scales, CAUSAL=causal, **options)
     if atomic_dq:
         return (dq * softmax_scale).to(q.dtype), dk, dv
-
-    def dq_grid(meta):
-        return triton.cdiv(seqlen, meta["BLOCK_M"]), batch * n_heads
-
-    _launcher("dq", q)[dq_grid](q, k, v, do, lse, delta, dq, n_heads, seqlen, *scales, CAUSAL=causal,
-                                **options)
     return dq, dk, dv
 
 
@@ -551,7 +669,7 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if (k.shape[0], k.shape[1], k.shape[3]) != (batch, seqlen, head_dim):
         raise ValueError(f"attention: k and v must match q in batch, seqlen and head_dim, got "
                          f"q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if n_heads % k.shape[2] != 0:
+    if k.shape[2] == 0 or n_heads % k.shape[2] != 0:
         raise ValueError(f"attention: heads ({n_heads}) must be a multiple of kv_heads "
                          f"({k.shape[2]})")
     if head_dim not in HEAD_DIMS:
@@ -584,7 +702,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     _launch.check_device("attention", q, k, v)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    o, _ = _attention_fwd(q, k, v, causal, softmax_scale)
+    # The op saves its inputs for the backward: contiguous here (a no-op for q, k and v straight
+    # out of a projection's .view), so a strided view is copied once and the backward reuses it.
+    o, _ = _attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), causal, softmax_scale)
     return o
 
 
@@ -616,9 +736,9 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 def compile_specs(arch: int) -> list:
     """The kernels of this module for benchmarks/kernel_stats.py (offline compiles): every
     advertised head dim, bf16 and fp16, causal and not, no GQA (GROUP 1), with the config
-    lists of `arch`; dk/dv also with GQA (GROUP 4, causal) and in its deterministic form
-    (no atomic dq, with the dq kernel); fp32 (the exact path of the tests) at every head dim
-    it takes."""
+    lists of `arch`; dk/dv also with GQA (GROUP 4), each with the atomic dq and in its
+    deterministic form (no atomic dq, with the dq kernel); fp32 (the exact path of the tests)
+    at every head dim it takes."""
     sizes = ("n_heads", "seqlen")  # 16-divisible at real sizes (32 heads, seqlen 4096)
     specs = []
 
@@ -646,11 +766,12 @@ def compile_specs(arch: int) -> list:
 
                 add("fwd", _attn_fwd_kernel, configs("fwd"), variant, GROUP=1, **common)
                 for atomic in (True, False):
-                    add("dkdv" if atomic else "dkdv-deterministic", _attn_bwd_dkdv_kernel, configs("dkdv"),
-                        variant, GROUP=1, ATOMIC_DQ=atomic, **common)
-                if causal:
-                    add("dkdv", _attn_bwd_dkdv_kernel, configs("dkdv-gqa"), {**variant, "group": 4}, GROUP=4,
-                        ATOMIC_DQ=True, **common)
+                    name = "dkdv" if atomic else "dkdv-deterministic"
+                    wgmma = _wgmma(arch, torch_dtype)
+                    add(name, _attn_bwd_dkdv_kernel, configs("dkdv"), variant, GROUP=1, ATOMIC_DQ=atomic,
+                        WGMMA=wgmma, **common)
+                    add(name, _attn_bwd_dkdv_kernel, configs("dkdv-gqa"), {**variant, "group": 4}, GROUP=4,
+                        ATOMIC_DQ=atomic, WGMMA=wgmma, **common)
                 add("dq", _attn_bwd_dq_kernel, configs("dq"), variant, GROUP=1, **common)
             add("preprocess", _bwd_preprocess_kernel, (), {"head_dim": head_dim, "dtype": dtype}, HEAD_DIM=head_dim,
                 BLOCK_M=_PREPROCESS_BLOCK)

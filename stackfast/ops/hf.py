@@ -15,17 +15,28 @@ renamed, so the state dict and checkpoints are untouched):
   mask, e.g. 'eager'), a KV cache holding earlier tokens (generation; an empty one is
   filled), attention dropout in training, a sliding window shorter than the sequence, or a
   head dim the attention kernel does not take (stackfast.ops.attention.HEAD_DIMS);
-- every MLP (silu / swish only): down_proj(stackfast.ops.swiglu(gate_proj(x), up_proj(x)));
+- every MLP: down_proj(stackfast.ops.swiglu(gate_proj(x), up_proj(x))) where the model's
+  hidden_act is silu / swish; any other activation runs the module's own forward (under
+  the class patch; apply_stackfast_kernels refuses such a model);
 - the causal-LM loss when `labels` are given: stackfast.ops.linear_cross_entropy of the final
   hidden states and lm_head's weight with Hugging Face's label shift, ignore_index -100 and
   `num_items_in_batch` / `shift_labels` handling; the logits are then not computed and the
-  output's `logits` is None (as with Liger-Kernel's fused loss). Without labels the logits
-  are returned as before.
+  output's `logits` is None (as with Liger-Kernel's fused loss); `return_dict=False` gives
+  Hugging Face's positions with None for them: (loss, None, cache, ...). Without labels the unpatched forward runs, with
+  every argument as it came.
+
+Every argument reaches the code that takes it as the caller gave it: the KV cache under the
+name the installed transformers uses (`cache`; `past_key_values`, which transformers 5
+still accepts with a FutureWarning, and older ones' `past_key_value`), and a subclass of a
+patched class (patch_llama) inherits the patch without recursion. A module whose class
+overrides forward keeps its own forward.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import types
 
 import torch
@@ -38,11 +49,37 @@ SUPPORTED = {
     "Qwen2ForCausalLM": ("transformers.models.qwen2.modeling_qwen2", "Qwen2"),
 }
 _ORIGINAL: dict[tuple[type, str], object] = {}  # (class, "forward") -> the forward patch_* replaced
+# transformers' names for the KV cache argument, newest first (4.x: past_key_value(s); 5.x: cache)
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
 
 
 def _original_forward(module):
-    cls = type(module)
-    return _ORIGINAL.get((cls, "forward"), cls.forward)
+    """The forward the patch replaced for this module: a patched class's original, found along
+    the MRO (a subclass of a patched class inherits the patched forward: its own class
+    attribute would call the patch again, endlessly), else the class's own forward."""
+    for cls in type(module).__mro__:
+        original = _ORIGINAL.get((cls, "forward"))
+        if original is not None:
+            return original
+    return type(module).forward
+
+
+@functools.lru_cache(maxsize=None)
+def _signature_names(fn) -> tuple[tuple[str, ...], str]:
+    """(the parameters of fn that can be given by position, after self; the name fn takes
+    the KV cache by). inspect follows functools.wraps, so the decorated forward's own."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    names = {p.name for p in params}
+    return positional, next((name for name in _CACHE_NAMES if name in names), _CACHE_NAMES[0])
+
+
+def _config_problem(config) -> str | None:
+    """Why the kernels cannot honour this config (None when they can)."""
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        return f"hidden_act {act!r} is not SwiGLU's silu"
+    return None
 
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -70,11 +107,15 @@ def _kernel_applies(module, hidden_states, attention_mask, cache) -> bool:
 
 def attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                       cache=None, **kwargs):
-    if cache is None:
-        cache = kwargs.pop("past_key_values", None)
+    given_as_cache = cache is not None
+    if not given_as_cache:  # an older transformers' name (it stays in kwargs, for the module's own forward)
+        cache = next((kwargs[name] for name in _CACHE_NAMES[1:] if kwargs.get(name) is not None), None)
     if not _kernel_applies(self, hidden_states, attention_mask, cache):
-        return _original_forward(self)(self, hidden_states, position_embeddings=position_embeddings,
-                                       attention_mask=attention_mask, cache=cache, **kwargs)
+        original = _original_forward(self)
+        if given_as_cache:  # under the name this transformers' forward takes it by
+            kwargs[_signature_names(original)[1]] = cache
+        return original(self, hidden_states, position_embeddings=position_embeddings,
+                        attention_mask=attention_mask, **kwargs)
     from stackfast.ops import attention, rope
     batch, seqlen = hidden_states.shape[:2]
     # (B, S, heads, head_dim): the flash-attn layout both kernels take
@@ -90,41 +131,73 @@ def attention_forward(self, hidden_states: torch.Tensor, position_embeddings=Non
 
 
 def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # the class patch reaches every model built, whatever its activation: SwiGLU only for silu
+    if _config_problem(getattr(self, "config", None)) is not None:
+        return _original_forward(self)(self, x)
     from stackfast.ops import swiglu
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                      inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    if labels is None:
-        return _original_forward(self)(self, input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
-                                       use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+def causal_lm_forward(self, *args, **kwargs):
+    original = _original_forward(self)
+    positional, _ = _signature_names(original)
+    named = dict(zip(positional, args))
+    if len(args) > len(positional) or named.keys() & kwargs.keys() or {**named, **kwargs}.get("labels") is None:
+        # no loss to fuse (or arguments Python refuses): Hugging Face's forward, with the
+        # arguments exactly as given (a cache under either name, return_dict, ...)
+        return original(self, *args, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from stackfast.ops import linear_cross_entropy
+    kwargs = {**named, **kwargs}
+    labels = kwargs.pop("labels")
+    return_dict = kwargs.pop("return_dict", None)  # as transformers' can_return_tuple: the config's by default
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    kwargs.pop("logits_to_keep", None)  # it slices the logits, which are not computed
+    # the rest (the cache under whichever name it came) goes to the base model as Hugging Face's does
+    outputs = self.model(**kwargs, return_dict=True)
     hidden = outputs.last_hidden_state  # (B, S, hidden)
     if shift_labels is None:  # Hugging Face's ForCausalLMLoss: position t predicts labels[t + 1]
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.to(hidden.device)
     loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels, ignore_index=ignore_index)
-    if num_items_in_batch is not None:  # a sum over this batch divided by the caller's count
-        loss = loss * (shift_labels != ignore_index).sum() / num_items_in_batch
+    # No counted token (every label ignore_index): Hugging Face's mean is F.cross_entropy's 0/0 =
+    # nan, its sum (with num_items_in_batch) 0; the gradients are 0 either way, which torch.where
+    # keeps (whatever linear_cross_entropy returns for an empty mean). No host sync.
+    count = (shift_labels != ignore_index).sum()
+    if num_items_in_batch is None:
+        loss = torch.where(count > 0, loss, torch.nan)
+    else:  # the sum over this batch divided by the caller's count (of the whole accumulated batch)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = torch.where(count > 0, loss * count, 0.0) / num_items_in_batch
     fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
     extra = {name: getattr(outputs, name, None) for name in ("cache", "past_key_values") if name in fields}
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
-                                  attentions=outputs.attentions, **extra)
+    output = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                    attentions=outputs.attentions, **extra)
+    if return_dict:
+        return output
+    # Hugging Face's tuple is (loss, logits, cache, ...): the same positions, with None for the
+    # logits that were never computed, so `out[1]` fails loudly instead of being the cache.
+    return (loss, None) + output.to_tuple()[1:]
 
 
-def _family(cls_name: str, what: str):
-    if cls_name not in SUPPORTED:
-        raise ValueError(f"{what}: {cls_name} is not supported (stackfast patches "
+def _family(cls: type, what: str) -> str:
+    """The supported ForCausalLM class name this model class is (or derives from); a
+    ValueError naming any other class."""
+    name = next((c.__name__ for c in cls.__mro__ if c.__name__ in SUPPORTED), None)
+    if name is None:
+        raise ValueError(f"{what}: {cls.__name__} is not supported (stackfast patches "
                          f"{', '.join(SUPPORTED)}: the Llama block with RMSNorm, rotate-half RoPE and SwiGLU)")
+    return name
+
+
+def _forwards(cls_name: str) -> dict:
+    """transformers' module class -> the forward that replaces its own, for this family."""
     module_name, prefix = SUPPORTED[cls_name]
     module = importlib.import_module(module_name)
     return {getattr(module, prefix + suffix): forward for suffix, forward in (
@@ -132,28 +205,26 @@ def _family(cls_name: str, what: str):
         ("ForCausalLM", causal_lm_forward))}
 
 
-def _check_config(config, what: str) -> None:
-    act = getattr(config, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"{what}: hidden_act {act!r} is not SwiGLU's silu")
-
-
 def apply_stackfast_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """Patch this LlamaForCausalLM (or MistralForCausalLM / Qwen2ForCausalLM) instance in place
     to run stackfast's RMSNorm, RoPE, attention, SwiGLU and fused linear cross-entropy; its
     parameters, buffers and state dict are unchanged. Returns the model. Any other class is
-    refused with a ValueError naming it."""
-    forwards = _family(type(model).__name__, "apply_stackfast_kernels")
-    _check_config(model.config, "apply_stackfast_kernels")
+    refused with a ValueError naming it, and so is a config the kernels cannot honour
+    (hidden_act other than silu). A module whose class overrides forward keeps it."""
+    forwards = _forwards(_family(type(model), "apply_stackfast_kernels"))
+    problem = _config_problem(model.config)
+    if problem is not None:
+        raise ValueError(f"apply_stackfast_kernels: {problem}")
     for module in model.modules():
         for cls, forward in forwards.items():
-            if isinstance(module, cls):
+            # a subclass with a forward of its own computes something else: it keeps its forward
+            if isinstance(module, cls) and type(module).forward is cls.forward:
                 module.forward = types.MethodType(forward, module)  # an instance attribute, not a parameter
     return model
 
 
 def _patch_classes(cls_name: str, undo: bool) -> None:
-    for cls, forward in _family(cls_name, "patch").items():
+    for cls, forward in _forwards(cls_name).items():
         key = (cls, "forward")
         if undo:
             if key in _ORIGINAL:
@@ -165,8 +236,9 @@ def _patch_classes(cls_name: str, undo: bool) -> None:
 
 def patch_llama(undo: bool = False) -> None:
     """Patch transformers' Llama classes (every LlamaForCausalLM made afterwards, and existing
-    ones) to run stackfast's kernels, as Liger's apply_liger_kernel_to_llama does; undo=True
-    restores the originals. Only models with hidden_act silu should be built while patched."""
+    ones, and their subclasses) to run stackfast's kernels, as Liger's apply_liger_kernel_to_llama
+    does; undo=True restores the originals. Where a model's config is one the kernels cannot
+    honour (hidden_act other than silu) its MLPs run Hugging Face's own forward."""
     _patch_classes("LlamaForCausalLM", undo)
 
 

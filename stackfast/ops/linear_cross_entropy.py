@@ -3,6 +3,7 @@ computed chunk by chunk over tokens, never holding the (tokens x vocab) logits.
 
     loss = mean over tokens t with targets[t] != ignore_index of
            lse_t - logits[t, targets[t]] + z_loss * lse_t**2,   lse_t = logsumexp(logits[t])
+    (0 when there is no such token: see linear_cross_entropy)
 
 The gradients of hidden and weight are computed in the forward, one chunk of tokens at a
 time (the logits chunk is turned in place into the softmax gradient, then two matmuls),
@@ -40,7 +41,9 @@ def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, n_cols, stride
     base = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
-    safe_target = tl.where(valid, target, 0)
+    # An out-of-range target must not read outside the row: read column 0 instead. The row's
+    # loss is then meaningless, and linear_cross_entropy raises for it (_check_targets).
+    safe_target = tl.where(valid & (target >= 0) & (target < n_cols), target, 0)
     cols = tl.arange(0, BLOCK_V)
     # a finite floor, not -inf: lanes that have seen only padding then give exp(floor - m) = 0, never nan
     m = tl.full([BLOCK_V], -3.0e38, tl.float32)
@@ -89,7 +92,9 @@ def _chunk_grad_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     """The PyTorch twin of the kernel on an fp32 chunk (rows, vocab): per-row loss, logits
     overwritten in place by their gradient when need_grad."""
     valid = targets != ignore_index
-    safe = torch.where(valid, targets, 0)
+    # out-of-range targets read column 0, as in the kernel (linear_cross_entropy raises for
+    # them; on CUDA a gather out of range would be a device-side assert, which ends the process)
+    safe = torch.where(valid & (targets >= 0) & (targets < logits.shape[1]), targets, 0)
     lse = torch.logsumexp(logits, dim=-1)  # (rows,)
     loss = lse - logits.gather(1, safe[:, None]).squeeze(1)
     if z_loss:
@@ -155,8 +160,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_dw:
                     grad_weight = _accumulate(grad_weight, grad_logits.T, h_chunk)
             del logits
-        count = (targets != ignore_index).sum()
-        # mean over the counted tokens; no host sync (0 tokens gives nan, as F.cross_entropy)
+        # Mean over the counted tokens, the count taken as at least 1 (no host sync): with no
+        # counted token every row's loss and gradient is 0, so the loss is 0 and the gradients
+        # exact zeros (1 / 0 would make them 0 * inf = nan). See linear_cross_entropy.
+        count = (targets != ignore_index).sum().clamp_(min=1)
         inv_count = 1.0 / count.to(acc)
         if need_dw:
             grad_weight = grad_weight.mul_(inv_count).to(weight.dtype)  # scaled in fp32, then one rounding
@@ -181,6 +188,45 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
+def _raise_for_target(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """The IndexError for the first counted target outside [0, vocab) (there is one)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    index = int(bad.nonzero()[0, 0])  # host sync, on the error path only
+    raise IndexError(f"linear_cross_entropy: target {int(targets[index])} (token {index}) is out of range for a "
+                     f"vocab of {vocab}: targets must lie in [0, {vocab}) or equal ignore_index ({ignore_index})")
+
+
+def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int):
+    """Check that every target is in [0, vocab) or ignore_index; returns a function to call once
+    the loss is queued, which raises IndexError naming the first bad target.
+
+    CPU tensors are checked at once. CUDA tensors: the flag is computed on the device and
+    copied without blocking into pinned host memory, behind an event; the returned function
+    waits for that event (the host sync) after the caller has queued the whole loss, so the
+    GPU has the loss to compute while the host waits. Meanwhile nothing reads out of range: the
+    kernel and the PyTorch chunk step read column 0 for an out-of-range target. Not a device-side
+    assert: tl.device_assert is compiled out unless Triton's debug mode is on, and a failed
+    device assert (like F.cross_entropy's on CUDA) leaves the CUDA context unusable.
+    """
+    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
+        return lambda: None  # no host sync inside a CUDA graph; the reads stay in range regardless
+    bad = ((targets != ignore_index) & ((targets < 0) | (targets >= vocab))).any()
+    if not bad.is_cuda:
+        if bad:
+            _raise_for_target(targets, vocab, ignore_index)
+        return lambda: None
+    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+    flag.copy_(bad, non_blocking=True)  # on the current stream of the targets' device
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(bad.device))
+
+    def finish():
+        copied.synchronize()  # host sync: waits for the work queued before the loss, not for the loss
+        if flag.item():
+            _raise_for_target(targets, vocab, ignore_index)
+    return finish
+
+
 def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, z_loss: float = 0.0, chunk_size: Optional[int] = None,
                          use_kernel: Optional[bool] = None) -> torch.Tensor:
@@ -188,6 +234,16 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, tar
     as `F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)`, never holding the
     full logits. hidden (..., H), lm_head_weight (V, H), targets (...) int64. Returns an fp32 scalar
     (fp64 for fp64 inputs: then every step is fp64, a chunked accuracy reference).
+
+    No counted token (every target is ignore_index, or no tokens at all): the loss is 0.0 and
+    the gradients are exact zeros, where F.cross_entropy's mean over zero elements gives nan
+    (0 / 0). The rule is sum / max(count, 1), the same as linear_cross_entropy_ref: a training
+    loss needs it, since a fully masked micro-batch then adds nothing to an accumulated step
+    instead of making it nan, and it is what Hugging Face's loss gives for such a batch with
+    num_items_in_batch (its sum over no tokens, 0, divided by the step's count).
+
+    A target outside [0, V) other than ignore_index raises IndexError, as F.cross_entropy does
+    (the check: _check_targets; on CUDA one host sync, after the loss is queued).
 
     chunk_size: tokens per chunk (default: default_chunk_size). use_kernel: the Triton chunk
     kernel (default on CUDA tensors but fp64; True on CPU needs TRITON_INTERPRET=1), else PyTorch.
@@ -213,27 +269,35 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, tar
     hidden2d = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     n_tokens = hidden2d.shape[0]
     chunk = chunk_size or default_chunk_size(n_tokens, *lm_head_weight.shape)
+    flat_targets = targets.reshape(-1)
+    finish_check = _check_targets(flat_targets, lm_head_weight.shape[0], ignore_index)
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden2d, lm_head_weight, targets.reshape(-1), ignore_index,
+        loss = _LinearCrossEntropy.apply(hidden2d, lm_head_weight, flat_targets, ignore_index,
                                          float(z_loss), max(1, chunk), bool(use_kernel))
+    finish_check()
+    return loss
 
 
 def linear_cross_entropy_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
                              ignore_index: int = -100, z_loss: float = 0.0, upcast: bool = False) -> torch.Tensor:
     """Pure-PyTorch reference with the full logits: F.cross_entropy(lm_head(hidden).float()) (+ z-loss).
 
-    upcast=True computes in float64 (the accuracy reference) and returns float64.
+    The mean is sum / max(count, 1) as in linear_cross_entropy: 0.0 and zero gradients when no
+    target is counted (F.cross_entropy's mean would be nan). Out-of-range targets raise
+    (F.cross_entropy's own check). upcast=True computes in float64 (the accuracy reference)
+    and returns float64.
     """
     if upcast:
         hidden, lm_head_weight = hidden.double(), lm_head_weight.double()
-    logits = F.linear(hidden, lm_head_weight).flatten(0, -2)
+    logits = F.linear(hidden, lm_head_weight).reshape(-1, lm_head_weight.shape[0])  # (tokens, V)
     logits = logits if upcast else logits.float()
     flat = targets.flatten()
-    loss = F.cross_entropy(logits, flat, ignore_index=ignore_index)
+    valid = flat != ignore_index
+    count = valid.sum().clamp(min=1)
+    loss = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum") / count
     if z_loss:
-        valid = flat != ignore_index
         lse = torch.logsumexp(logits, dim=-1)
-        loss = loss + z_loss * (lse * lse * valid).sum() / valid.sum()
+        loss = loss + z_loss * (lse * lse * valid).sum() / count
     return loss
 
 

@@ -93,11 +93,15 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torc
     new_residual is an empty tensor when residual is None: a custom op can return
     neither None nor an alias of its input.
     """
+    # The kernel indexes contiguous rows; `rms_norm` passes contiguous x already (so the x
+    # saved for the backward is the one the kernel read), this guards direct calls.
     x = x.contiguous()
     n_rows, n_cols = x.shape
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+    if n_rows == 0:  # no tokens: nothing to launch
+        return y, h, rstd
     block, warps = _block_and_warps(n_cols)
     res = residual.contiguous() if residual is not None else x  # x: an unused placeholder
     _rms_norm_fwd_kernel[(n_rows,)](
@@ -116,9 +120,14 @@ def _(x, weight, residual, eps):
 def _rms_norm_bwd(dy: torch.Tensor, dres: Optional[torch.Tensor], h: torch.Tensor,
                   weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """dy, dres, h: (rows, hidden) with h the normalised input. Returns (dh, dweight)."""
-    dy = dy.contiguous()
+    # The kernel indexes contiguous rows: a gradient arriving as a strided or expanded view
+    # (slicing, .t() or a sum downstream) is copied here, and so is an h saved non-contiguous
+    # by a direct call of the forward op.
+    dy, h = dy.contiguous(), h.contiguous()
     n_rows, n_cols = h.shape
     dh = torch.empty_like(h)
+    if n_rows == 0:  # no tokens: the weight gradient is zero
+        return dh, torch.zeros_like(weight)
     n_programs = max(1, min(n_rows, _launch.programs_per_device(h.device, per_sm=4)))
     rows_per_program = triton.cdiv(n_rows, n_programs)
     dw_partial = torch.empty((n_programs, n_cols), device=h.device, dtype=torch.float32)
@@ -179,8 +188,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     _validate(x, weight, residual)
     _launch.check_device("rms_norm", x, weight, *([] if residual is None else [residual]))
     hidden = x.shape[-1]
-    x2d = x.reshape(-1, hidden)  # (rows, hidden)
-    res2d = residual.reshape(-1, hidden) if residual is not None else None
+    # (rows, hidden), contiguous: the custom op saves its x input for the backward, which must
+    # be the rows the forward kernel read (a strided x, e.g. x[:, :hidden] of a wider tensor,
+    # is copied once here, and that copy is the one saved)
+    x2d = x.reshape(-1, hidden).contiguous()
+    res2d = residual.reshape(-1, hidden).contiguous() if residual is not None else None
     normed, new_residual, _ = _rms_norm_fwd(x2d, weight, res2d, eps)
     if residual is None:
         return normed.view(x.shape)

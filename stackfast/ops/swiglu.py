@@ -108,7 +108,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"swiglu: gate must be float16, bfloat16 or float32, got {gate.dtype}")
     _launch.check_device("swiglu", gate, up)
-    return _swiglu_fwd(gate, up)
+    # The op saves its inputs for the backward: contiguous here, so views (the halves of a fused
+    # gate-up projection) are copied once, in the forward, and the backward reuses the copies.
+    return _swiglu_fwd(gate.contiguous(), up.contiguous())
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor, upcast: bool = False) -> torch.Tensor:
