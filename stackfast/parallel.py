@@ -81,6 +81,9 @@ def launched_by_torchrun() -> bool:
 
 def check_replicate_degree(replicate_degree: int, world_size: int) -> None:
     """parallel.replicate_degree must divide the number of processes (one line otherwise)."""
+    if world_size == 1 and replicate_degree > 1:
+        raise ConfigError(f"parallel.replicate_degree: {replicate_degree} needs torchrun with a multiple of "
+                          f"{replicate_degree} processes (HSDP); this run has 1 process")
     if replicate_degree < 1 or world_size % replicate_degree:
         raise ConfigError(f"parallel.replicate_degree: {replicate_degree} does not divide the world size "
                           f"({world_size} process{'es' if world_size != 1 else ''}); use a divisor of "

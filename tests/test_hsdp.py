@@ -142,7 +142,8 @@ def test_replicate_degree_must_divide_the_world_size(tmp_path, monkeypatch, caps
         monkeypatch.delenv(name)
     args = [a for o in settings(run_dir, "parallel.replicate_degree=2") for a in ("--set", o)]
     assert cli_main(["train", *args]) == 2
-    assert "replicate_degree: 2 does not divide the world size (1 process)" in capsys.readouterr().err
+    assert "replicate_degree: 2 needs torchrun with a multiple of 2 processes (HSDP); this run has 1 process" \
+        in capsys.readouterr().err
     assert not run_dir.exists()
     with pytest.raises(ConfigError, match="parallel.replicate_degree: must be positive, got 0"):
         load_config(None, ["parallel.replicate_degree=0"])
