@@ -10,20 +10,21 @@ the run, does not depend on the number of processes.
 
 Host syncs: at logging, validation and checkpoint steps, and one per micro-batch in the
 fused loss on CUDA (its target range check, waited on once the loss is queued, so the GPU
-is never idle for it). Per-step losses, gradient
-norms and skip flags stay on the device until such a step flushes them with one transfer;
-a non-finite step is skipped on the device (fused AdamW's found_inf).
+is never idle for it). Per-step losses, gradient norms and skip flags stay on the device
+until such a step flushes them with one transfer; a non-finite step is skipped on the
+device (fused AdamW's found_inf).
 
 Faults: SIGTERM or SIGINT finishes the current step (several processes: the next
 logging, validation or checkpoint step, where they agree), writes a checkpoint and
-returns (exit status 0); a second signal stops at once without a checkpoint (a save in progress
-is abandoned and its temporary folder removed; one line, exit status 128 + the signal); a
-failed write (a full disk, a read-only run folder) is one line, exit status 2, the previous
-checkpoint intact; a step with a non-finite loss or gradient norm is skipped (no
-update) and logged, and train.max_bad_steps of them in a row stop the run with an error
-at the next flush, the last checkpoint untouched. Under torchrun, signal the workers, not
-torchrun, which exits 1 after passing a signal on (README: "Pre-emption"). With checkpoint.resume = "auto" a restarted job (torchrun
---max-restarts, or the same command again) continues from the newest checkpoint.
+returns (exit status 0); a second signal stops at once without a checkpoint (a save in
+progress is abandoned and its temporary folder removed; one line, exit status 128 + the
+signal); a failed write (a full disk, a read-only run folder) is one line, exit status 2,
+the previous checkpoint intact; a step with a non-finite loss or gradient norm is skipped
+(no update) and logged, and train.max_bad_steps of them in a row stop the run with an
+error at the next flush, the last checkpoint untouched. Under torchrun, signal the
+workers, not torchrun, which exits 1 after passing a signal on (README: "Pre-emption").
+With checkpoint.resume = "auto" a restarted job (torchrun --max-restarts, or the same
+command again) continues from the newest checkpoint.
 """
 from __future__ import annotations
 
@@ -206,9 +207,10 @@ def run(cfg: Config) -> dict:
     Under torchrun this joins the process group (and leaves it at the end); every
     process calls run() with the same config."""
     cfg.validate()
-    check_kernels(cfg.model.kernels, resolve_device(cfg.train.device))  # before any process group or file
-    check_float8(cfg.train.float8, resolve_device(cfg.train.device))  # so are torchao and the GPU for float8
-    world, device = init_distributed(resolve_device(cfg.train.device), cfg.parallel.replicate_degree)
+    device = resolve_device(cfg.train.device)
+    check_kernels(cfg.model.kernels, device)  # before any process group or file
+    check_float8(cfg.train.float8, device)  # so are torchao and the GPU for float8
+    world, device = init_distributed(device, cfg.parallel.replicate_degree)
     try:
         cfg.batch_split(world.world_size)  # an uneven split is an error before anything is written
         find_resume(cfg)  # so is a resume folder that is not there (the lock below creates the run folder)
