@@ -69,7 +69,7 @@ from torch.distributed.tensor import DTensor
 
 from stackfast.config import Config, ConfigError, ModelConfig, StackfastError, config_from_dict, tomllib
 from stackfast.errors import WriteError
-from stackfast.files import replace_folder, write_failure, write_folder
+from stackfast.files import first_line, replace_folder, write_failure, write_folder
 from stackfast.model import Transformer
 from stackfast.parallel import World, barrier
 
@@ -137,8 +137,7 @@ def _write_files(tmp: Path, tensors: dict, rng: dict[str, torch.Tensor], state_t
 
 def _needed_bytes(tensors, world: World) -> int:
     """What the checkpoint takes on disk: every rank's share, a replicated shard (HSDP) saved once."""
-    copies = getattr(world, "replicate_degree", 1)
-    return _state_bytes(tensors) * world.world_size // max(1, copies)
+    return _state_bytes(tensors) * world.world_size // world.replicate_degree
 
 
 def _save_failure(error: BaseException, ckpt_root: Path, name: str, needed: int) -> WriteError | None:
@@ -404,7 +403,7 @@ def _agree(error: BaseException | None, world: World, group) -> BaseException | 
             pickle.loads(pickle.dumps(error))  # some exceptions pickle but cannot be rebuilt (extra arguments)
             mine = error
         except Exception:
-            mine = RuntimeError(f"{type(error).__name__}: {_first_line(error)}")
+            mine = RuntimeError(f"{type(error).__name__}: {first_line(error)}")
     errors: list = [None] * world.world_size
     dist.all_gather_object(errors, mine, group=group)
     if error is not None:
@@ -412,7 +411,7 @@ def _agree(error: BaseException | None, world: World, group) -> BaseException | 
     rank, first = next(((r, e) for r, e in enumerate(errors) if e is not None), (None, None))
     if first is None:
         return None
-    wrapped = RuntimeError(f"rank {rank}: {type(first).__name__}: {_first_line(first)}")
+    wrapped = RuntimeError(f"rank {rank}: {type(first).__name__}: {first_line(first)}")
     wrapped.__cause__ = first  # write_failure looks through the chain for an OSError
     return wrapped
 
@@ -543,15 +542,10 @@ def _dcp_load(state: dict, folder: Path, world: World = World()) -> None:
         if isinstance(error, CheckpointError):
             raise CheckpointError(f"{folder}: {error}") from None
         raise CheckpointError(f"{folder}: does not fit the model or is unreadable "
-                              f"({type(error).__name__}: {_first_line(error)})") from None
+                              f"({type(error).__name__}: {first_line(error)})") from None
     except Exception as e:
         raise CheckpointError(f"{folder}: does not fit the model or is unreadable "
-                              f"({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""
+                              f"({type(e).__name__}: {first_line(e)})") from None
 
 
 class _SafeReader(FileSystemReader):

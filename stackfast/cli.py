@@ -16,7 +16,7 @@ from pathlib import Path
 from stackfast import __version__
 from stackfast.config import StackfastError, check_device, describe, load_config
 from stackfast.demo import CPU_SIZING
-from stackfast.files import PLACE_ERRNOS
+from stackfast.files import PLACE_ERRNOS, first_line
 from stackfast.growth_operators import OPERATORS, operator_spec
 
 
@@ -343,9 +343,8 @@ def _load_tasks(tasks: list[str], task_manager) -> None:
         try:
             load([task])
         except Exception as e:  # any failure of lm-eval or datasets while reading the task's files
-            detail = (str(e).strip().splitlines() or [""])[0]
             raise StackfastError(f"--tasks {task}: lm-evaluation-harness could not load the task: "
-                                 f"{type(e).__name__}: {detail}") from None
+                                 f"{type(e).__name__}: {first_line(e)}") from None
 
 
 def cmd_bench(args) -> int:

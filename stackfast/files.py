@@ -92,13 +92,10 @@ def remove_stale_temps(folder: Path) -> list[Path]:
         return removed
     for path in candidates:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            fd = _hold(path)
         except OSError:  # gone meanwhile, a symlink, not a folder: not ours to remove
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by a live writer (or locks unsupported here)
-            os.close(fd)
+        if fd is None:  # held by a live writer (or locks unsupported here)
             continue
         try:
             shutil.rmtree(path, ignore_errors=True)
@@ -109,8 +106,9 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 
 
 def _hold(folder: Path) -> int | None:
-    """An open descriptor of `folder` holding its lock (None where locks are unsupported)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    """An open descriptor of `folder` (not a symlink) holding its lock; None when another
+    process holds it or locks are unsupported here."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -165,7 +163,6 @@ def size_text(n: int) -> str:
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1000
-    return ""
 
 
 def write_failure(error: BaseException, place: Path, needed: int = 0) -> str | None:
@@ -201,5 +198,6 @@ def write_failure(error: BaseException, place: Path, needed: int = 0) -> str | N
 
 
 def first_line(error: BaseException) -> str:
+    """The first line of an error's message, at most 300 characters (for one-line errors)."""
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else ""

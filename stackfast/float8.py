@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 
 from stackfast.errors import ConfigError
+from stackfast.files import first_line
 
 MODES = ("none", "tensorwise", "rowwise")
 INSTALL = "pip install 'stackfast[float8]'"
@@ -109,7 +110,7 @@ def _torchao_float8():
             float8.precompute_float8_dynamic_scale_for_fsdp  # noqa: B018
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"train.float8: torchao {torchao_version()} has no usable float8 training "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"({type(e).__name__}: {first_line(e)}); "
                           f"{INSTALL} installs a recent one") from None
     return float8
 
