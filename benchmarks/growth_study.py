@@ -1,42 +1,43 @@
-"""Growth study: scratch, the small model alone and the growth operators at equal FLOPs, with
-seeds (paper Figure 3 in miniature).
+"""Growth studies at equal FLOPs under one protocol (stackfast/recipes.py): every arm gets the
+same search over schedule (cosine, WSD) and peak LR, extended until each best LR is interior
+(seed 1), then 3 fresh seeds (2, 3, 4) at its best setting; the grown arms run at half the
+budget too (the speedup, read from complete runs against the strongest scratch); the
+strongest scratch again at 2 threads (the noise floor: every run is pinned to 1 thread and
+bit-reproducible there, which one repeat checks). Two runs at a time on 2 cores.
 
-Every run has its own complete warmup + cosine schedule over the same FLOP budget (a grown
-run's FLOPs include its small-model phase, `small_share` of the budget) and the same LR.
+CPU, the demo's sizing (stackfast.demo.CPU_SIZING: an 8 x 32 byte-level target, 1e12 FLOPs a
+run, 10 tokens per parameter) on the built-in byte-level corpus:
 
-CPU (the default): the demo's sizing from the sizing study (stackfast.demo.CPU_SIZING: an
-8 x 32 byte-level target, 1e12 FLOPs a run: 10 tokens per parameter, 20% small share, LR 5e-3
-for scratch and small alone, 8e-3 for every grown run) on the built-in byte-level corpus;
-scratch, small alone and all eight operators, two seeds each (~15 minutes on 2 cores):
+    python benchmarks/growth_study.py             # the operators: scratch, small alone and the
+                                                  # paper's eight, each x4 at 20% of the FLOPs
+    python benchmarks/growth_study.py --recipes   # the recipes: the paper's G_stack, G_stack under one
+                                                  # schedule, growth at 50%, two doublings, MIDAS
+    python benchmarks/growth_study.py --recipes scratch doublings --flops 3e11   # a quick look
 
-    python benchmarks/growth_study.py
-    python benchmarks/growth_study.py --operators stack depth_zero --seeds 1 --flops 3e11   # a quick look
-    python benchmarks/growth_study.py --operators stack --choices   # G_stack's optimizer and schedule choices
+Each study continues where it stopped (its runs folder keeps a record of every finished run).
+Results: benchmarks/results/growth_study-cpu.json and recipe_study-cpu.json (+ PNG).
 
 GPU (--gpu): one short run that can settle the question at a size where the large model is
 the right model: a target of >= 20M parameters at >= 10 tokens per parameter, trained on the
 machine's own Python sources (standard library and site-packages: .py, .pyi and C/C++/CUDA
 sources and headers; byte-level, tokenized at the start with stackfast's tokenizer; ~400M
-tokens, so the runs do not repeat it), all within --minutes (9) including
-the tokenization. The size comes from throughput measured at the start (a short probe), by
-the demo's rule (15 tokens per parameter, never under 10): scratch, small alone and G_stack
-with two seeds where they fit (else one, and the JSON says so), then, while time remains,
-G_stack with the optimizer state replicated and with the schedule continued (the two choices
-the paper did not try). --rehearse runs that path at tiny size (about a minute on a CPU),
-as CI does.
+tokens, so the runs do not repeat it), all within --minutes (9) including the tokenization.
+The size comes from throughput measured at the start (a short probe), by the demo's rule
+(15 tokens per parameter, never under 10): scratch, small alone and the paper's G_stack with
+two seeds where they fit (else one, and the JSON says so), then, while time remains, the
+recipe study's best recipe and G_stack under one schedule. No search fits in minutes: every
+arm runs at the CPU study's best schedule and LR, scaled by sqrt(32 / width) (stated, not
+tuned). --rehearse runs that path at tiny size (about a minute on a CPU), as CI does.
 
     python benchmarks/growth_study.py --gpu              # one H100/H200, <= 9 minutes
     python benchmarks/growth_study.py --gpu --rehearse   # the same path, tiny, on any machine
-
-Reported per run: final validation loss (mean ± std over seeds) and, for the grown runs,
-the speedup read from the validation curve at scratch's final loss (a mid-schedule reading:
-a guide, not the demo's complete-schedule figure).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import sysconfig
 import time
@@ -46,12 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stackfast.bench.harness import RESULTS_DIR, environment, markdown_table, results_folder  # noqa: E402
 from stackfast.config import StackfastError  # noqa: E402
-from stackfast.data import TokenData, stdlib_files, tokenize  # noqa: E402
-from stackfast.demo import (CPU_SIZING, TOKENS_PER_PARAM, Sizing, compare, largest_hidden, loss_stats,  # noqa: E402
-                            probe_flops_per_s, scaled_up, target_model, train_arm)
-from stackfast.growth_operators import OPERATORS  # noqa: E402
+from stackfast.data import TokenData, builtin_dataset, stdlib_files, tokenize  # noqa: E402
+from stackfast.demo import (BEST, CPU_SIZING, TOKENS_PER_PARAM, Sizing, largest_hidden, probe_flops_per_s,  # noqa: E402
+                            scaled_up, target_model)
 from stackfast.metrics import read_metrics  # noqa: E402
 from stackfast.plot import plot_runs, speedup_vs, val_curve  # noqa: E402
+from stackfast.recipes import (FINAL_SEEDS, GROWTH_RECIPES, LR_LADDER, OPERATOR_RECIPES, RECIPES, Trial,  # noqa: E402
+                               check_recipes, chosen_settings, final_trials, load_records, run_many, search_table,
+                               speedup, stats, tune, verdict)
 from stackfast.train import resolve_device  # noqa: E402
 
 
@@ -69,11 +72,11 @@ class GpuPreset:
 # The GPU path at a size a CPU runs in about a minute (CI's rehearsal): same steps, tiny numbers.
 REHEARSAL = GpuPreset(minutes=1.5, min_params=30e3, min_tokens_per_param=10.0, seq_len=128, batch=16,
                       min_width=16)
-# The GPU study's runs: the required three, then the paper's open choices while time remains.
-REQUIRED = ("scratch", "small", "stack")
-OPTIONAL = {"stack_replicate": ['growth.optimizer="replicate"'], "stack_continue": ['growth.schedule="continue"']}
+# The GPU study's runs: the required three, then the recipe study's best and G_stack under one
+# schedule while time remains.
+REQUIRED = ("scratch", "small", "stack_paper")
+OPTIONAL = tuple(dict.fromkeys((BEST, "stack_continue")))
 MARGIN_S = 20.0  # the end of the study: summary, plot, JSON
-REPLACE = ("logging.overwrite=true",)  # --runs-dir is the study's own: earlier runs there are replaced
 
 
 # The GPU study's corpus: the source code the machine's own Python carries. site-packages'
@@ -91,57 +94,103 @@ def python_sources() -> list[Path]:
 
 
 def report(name: str, runs: list[dict], extra: dict, out: str | None, title: str) -> dict:
-    """Per-arm statistics, verdicts and curve speedups; JSON + PNG + a table."""
-    arms = list(dict.fromkeys(r["arm"] for r in runs))
-    stats = {arm: loss_stats([r for r in runs if r["arm"] == arm]) for arm in arms}
-    baseline = val_curve(read_metrics(next(r for r in runs if r["arm"] == "scratch")["run_dir"]))
+    """The GPU study's per-arm statistics, verdicts (the seed spread; no noise floor is
+    measured there) and curve speedups; JSON + PNG + a table."""
+    arms = list(dict.fromkeys(r["recipe"] for r in runs))
+    arm_stats = {arm: stats([r["val_loss"] for r in runs if r["recipe"] == arm]) for arm in arms}
+    baseline = val_curve(read_metrics(next(r for r in runs if r["recipe"] == "scratch")["run_dir"]))
     rows = []
     for arm in arms:
-        first = next(r for r in runs if r["arm"] == arm)
-        sp = None if arm in ("scratch", "small") else speedup_vs(baseline, val_curve(read_metrics(first["run_dir"])))
-        rows.append({"run": arm, "seeds": len(stats[arm]["values"]), "tokens": first["tokens"], "flops": first["flops"],
-                     "params": first["params"], "final_val_loss": stats[arm]["mean"], "std": stats[arm]["std"],
-                     "loss_vs_scratch": stats[arm]["mean"] - stats["scratch"]["mean"],
-                     "vs_scratch": "" if arm == "scratch" else compare(stats[arm], stats["scratch"]),
+        first = next(r for r in runs if r["recipe"] == arm)
+        sp = None if not RECIPES[arm].grows else speedup_vs(baseline, val_curve(read_metrics(first["run_dir"])))
+        rows.append({"run": arm, "schedule": first["kind"], "lr": first["lr"], "seeds": len(arm_stats[arm]["values"]),
+                     "tokens": first["tokens"], "flops": first["run_flops"], "final_val_loss": arm_stats[arm]["mean"],
+                     "std": arm_stats[arm]["std"],
+                     "loss_vs_scratch": arm_stats[arm]["mean"] - arm_stats["scratch"]["mean"],
+                     "vs_scratch": "" if arm == "scratch" else verdict(arm_stats[arm], arm_stats["scratch"], 0.0),
                      "curve_speedup_pct": None if sp is None else 100 * sp})
     folder = results_folder(out)
-    result = {"environment": environment(), **extra, "arms": stats, "rows": rows, "runs": runs}
+    result = {"environment": environment(), **extra, "arms": arm_stats, "rows": rows, "runs": runs}
     path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
-    firsts = [next(r for r in runs if r["arm"] == arm) for arm in arms]
+    firsts = [next(r for r in runs if r["recipe"] == arm) for arm in arms]
     try:
         png = plot_runs([r["run_dir"] for r in firsts], folder / f"{name}.png", labels=arms, title=title,
                         annotate_speedup=False)
     except StackfastError as e:  # matplotlib missing: the JSON stands alone
         png = f"none ({e})"
-    print(markdown_table(rows, ["run", "seeds", "tokens", "final_val_loss", "std", "loss_vs_scratch", "vs_scratch",
-                                "curve_speedup_pct"]))
+    print(markdown_table(rows, ["run", "schedule", "lr", "seeds", "tokens", "final_val_loss", "std",
+                                "loss_vs_scratch", "vs_scratch", "curve_speedup_pct"]))
     print(f"results: {path}, plot: {png}")
     return result
 
 
-def train_choice(runs_dir: Path, sizing: Sizing, name: str, seed: int, device: str) -> dict:
-    """One G_stack run with one of OPTIONAL's choices, recorded under the choice's name."""
-    record = train_arm(runs_dir / f"{name}-seed{seed}", sizing, "stack", seed, device, label=name,
-                       extra=REPLACE + tuple(OPTIONAL[name]))
-    return {**record, "arm": name}
-
-
-def cpu_study(args) -> dict:
+def protocol_study(args, names: list[str], result_name: str, title: str) -> dict:
+    """Every arm (a recipe) through the same search, then the best setting of each on fresh
+    seeds at B (and B/2 for the grown ones: the speedup), the strongest scratch again at
+    another thread count (the noise floor) and one repeat (the runs are bit-reproducible)."""
+    started = time.perf_counter()
+    check_recipes(names)
+    if "scratch" not in names:
+        raise StackfastError("the comparison needs the scratch recipe")
     sizing = dataclasses.replace(CPU_SIZING, **({"flops": args.flops} if args.flops else {}))
     runs_dir = Path(args.runs_dir)
-    print(f"growth study: {sizing.flops:.3g} FLOPs a run ({sizing.tokens_per_param():.1f} tokens per target "
-          f"parameter), {100 * sizing.small_share:.0f}% on the small model, LR {sizing.lr_scratch:g} / "
-          f"{sizing.lr_small:g} / {sizing.lr_grown:g} (scratch / small alone / grown), {args.seeds} seeds",
-          flush=True)
-    seeds = range(1, args.seeds + 1)
-    runs = [train_arm(runs_dir / f"{arm}-seed{seed}", sizing, arm, seed, args.device, extra=REPLACE)
-            for arm in ["scratch", "small", *args.operators] for seed in seeds]
-    if args.choices:
-        runs += [train_choice(runs_dir, sizing, name, seed, args.device) for name in OPTIONAL for seed in seeds]
-    name = "growth_study_choices-cpu" if args.choices else "growth_study-cpu"
-    return report(name, runs, {"sizing": sizing.describe(), "seeds": args.seeds}, args.out,
-                  "growth study: scratch vs small alone vs growth at equal FLOPs (CPU)")
+    device = str(resolve_device(args.device))
+    builtin_dataset(byte_level=True)  # built once here, not by two workers at the same time
+    done = load_records(runs_dir)
+    print(f"{title}: {', '.join(names)}; {sizing.flops:.3g} FLOPs a run, {args.workers} runs at a time, "
+          f"1 thread each{f'; {len(done)} runs already done' if done else ''}", flush=True)
+    best, done = tune(names, sizing, runs_dir, device, args.workers, done)
+    chosen = chosen_settings(best, done)
+    finals = final_trials(chosen, sizing.flops)
+    halves = {r: [dataclasses.replace(t, flops=t.flops / 2) for t in finals[r]] for r in names if RECIPES[r].grows}
+    done = run_many([t for ts in [*finals.values(), *halves.values()] for t in ts], sizing, runs_dir, device,
+                    args.workers, done)
+    final_stats = {r: stats([done[t]["val_loss"] for t in ts]) for r, ts in finals.items()}
+    scratch = finals["scratch"]
+    # The noise floor: the strongest scratch's final seeds at 2 threads instead of 1 (float
+    # rounding alone), and one of them repeated at 1 thread in a fresh process (must be equal).
+    noisy = [dataclasses.replace(t, threads=2) for t in scratch]
+    done = run_many(noisy, sizing, runs_dir, device, 1, done)
+    noise = max(abs(done[a]["val_loss"] - done[b]["val_loss"]) for a, b in zip(scratch, noisy))
+    repeat = run_many([scratch[0]], sizing, runs_dir / "repeat", device, 1, {})[scratch[0]]
+    reproducible = repeat["val_loss"] == done[scratch[0]]["val_loss"]
+    rows = []
+    for r in names:
+        st = final_stats[r]
+        row = {"recipe": r, "label": RECIPES[r].label, "schedule": chosen[r].kind, "lr": chosen[r].lr,
+               "seeds": len(st["values"]), "final_val_loss": st["mean"], "std": st["std"],
+               "vs_scratch": st["mean"] - final_stats["scratch"]["mean"],
+               "verdict": "" if r == "scratch" else verdict(st, final_stats["scratch"], noise)}
+        if r in halves:
+            sps = [speedup(done[s]["val_loss"], done[h], done[f], done[s]["run_flops"])
+                   for s, h, f in zip(scratch, halves[r], finals[r])]
+            row["speedup_per_seed"] = sps
+            if all(sp is not None for sp in sps):
+                row["speedup_pct"] = 100 * statistics.fmean(sps)
+                row["speedup_half_range_pct"] = 100 * (max(sps) - min(sps)) / 2
+        rows.append(row)
+    result = {"environment": environment(), "sizing": sizing.describe(), "threads": 1, "workers": args.workers,
+              "protocol": {"kinds": ["cosine", "wsd"], "search_seed": 1, "final_seeds": list(FINAL_SEEDS),
+                           "lr_ladder": list(LR_LADDER)},
+              "recipes": {r: {"label": RECIPES[r].label, "source": RECIPES[r].source} for r in names},
+              "search": search_table(best, done), "noise_floor": noise, "bit_reproducible": reproducible,
+              "rows": rows, "runs": list(done.values()), "wall_s": time.perf_counter() - started}
+    folder = results_folder(args.out)
+    path = folder / f"{result_name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    try:
+        png = plot_runs([done[finals[r][0]]["run_dir"] for r in names], folder / f"{result_name}.png",
+                        labels=[f"{RECIPES[r].label} ({chosen[r].kind}, lr {chosen[r].lr:g})" for r in names],
+                        title=f"{title}: every arm at its best schedule and LR, seed {FINAL_SEEDS[0]} (CPU)",
+                        annotate_speedup=False)
+    except StackfastError as e:  # matplotlib missing: the JSON stands alone
+        png = f"none ({e})"
+    print(markdown_table(rows, ["label", "schedule", "lr", "seeds", "final_val_loss", "std", "vs_scratch", "verdict",
+                                "speedup_pct", "speedup_half_range_pct"]))
+    print(f"noise floor (1 vs 2 threads, same seeds): {noise:.4f}; bit-reproducible at 1 thread: {reproducible}")
+    print(f"results: {path}, plot: {png}; {result['wall_s'] / 60:.0f} minutes")
+    return result
 
 
 def plan_gpu(flops_per_s: float, seconds: float, preset: GpuPreset, corpus_tokens: int) -> tuple[Sizing, int, str]:
@@ -184,15 +233,20 @@ def gpu_study(args) -> dict:
           f"{sizing.flops:.3g} FLOPs a run, {sizing.tokens_per_param():.1f} tokens/param, {why}", flush=True)
 
     runs_dir = Path(args.runs_dir)
-    runs = [train_arm(runs_dir / f"{arm}-seed{seed}", sizing, arm, seed, device, extra=REPLACE)
-            for seed in range(1, seeds + 1) for arm in REQUIRED]
+
+    def trial(recipe: str, seed: int) -> Trial:  # at the CPU study's best schedule and LR, scaled
+        kind, lr = sizing.settings[recipe]
+        return Trial(recipe, kind, lr, seed, sizing.flops)
+    # one run at a time on the one device; the runs folder is the study's own (replaced)
+    done = run_many([trial(r, s) for s in range(1, seeds + 1) for r in REQUIRED], sizing, runs_dir, device, 1)
     skipped = []
     for name in OPTIONAL:
-        longest = max(r["wall_s"] for r in runs)
+        longest = max(r["wall_s"] for r in done.values())
         if time.perf_counter() + longest > deadline - MARGIN_S:
             skipped.append(name)
             continue
-        runs.append(train_choice(runs_dir, sizing, name, 1, device))
+        done = run_many([trial(name, 1)], sizing, runs_dir, device, 1, done)
+    runs = list(done.values())
     plan = {"preset": dataclasses.asdict(preset), "rehearsal": args.rehearse, "corpus": [str(c) for c in corpus],
             "corpus_tokens": corpus_tokens, "tokenize_s": tokenized, "probe_tflops": flops_per_s / 1e12,
             "sizing": sizing.describe(), "seeds": seeds, "seeds_reason": why, "skipped_for_time": skipped,
@@ -214,13 +268,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--corpus", nargs="+", help="with --gpu: source folders (default: the standard library "
                         "and site-packages)")
     parser.add_argument("--flops", type=float, help="CPU: FLOPs of a run (default: the demo's)")
-    parser.add_argument("--seeds", type=int, default=2, help="CPU: seeds of every run (default 2)")
-    parser.add_argument("--operators", nargs="+", default=list(OPERATORS), choices=OPERATORS)
-    parser.add_argument("--choices", action="store_true",
-                        help="CPU: also G_stack with the optimizer state replicated and with the schedule "
-                             "continued (results go to growth_study_choices-cpu.json)")
+    parser.add_argument("--recipes", nargs="*", metavar="RECIPE", choices=RECIPES,
+                        help="CPU: the recipe study instead of the operators' (no names: " + ", ".join(GROWTH_RECIPES)
+                             + "; results in recipe_study-cpu.json)")
+    parser.add_argument("--workers", type=int, default=2, help="CPU: runs at a time, 1 thread each (default 2)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs-dir", default="runs/growth-study", help="where the runs go (replaced)")
+    parser.add_argument("--runs-dir", default="runs/growth-study",
+                        help="where the runs go (a CPU study continues the runs recorded there)")
     parser.add_argument("--out", default=None, help=f"results folder (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
     if args.rehearse and not args.gpu:
@@ -229,9 +283,13 @@ def main(argv=None) -> dict:
         parser.error("--gpu: no CUDA device here; --gpu --rehearse runs the same path at tiny size")
     if args.minutes is not None and not 0 < args.minutes < 60:
         parser.error(f"--minutes must be in (0, 60), got {args.minutes}")
-    if args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    return gpu_study(args) if args.gpu else cpu_study(args)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.gpu:
+        return gpu_study(args)
+    if args.recipes is not None:
+        return protocol_study(args, args.recipes or list(GROWTH_RECIPES), "recipe_study-cpu", "recipe study")
+    return protocol_study(args, list(OPERATOR_RECIPES), "growth_study-cpu", "growth study")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,11 @@ from pathlib import Path
 
 from stackfast import __version__
 from stackfast.config import StackfastError, check_device, describe, load_config
-from stackfast.demo import CPU_SIZING
-from stackfast.files import PLACE_ERRNOS, first_line
+from stackfast.demo import BEST, CPU_SIZING
+from stackfast.errors import report_errors
+from stackfast.files import first_line
 from stackfast.growth_operators import OPERATORS, operator_spec
-
-
-def cmd_train(args) -> int:
-    from stackfast.train import run_from_args
-    return run_from_args(args)
+from stackfast.train import add_train_arguments
 
 
 def cmd_demo(args) -> int:
@@ -32,8 +29,6 @@ def cmd_demo(args) -> int:
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise StackfastError(f"{run_dir} already exists and is not empty; choose another --run-dir")
-    if args.small_share is not None and not 0 < args.small_share < 1:
-        raise StackfastError(f"--small-share must be between 0 and 1, got {args.small_share}")
     for name in ("flops", "lr", "minutes"):
         value = getattr(args, name)
         if value is not None and not 0 < value < math.inf:
@@ -51,8 +46,8 @@ def cmd_demo(args) -> int:
         sizing = gpu_sizing(str(device), args.minutes, corpus)
     if args.quick:
         sizing = dataclasses.replace(sizing, flops=sizing.flops / QUICK_DIVISOR)
-    changes = {"flops": args.flops, "small_share": args.small_share}
-    sizing = dataclasses.replace(sizing, **{k: v for k, v in changes.items() if v is not None})
+    if args.flops is not None:
+        sizing = dataclasses.replace(sizing, flops=args.flops)
     if args.lr is not None:
         sizing = sizing.with_lr(args.lr)
     run_demo(run_dir, sizing, seeds=args.seeds, device=str(device))
@@ -67,16 +62,44 @@ def cmd_plot(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from stackfast.data import DEFAULT_PATTERNS, tokenize
+    from stackfast.data import DEFAULT_PATTERNS, available_cores, merge, tokenize
+    if args.merge:
+        if args.input or args.tokenizer or args.out or args.part:
+            raise StackfastError("--merge OUT PART... takes no --input, --tokenizer, --out or --part")
+        if len(args.merge) < 2:
+            raise StackfastError("--merge: expected the output folder, then the part folders")
+        index = merge(args.merge[0], args.merge[1:], force=args.force)
+        print(f"wrote {args.merge[0]}: {len(index['parts'])} parts, {index['total_tokens']} tokens (vocab "
+              f"{index['vocab_size']}, tokenizer {index['tokenizer']['spec']}); it refers to the parts' shards: "
+              f"keep the folders together")
+        return 0
+    missing = [f"--{name}" for name in ("input", "tokenizer", "out") if not getattr(args, name)]
+    if missing:
+        raise StackfastError(f"tokenize needs {', '.join(missing)} (or --merge OUT PART...)")
     if args.shard_tokens < 1:  # 0 would write empty shard files forever
         raise StackfastError(f"--shard-tokens must be a positive number of tokens, got {args.shard_tokens}")
+    part = None
+    if args.part is not None:
+        i, slash, n = args.part.partition("/")
+        if not (slash and i.isdigit() and n.isdigit()):
+            raise StackfastError(f"--part: expected I/N such as 0/4 (part I of N, from 0), got {args.part!r}")
+        part = (int(i), int(n))
+    workers = available_cores() if args.workers is None else args.workers
+    if workers < 1:
+        raise StackfastError(f"--workers must be a positive number of processes, got {workers}")
     index = tokenize(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
                      shard_tokens=args.shard_tokens, force=args.force,
-                     patterns=args.pattern or DEFAULT_PATTERNS, utf8_errors=args.utf8_errors)
+                     patterns=args.pattern or DEFAULT_PATTERNS, utf8_errors=args.utf8_errors,
+                     text_field=args.text_field, strict=args.strict, workers=workers, part=part)
     n_train = sum(s["tokens"] for s in index["train"])
     n_val = sum(s["tokens"] for s in index["val"])
     print(f"wrote {args.out}: {n_train} train + {n_val} val tokens ({index['dtype']}, vocab "
-          f"{index['vocab_size']}, tokenizer {index['tokenizer']['spec']})")
+          f"{index['vocab_size']}, tokenizer {index['tokenizer']['spec']})"
+          + (f", part {part[0]}/{part[1]}" if part else ""))
+    if "skipped" in index:
+        rows, field, first = index["skipped"]["rows"], index["skipped"]["text_field"], index["skipped"]["first"]
+        print(f"note: skipped {rows} row{'s' * (rows != 1)} without a string '{field}' field (first: {first}); "
+              f"--strict refuses them", file=sys.stderr)
     return 0
 
 
@@ -95,6 +118,8 @@ def cmd_plan(args) -> int:
           f"({p['tokens_per_param']:.1f} tokens per parameter)")
     print(f"grow at       d = {p['growth_tokens'] / 1e9:.4g}B tokens (paper's timing formula), "
           f"factor g = {p['factor']}")
+    growth, schedule, recipe_note = PLAN_RECIPES[args.recipe](p)
+    print(f"recipe        {args.recipe}: {recipe_note}")
     print(f"small model   {small['n_layers']} layers x hidden {small['hidden_size']} "
           f"({p['small_params'] / 1e9:.3g}B parameters), stacked {p['factor']}x into the target")
     print(f"compute       small {p['small_flops']:.3g} + grown {p['grown_flops']:.3g} FLOPs "
@@ -106,18 +131,31 @@ def cmd_plan(args) -> int:
             "model": {"preset": p["preset"]},
             "data": {"path": "data/tokens", "seq_len": 2048},
             "optim": {"lr": PAPER_LR[p["preset"]]},
-            "schedule": {"warmup_steps": 3000, "min_lr_ratio": 0.1},
+            "schedule": {"warmup_steps": 3000, "min_lr_ratio": 0.1, **schedule},
             "train": {"total_tokens": int(p["tokens"]), "global_batch_size": 1024, "micro_batch_size": 4},
-            "growth": {"operator": "stack", "factor": p["factor"], "at_tokens": int(p["growth_tokens"]),
-                       "small_lr": 1e-3},
+            "growth": {"operator": "stack", "small_lr": 1e-3, **growth},
             "parallel": {"activation_checkpointing": "full"},
             "checkpoint": {"every_steps": 1000, "resume": "auto"},
-            "logging": {"run_dir": f"runs/{p['preset']}-stack"},
+            "logging": {"run_dir": f"runs/{p['preset']}-{args.recipe}"},
         })
         out.write_text("# Written by `stackfast plan`; set data.path to your tokenized corpus.\n"
                        + dumps_toml(cfg.to_dict()))
         print(f"config        {out}")
     return 0
+
+
+# `stackfast plan --recipe`: what the written config's [growth] and [schedule] say. The paper's
+# is the default (measured at 410M-7B); the others are the recipe study's (docs/method.md),
+# measured at CPU scale only, and said so.
+PLAN_RECIPES = {
+    "paper": lambda p: ({"factor": p["factor"], "at_tokens": int(p["growth_tokens"]), "schedule": "restart"},
+                        {"kind": "cosine"}, "the paper's: x4 at d, warmup + cosine again after growth"),
+    "wsd": lambda p: ({"factor": p["factor"], "at_tokens": int(p["growth_tokens"]), "schedule": "continue"},
+                      {"kind": "wsd"}, "x4 at d under one warmup-stable-decay schedule (no re-warm)"),
+    "doublings": lambda p: ({"factor": 2, "stages": [{"at": "prop"}, {"at": "prop"}], "schedule": "continue"},
+                            {"kind": "wsd"}, "x2 twice at Prop-1 lengths (1/6 and 1/2 of the tokens) under one "
+                                             "warmup-stable-decay schedule; measured at CPU scale only"),
+}
 
 
 def _refuse_existing(out: Path, force: bool, source: Path) -> None:
@@ -212,10 +250,11 @@ def _run_tokenizer(source: Path) -> Path | None:
     from stackfast.checkpoint import load_config_of
     from stackfast.data import TokenData, resolve_path
     cfg = load_config_of(source)
+    path = cfg.data.mixture()[0].path  # the sources of a mixture share their tokenizer (checked when it trained)
     try:  # the run's tokenizer goes alongside when its data folder is still there
-        return TokenData(resolve_path(cfg.data.path, cfg.data.val_fraction)).tokenizer_file
+        return TokenData(resolve_path(path, cfg.data.val_fraction)).tokenizer_file
     except StackfastError:
-        print(f"note: the run's data ({cfg.data.path}) is not here; exported without a tokenizer", file=sys.stderr)
+        print(f"note: the run's data ({path}) is not here; exported without a tokenizer", file=sys.stderr)
         return None
 
 
@@ -250,7 +289,11 @@ def cmd_eval(args) -> int:
     if args.data:
         data_path = args.data
     elif not is_hf_dir(source):
-        data_path = load_config_of(source).data.path
+        sources = load_config_of(source).data.mixture()
+        if len(sources) > 1:
+            raise StackfastError(f"{source} trained on a mixture ({', '.join(s.name for s in sources)}): give --data, "
+                                 f"the tokenized folder to evaluate on")
+        data_path = sources[0].path
     else:
         raise StackfastError("--data is needed for a Hugging Face checkpoint (a `stackfast tokenize` folder)")
     vocab_size, max_seq_len = _model_shape(source)
@@ -411,28 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stackfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model from a config")
-    p.add_argument("--config", help="TOML config file (default: built-in toy settings)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config field (repeatable)")
-    p.add_argument("--resume", help="'auto' or a checkpoint folder (same as --set checkpoint.resume=...)")
-    p.add_argument("--force", action="store_true", help="start over in a run folder that holds a run: delete its "
-                   "checkpoints and logs first (same as --set logging.overwrite=true)")
-    p.set_defaults(func=cmd_train)
+    add_train_arguments(sub.add_parser("train", help="train a model from a config"))
 
     p = sub.add_parser("demo", help="G_stack vs scratch vs small alone at equal FLOPs, with seeds, built-in corpus")
     p.add_argument("--run-dir", help="where runs go (default: a new runs/demo-<date>-<time>)")
     p.add_argument("--flops", type=float, help=f"FLOPs of a run (default {CPU_SIZING.flops:g} on CPU, the sizing "
-                   "study's: about 4.5 minutes for all runs on 2 cores; on a GPU: sized from measured throughput)")
-    p.add_argument("--small-share", type=float,
-                   help=f"share of the FLOPs on the small model (default {CPU_SIZING.small_share:g})")
-    p.add_argument("--lr", type=float, help="one peak LR for every run (default: each arm's best in the "
-                   f"sizing study: {CPU_SIZING.lr_scratch:g} scratch, {CPU_SIZING.lr_small:g} small alone, "
-                   f"{CPU_SIZING.lr_grown:g} G_stack; on a GPU scaled by sqrt(32 / width))")
+                   "study's: about 3.5 minutes for all runs on 2 cores; on a GPU: sized from measured throughput)")
+    p.add_argument("--lr", type=float, help="one peak LR for every run (default: each arm's best schedule and LR in "
+                   "the recipe study's search, e.g. " + ", ".join(f"{r} {k} {lr:g}" for r, (k, lr) in
+                                                                  CPU_SIZING.settings.items() if r in ("scratch", BEST))
+                   + "; on a GPU scaled by sqrt(32 / width))")
     p.add_argument("--seeds", type=int, default=2, help="seeds of scratch and G_stack (default 2)")
     p.add_argument("--minutes", type=float, default=5.0, help="GPU: the time all runs may take (default 5)")
     p.add_argument("--quick", action="store_true",
-                   help="a budget 30x smaller: checks the command in about a minute; says nothing about the method")
+                   help="a budget 10x smaller: checks the command in about a minute; says nothing about the method")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     p.set_defaults(func=cmd_demo)
 
@@ -444,18 +479,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("tokenize", help="turn text into token shards")
-    p.add_argument("--input", nargs="+", required=True,
-                   help="files (.jsonl: one document per line's 'text'; any other: one text document) or "
-                        "folders, searched recursively for --pattern")
+    p.add_argument("--input", nargs="+",
+                   help="files (.jsonl: one document per line's --text-field; .parquet and a Hugging Face "
+                        "dataset's folder (save_to_disk): one per row's --text-field; any other: one text "
+                        "document) or folders, searched recursively for --pattern")
     p.add_argument("--pattern", action="append", metavar="GLOB",
-                   help="file names to take from folders, e.g. '*.py' (repeatable; default '*.txt' and '*.jsonl')")
+                   help="file names to take from folders, e.g. '*.py' (repeatable; default '*.txt', '*.jsonl' "
+                        "and '*.parquet')")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the documents' field in .jsonl, Parquet and Arrow files (default 'text')")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a Parquet or Arrow row whose field is null or not a string (default: skip and "
+                        "count it); a .jsonl line without it is always refused")
     p.add_argument("--utf8-errors", choices=("strict", "replace"), default="strict",
                    help="a file that is not UTF-8: refuse it (strict, the default) or read its bad bytes as U+FFFD")
-    p.add_argument("--tokenizer", required=True, help="'bytes', a tokenizer.json or a SentencePiece .model")
-    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
+    p.add_argument("--tokenizer", help="'bytes', a tokenizer.json or a SentencePiece .model")
+    p.add_argument("--out", help="output folder (must be new or empty unless --force)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share (default 0.01)")
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes that encode (default: the cores available); the output is the same at any N")
+    p.add_argument("--part", metavar="I/N",
+                   help="tokenize only part I of N (I from 0) of the input files, for several machines; "
+                        "join the parts' folders with --merge")
+    p.add_argument("--merge", nargs="+", metavar=("OUT", "PART"),
+                   help="write the dataset folder OUT joining the folders of --part 0/N to N-1/N (it refers "
+                        "to their shards: nothing is copied)")
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("plan", help="the paper's growth timing and factor for a target size and budget")
@@ -463,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--tokens", type=float, help="total training tokens, e.g. 300e9")
     budget.add_argument("--flops", type=float, help="total training FLOPs")
+    p.add_argument("--recipe", choices=PLAN_RECIPES, default="paper",
+                   help="the growth recipe --out writes: " + "; ".join(f"{name}: {make({'factor': 4, 'growth_tokens': 0})[2]}"
+                                                                     for name, make in PLAN_RECIPES.items()))
     p.add_argument("--out", help="write a ready-to-run config (TOML) here")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_plan)
@@ -523,21 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except StackfastError as e:
-        print(f"stackfast: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        # The file system's refusals in a command's own writes (plan, eval, plot --out; the
-        # writers with a handler of their own say more): one line, not a traceback.
-        if e.errno not in PLACE_ERRNOS:
-            raise
-        print(f"stackfast: error: {e.filename or 'a write'}: {e.strerror}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stackfast: interrupted", file=sys.stderr)
-        return 130
+    return report_errors(args.func, args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -108,6 +108,14 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset of a mixture (an element of `data.sources`)."""
+    path: str = doc("Its folder, as data.path: written by `stackfast tokenize`, or a built-in corpus.", "")
+    weight: float = doc("Its share of the training rows (the weights are normalised to sum to 1).", 1.0)
+    name: str = doc("Its name in metrics (val_loss/NAME, epochs/NAME) and messages; '' = the folder's name.", "")
+
+
+@dataclass
 class DataConfig:
     """Where training tokens come from."""
     path: str = doc("A folder written by `stackfast tokenize`, or 'builtin:python-stdlib' "
@@ -119,11 +127,47 @@ class DataConfig:
     seq_len: int = doc("Tokens per training sequence.", 256)
     val_fraction: float = doc("Fraction of the built-in corpus held out for validation "
                               "(tokenized folders carry their own split).", 0.01)
+    sources: list[DataSource] = doc("A mixture of datasets instead of data.path (empty: data.path alone), e.g. "
+                                    "sources = [{path = \"data/web\", weight = 0.7}, {path = \"data/code\", "
+                                    "weight = 0.3}]: each row of a step comes from a source drawn by the weights. "
+                                    "The sources must share one tokenizer; each is validated on its own held-out "
+                                    "split (docs/data.md, \"Mixtures of datasets\").", default_factory=list)
+    max_epochs: float = doc("A run that would read a source more than this many times over says so at its "
+                            "start (a warning, not an error).", 4.0)
 
     def validate(self) -> None:
-        _positive(self, "data", ["seq_len"])
+        _positive(self, "data", ["seq_len", "max_epochs"])
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {self.val_fraction}")
+        # data.path keeps its default beside sources (config.toml writes both): any other value is a conflict
+        default_path = next(f.default for f in dataclasses.fields(self) if f.name == "path")
+        if self.sources and self.path != default_path:
+            raise ConfigError(f"data.sources: set together with data.path ({self.path!r}); a run reads data.path "
+                              f"alone or the mixture of data.sources: remove one of them")
+        if not self.sources and not self.path:
+            raise ConfigError("data.path: must not be empty (a dataset folder, or a mixture in data.sources)")
+        for i, source in enumerate(self.sources):
+            if not source.path:
+                raise ConfigError(f"data.sources[{i}].path: must not be empty")
+            if not source.weight > 0:
+                raise ConfigError(f"data.sources[{i}].weight: must be positive, got {source.weight}")
+        names = [s.name for s in self.mixture()]
+        for i, name in enumerate(names if self.sources else []):
+            if not name:
+                raise ConfigError(f"data.sources[{i}].name: empty, and the path {self.sources[i].path!r} has no "
+                                  f"folder name to take")
+            if names.index(name) != i:
+                raise ConfigError(f"data.sources[{i}].name: {name!r} is data.sources[{names.index(name)}]'s name "
+                                  f"too; give each source a name of its own")
+
+    def mixture(self) -> list[DataSource]:
+        """The run's datasets, names filled in and weights normalised to sum to 1: data.sources,
+        or data.path alone (weight 1)."""
+        sources = self.sources or [DataSource(self.path)]
+        total = sum(s.weight for s in sources)
+        # the default name: the folder's ('data/web/' -> 'web'), a built-in corpus's without 'builtin:'
+        return [DataSource(s.path, s.weight / total, s.name or Path(s.path.removeprefix("builtin:")).name)
+                for s in sources]
 
 
 @dataclass
@@ -146,14 +190,24 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule: linear warmup, then cosine decay to a floor."""
+    """Learning-rate schedule: linear warmup, then cosine decay or warmup-stable-decay to a floor."""
+    kind: str = doc("'cosine' (down from the peak along half a cosine) or 'wsd' (warmup-stable-decay: the peak "
+                    "until the last decay_share of the steps, then down; the strongest baseline in the study).",
+                    "cosine")
     warmup_steps: int = doc("Linear warmup steps from 0 to optim.lr.", 20)
-    min_lr_ratio: float = doc("The cosine ends at optim.lr * min_lr_ratio (paper: 0.1).", 0.1)
+    min_lr_ratio: float = doc("The schedule ends at optim.lr * min_lr_ratio (paper: 0.1).", 0.1)
+    decay_share: float = doc("wsd: the share of the steps (of each stage, with growth.schedule = 'restart') "
+                             "spent decaying.", 0.2)
+    decay_shape: str = doc("wsd: the decay's shape, 'linear' or '1-sqrt'.", "linear")
 
     def validate(self) -> None:
         _non_negative(self, "schedule", ["warmup_steps"])
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        _choice(self, "schedule", "kind", ("cosine", "wsd"))
+        _choice(self, "schedule", "decay_shape", ("linear", "1-sqrt"))
+        if not 0.0 < self.decay_share <= 1.0:
+            raise ConfigError(f"schedule.decay_share: must be in (0, 1], got {self.decay_share}")
 
 
 @dataclass
@@ -200,25 +254,49 @@ def check_device(name: str, key: str) -> None:
         raise ConfigError(f"{key}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {name!r}")
 
 
+LAYER_CHOICES = ("all", "front", "middle", "back")
+
+
+@dataclass
+class GrowthStage:
+    """One growth event of a multi-stage run (`[[growth.stages]]`); factor, layers and block
+    left out take [growth]'s values."""
+    at: int | float | str = doc("When: a token count (an integer), a fraction of the run's tokens (a number "
+                                "in (0, 1)), or 'prop' (every stage: Prop-alpha stage lengths, "
+                                "growth.prop_alpha).", "")
+    factor: int = doc("This stage's growth factor (0 = growth.factor).", 0)
+    layers: str = doc("stack: the layers this stage repeats ('' = growth.layers).", "")
+    block: int = doc("stack: how many layers the partial modes repeat (-1 = growth.block).", -1)
+
+
 @dataclass
 class GrowthConfig:
     """Growth inside the running job: train the small model, grow it, train the grown one.
 
     [model] describes the *target*; with an operator set, the job starts from the small
     model that the operator grows into it (depth: n_layers / factor layers; width: hidden,
-    FFN and heads / sqrt(factor)).
+    FFN and heads / sqrt(factor)); with several stages, from the model that all of them
+    grow into it, one after another.
     """
     operator: str = doc("'none' (train [model] from scratch) or an operator: " + ", ".join(OPERATORS) + ".",
                         "none")
     factor: int = doc("Growth factor g (paper: 4).", 4)
     at_tokens: int | str = doc("Grow after this many tokens, or 'auto' for the paper's timing formula "
                                "(growth_timing of the target size and the run's total FLOPs).", "auto")
+    stages: list[GrowthStage] = doc("Several growth events (empty: one, from factor and at_tokens), e.g. two "
+                                    "doublings: stages = [{at = 0.1, factor = 2}, {at = 0.3, factor = 2}]. "
+                                    "Each grows the model before it; [model] is the last one's result.",
+                                    default_factory=list)
+    prop_alpha: float = doc("Stages at 'prop': stage k of K trains for a share of the run's tokens proportional "
+                            "to k ** prop_alpha (MIDAS's Prop-alpha; 1: lengths 1 : 2 : 3 ...).", 1.0)
     optimizer: str = doc("'reset' (fresh AdamW, the paper's choice) or 'replicate' (copy the Adam moments along "
                          "with the layers; " + " and ".join(operators_where("copies_layers")) + " only).", "reset")
-    schedule: str = doc("'restart' (warmup + cosine again over the remaining steps, as the paper) or "
-                        "'continue' (the run's schedule goes on).", "restart")
-    small_lr: float = doc("Peak LR of the small model (paper: 1e-3); 0 = optim.lr.", 0.0)
+    schedule: str = doc("'restart' (warmup + the [schedule] again over each model's stage, as the paper) or "
+                        "'continue' (one schedule over the whole run, growth events included).", "restart")
+    small_lr: float = doc("Peak LR of the first (smallest) model (paper: 1e-3); 0 = optim.lr.", 0.0)
     layers: str = doc("G_stack layers to repeat: 'all' (paper's best), 'front', 'middle', 'back'.", "all")
+    block: int = doc("G_stack with layers front/middle/back: how many layers are repeated (0 = half of them; "
+                     "MIDAS copies a middle block).", 0)
     order: str = doc("G_stack order: 'stack' (0 1 .. n-1 0 1 ..) or 'interpolate' (0 0 1 1 ..).", "stack")
     noise: float = doc("Noise alpha of stack and width_direct: W <- (1 - alpha) W + alpha * eps (paper: 0.2 "
                        "helps G_stack slightly; width_direct: a small alpha, e.g. 0.01, lets copied units diverge).",
@@ -236,13 +314,46 @@ class GrowthConfig:
             raise ConfigError(f"growth.at_tokens: must be >= 0, got {self.at_tokens}")
         _choice(self, "growth", "optimizer", ("reset", "replicate"))
         _choice(self, "growth", "schedule", ("restart", "continue"))
-        _choice(self, "growth", "layers", ("all", "front", "middle", "back"))
+        _choice(self, "growth", "layers", LAYER_CHOICES)
         _choice(self, "growth", "order", ("stack", "interpolate"))
-        _non_negative(self, "growth", ["small_lr", "noise", "learn_steps"])
+        _non_negative(self, "growth", ["small_lr", "noise", "learn_steps", "block", "prop_alpha"])
         _positive(self, "growth", ["ramp_steps"])
         if self.optimizer == "replicate" and self.operator != "none" and not OPERATORS[self.operator].copies_layers:
             raise ConfigError(f"growth.optimizer: 'replicate' needs a copying operator "
                               f"({', '.join(operators_where('copies_layers'))}), not {self.operator!r}")
+        self._validate_stages()
+
+    def _validate_stages(self) -> None:
+        if not self.stages:
+            return
+        if self.operator == "none":
+            raise ConfigError("growth.stages: set growth.operator (the operator every stage grows with)")
+        spec = OPERATORS[self.operator]
+        if len(self.stages) > 1 and (spec.ramp or spec.learns):
+            raise ConfigError(f"growth.stages: {self.operator!r} takes one stage (its fade-in or learned expansion "
+                              f"is a single event); several stages grow with "
+                              f"{', '.join(n for n, s in OPERATORS.items() if not (s.ramp or s.learns))}")
+        prop = [isinstance(s.at, str) and s.at == "prop" for s in self.stages]
+        if any(prop) and not all(prop):
+            raise ConfigError("growth.stages: 'prop' sets every stage's length: give it to all stages or none")
+        for i, stage in enumerate(self.stages):
+            key = f"growth.stages[{i}]"
+            at = stage.at
+            if isinstance(at, str) and at != "prop":
+                raise ConfigError(f"{key}.at: expected a token count, a fraction in (0, 1) or 'prop', got {at!r}"
+                                  + (" (every stage needs one)" if at == "" else ""))
+            if isinstance(at, int) and at < 0:
+                raise ConfigError(f"{key}.at: a token count must be >= 0, got {at}")
+            if isinstance(at, float) and not 0.0 < at < 1.0:
+                raise ConfigError(f"{key}.at: a fraction of the run must be in (0, 1), got {at}")
+            if stage.factor == 1 or stage.factor < 0:
+                raise ConfigError(f"{key}.factor: must be an integer >= 2 (0: growth.factor), got {stage.factor}")
+            _choice(stage, key, "layers", ("", *LAYER_CHOICES))
+            if stage.block < -1:
+                raise ConfigError(f"{key}.block: must be >= 0 (-1: growth.block), got {stage.block}")
+            if (stage.layers or stage.block != -1) and "layers" not in {o.name for o in spec.options}:
+                raise ConfigError(f"{key}: layers and block choose what G_stack repeats; {self.operator!r} "
+                                  f"takes neither")
 
 
 @dataclass
@@ -490,6 +601,11 @@ def _coerce(key: str, typ: Any, value: Any):
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {typ}, got {type(value).__name__} {value!r}")
+    if get_origin(typ) is list:  # a list of tables, e.g. growth.stages: each built as a section of its own
+        (item,) = get_args(typ)
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{key}: expected a list of tables ([{{key = value, ...}}, ...]), got {value!r}")
+        return [_build_section(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     # TOML gives int/float/bool/str; accept an int where a float is expected (lr = 1),
     # never a bool where a number is expected (bool is a subclass of int in Python).
     if typ is bool:
@@ -558,7 +674,7 @@ def _choice(obj, section: str, name: str, choices: tuple) -> None:
 
 
 def dumps_toml(tree: dict) -> str:
-    """Write a two-level dict of scalars (and lists of scalars) as TOML."""
+    """Write a two-level dict of scalars (and lists of scalars or of inline tables) as TOML."""
     lines = []
     for section, values in tree.items():
         lines.append(f"[{section}]")
@@ -579,6 +695,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (an element of growth.stages)
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 

@@ -2,6 +2,7 @@
 
 A module of its own, below everything else: config.py and the growth operators' registry
 (growth_operators.py) both raise them and import each other's neighbours."""
+import sys
 
 
 class StackfastError(Exception):
@@ -28,3 +29,24 @@ class StopNow(KeyboardInterrupt):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_status = 128 + signum
+
+
+def report_errors(command, args) -> int:
+    """Run a command (`stackfast COMMAND`, `python stackfast/train.py`) and return its exit
+    status, a user error or a refused write printed as one line: status 2."""
+    from stackfast.files import PLACE_ERRNOS  # files.py imports this module
+    try:
+        return command(args)
+    except StackfastError as e:
+        print(f"stackfast: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # The file system's refusals in a command's own writes (plan, eval, plot --out; the
+        # writers with a handler of their own say more): one line, not a traceback.
+        if e.errno not in PLACE_ERRNOS:
+            raise
+        print(f"stackfast: error: {e.filename or 'a write'}: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stackfast: interrupted", file=sys.stderr)
+        return 130

@@ -13,7 +13,7 @@ and never the LM head (`module_filter`). The conversion runs before the block op
 (torch.compile, activation checkpointing) and before FSDP2 wraps the model: `with_float8`
 puts it in front of the run's `shard` function, which train.py calls for the model it
 builds, for a model loaded from `init_from`, and for the grown model (a depth operator
-under torchrun builds it through `shard`; in one process train.grow_in_job shards the
+under torchrun builds it through `shard`; in one process growth.event.grow_stage shards the
 grown model itself), so layers that appear at growth are converted too.
 
 Under torchrun (FSDP2) 'tensorwise' also all-gathers the weights in float8

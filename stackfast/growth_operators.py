@@ -92,7 +92,7 @@ LIGO = (Option("steps", 100, "growth.learn_steps"), Option("lr", 1e-3), SEED)
 OPERATORS = {spec.name: spec for spec in [
     OperatorSpec("stack", "depth", "depth", sharded=True, learns=False, copies_layers=True, ramp=False,
                  options=(Option("layers", "all", "growth.layers"), Option("order", "stack", "growth.order"),
-                          Option("noise", 0.0, "growth.noise"), SEED),
+                          Option("block", 0, "growth.block"), Option("noise", 0.0, "growth.noise"), SEED),
                  summary="G_stack: the layers repeated factor times (the paper's operator)"),
     OperatorSpec("depth_zero", "depth", "depth", sharded=True, learns=False, copies_layers=True, ramp=False,
                  options=(Option("order", "interpolate"),),

@@ -22,7 +22,7 @@ signal); a failed write (a full disk, a read-only run folder) is one line, exit 
 the previous checkpoint intact; a step with a non-finite loss or gradient norm is skipped
 (no update) and logged, and train.max_bad_steps of them in a row stop the run with an
 error at the next flush, the last checkpoint untouched. Under torchrun, signal the
-workers, not torchrun, which exits 1 after passing a signal on (README: "Pre-emption").
+workers, not torchrun, which exits 1 after passing a signal on (docs/distributed.md, "Pre-emption").
 With checkpoint.resume = "auto" a restarted job (torchrun --max-restarts, or the same
 command again) continues from the newest checkpoint.
 """
@@ -37,7 +37,6 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the pack
 import argparse
 import contextlib
 import functools
-import math
 import signal
 import threading
 import time
@@ -52,17 +51,19 @@ from stackfast.checkpoint import (STEP_DIR, AsyncSaver, CheckpointError, latest_
                                   load_config_of, load_model_source, load_state, model_from_weights,
                                   remove_stale_saves, save_checkpoint, verify_checksums)
 from stackfast.config import Config, ConfigError, StackfastError, load_config
-from stackfast.data import Prefetcher, TokenLoader, open_data
-from stackfast.errors import StopNow, WriteError
+from stackfast.data import Prefetcher, TokenLoader, open_sources
+from stackfast.errors import StopNow, WriteError, report_errors
 from stackfast.files import PLACE_ERRNOS
 from stackfast.float8 import check_float8, describe as describe_float8, precompute_scales, with_float8
-from stackfast.growth import apply_growth, growth_timing, rebuild_ramp
-from stackfast.growth.depth import copy_optimizer_state
+from stackfast.growth import rebuild_ramp
+from stackfast.growth.event import GrowthEvent, grow_stage
+from stackfast.growth.stages import Stage, growth_steps, stage_models, stages_of
 from stackfast.growth_operators import OPERATORS, operators_where
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer, check_kernels
-from stackfast.parallel import (World, apply_block_options, barrier, init_distributed, init_parameters,
-                                set_gradient_sync, shutdown, strip_block_options, wrap_model)
+from stackfast.optim import build_optimizer, scheduled_lr
+from stackfast.parallel import (World, barrier, init_distributed, init_parameters, set_gradient_sync, shutdown,
+                                wrap_model)
 from stackfast.runs import RunLock, check_resume, prepare_fresh
 
 
@@ -86,43 +87,41 @@ def autocast_context(dtype_name: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def lr_at(step: int, total_steps: int, peak: float, warmup: int, min_ratio: float) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then cosine to peak * min_ratio at total_steps."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+def evaluate(model: torch.nn.Module, loader: TokenLoader, n_rows: int, device: torch.device,
+             autocast, world: World = World()) -> float:
+    """The validation loss: mean cross-entropy over the first n_rows fixed validation sequences
+    (all ranks' share of them); of a mixture, its sources' losses averaged with their weights."""
+    return mixed_loss(loader, evaluate_sources(model, loader, n_rows, device, autocast, world))
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm weights are 1-D and not decayed)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # Fused (one kernel for all parameters, on CPU too) and it honours `found_inf`: the loop
-    # skips a non-finite step on the device, without a host sync.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+def mixed_loss(loader: TokenLoader, losses: dict[str, float]) -> float:
+    """A mixture's validation loss: the sources' held-out losses averaged with their weights
+    (the loss on held-out rows mixed as the training rows are); one source's own loss."""
+    return sum(source.weight * losses[source.name] for source in loader.sources)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: TokenLoader, n_rows: int, device: torch.device,
-             autocast, world: World = World()) -> float:
-    """Mean cross-entropy over the first n_rows fixed validation sequences (all ranks' share of them)."""
+def evaluate_sources(model: torch.nn.Module, loader: TokenLoader, n_rows: int, device: torch.device,
+                     autocast, world: World = World()) -> dict[str, float]:
+    """Each source's mean cross-entropy over its first n_rows fixed validation sequences (all
+    ranks' share of them), by source name."""
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), device=device), 0
-    for x, y in loader.val_batches(n_rows):
-        with autocast():
-            loss = model(x.to(device), y.to(device))
-        total += loss * y.numel()
-        count += y.numel()
+    sums = []
+    for i in range(len(loader.sources)):
+        total, count = torch.zeros((), device=device), 0
+        for x, y in loader.val_batches(n_rows, source=i):
+            with autocast():
+                loss = model(x.to(device), y.to(device))
+            total += loss * y.numel()
+            count += y.numel()
+        sums.append(torch.stack([total, total.new_tensor(count)]))
     model.train(was_training)
-    sums = torch.stack([total, total.new_tensor(count)])
+    sums = torch.stack(sums)
     if world.distributed:
         dist.all_reduce(sums)  # collective: every rank's held-out rows
-    total, count = sums.tolist()  # host sync: validation result
-    return total / count
+    return {source.name: total / count  # host sync: validation result
+            for source, (total, count) in zip(loader.sources, sums.tolist())}
 
 
 def build_model(model_cfg, device: torch.device, shard, init_from: str = "", seeded: bool = True,
@@ -157,48 +156,6 @@ def find_resume(cfg: Config) -> Path | None:
     if not path.is_dir():
         raise ConfigError(f"checkpoint.resume: {resume} is not a checkpoint folder")
     return path
-
-
-def growth_step(cfg: Config, total_steps: int) -> int | None:
-    """Optimizer steps of the small model before growth (None: the run does not grow)."""
-    g = cfg.growth
-    if g.operator == "none":
-        return None
-    tokens_per_step = cfg.tokens_per_step()
-    if g.at_tokens == "auto":
-        target = cfg.model.num_params()
-        d = growth_timing(target, 6.0 * target * total_steps * tokens_per_step)
-    else:
-        d = g.at_tokens
-    step = math.ceil(d / tokens_per_step)
-    if step >= total_steps:
-        raise ConfigError(f"growth.at_tokens: growing after {d:.4g} tokens leaves nothing of the run's "
-                          f"{total_steps * tokens_per_step} tokens for the grown model"
-                          + (" (the paper's formula is fitted at 410M-3B scale; set a token count)"
-                             if g.at_tokens == "auto" else ""))
-    return step
-
-
-def scheduled_lr(cfg: Config, step: int, total_steps: int, grow_at: int | None) -> float:
-    """The LR at `step`. With growth and schedule='restart', the small model gets its own
-    complete warmup + cosine over its phase and the grown model a fresh one over the rest
-    (the paper's reference code); 'continue' runs one schedule over the whole job."""
-    s = cfg.schedule
-    if grow_at is None:
-        return lr_at(step, total_steps, cfg.optim.lr, s.warmup_steps, s.min_lr_ratio)
-    small = step < grow_at
-    peak = (cfg.growth.small_lr or cfg.optim.lr) if small else cfg.optim.lr
-    if cfg.growth.schedule == "continue":
-        return lr_at(step, total_steps, peak, s.warmup_steps, s.min_lr_ratio)
-    if small:
-        return lr_at(step, grow_at, peak, s.warmup_steps, s.min_lr_ratio)
-    return lr_at(step - grow_at, total_steps - grow_at, peak, s.warmup_steps, s.min_lr_ratio)
-
-
-def replicate_optimizer_state(old_opt, old_model, new_opt, new_model, mapping: list[int]) -> None:
-    """Give every grown parameter a copy of its source parameter's AdamW state (moments, step)."""
-    old_state = {name: old_opt.state[p] for name, p in old_model.named_parameters() if p in old_opt.state}
-    new_opt.state.update(copy_optimizer_state(old_state, new_model, mapping, old_model))
 
 
 def run(cfg: Config) -> dict:
@@ -275,21 +232,23 @@ class TrainState:
     flops: float = 0.0
     skipped_steps: int = 0  # steps whose update a non-finite loss or gradient norm skipped
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # checkpoint lineage (keep_last)
-    grown: bool = False  # the model is the [model] target: the run has grown, or never grows
-    growth_step: int | None = None  # once grown: the step it grew at, kept if the budget changes later
-    growth_spec: dict | None = None  # once grown: the operator's spec (rebuilds a ramp on resume)
+    stage: int = 0  # growth events done: the model is the stage's (growth.stages)
+    growth_steps: list[int] = field(default_factory=list)  # the step of each event done, kept if the budget changes
+    growth_specs: list[dict] = field(default_factory=list)  # each event's operator spec (the last rebuilds a ramp)
 
     # What a checkpoint resumes from; seed and world_size are the resuming job's own.
-    PROGRESS = ("step", "tokens", "flops", "skipped_steps", "run_id", "grown", "growth_step", "growth_spec")
+    PROGRESS = ("step", "tokens", "flops", "skipped_steps", "run_id", "stage", "growth_steps", "growth_specs")
 
     def state_dict(self) -> dict:
-        progress = {key: getattr(self, key) for key in self.PROGRESS if getattr(self, key) is not None}
+        progress = {key: getattr(self, key) for key in self.PROGRESS}
         return {**progress, "data": {"seed": self.seed, "next_step": self.step}, "world_size": self.world_size}
 
     def load_state_dict(self, saved: dict) -> None:
         for key in self.PROGRESS:
             if key in saved:
                 setattr(self, key, saved[key])
+        if "growth_step" in saved:  # a checkpoint of a version with one growth event: it had happened
+            self.stage, self.growth_steps, self.growth_specs = 1, [saved["growth_step"]], [saved["growth_spec"]]
 
 
 @dataclass
@@ -356,8 +315,8 @@ class PendingSteps:
                 f"lower optim.lr or other data")
 
 
-def should_grow(state: TrainState, grow_at: int | None) -> bool:
-    return not state.grown and state.step >= grow_at
+def should_grow(state: TrainState, grow_at: list[int]) -> bool:
+    return state.stage < len(grow_at) and state.step >= grow_at[state.stage]
 
 
 def should_eval(cfg: Config, step: int, done: bool) -> bool:
@@ -402,8 +361,31 @@ def start_or_resume(cfg: Config, world: World, run_dir: Path,
     return state, resume_from, check_resume(load_config_of(resume_from), cfg, resume_from)
 
 
-def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lock: RunLock | None = None) -> dict:
-    autocast = autocast_context(cfg.train.dtype, device)
+@dataclass
+class Job:
+    """A run set up to train (`setup`): what the loop works with."""
+    run_dir: Path
+    autocast: object
+    loader: TokenLoader
+    accum: int  # micro-batches per step on each process
+    total_steps: int
+    eval_rows: int
+    state: TrainState
+    stages: list[Stage]  # growth events, in order (empty: no growth)
+    models: list  # the model config of each stage, the first (smallest) to [model]
+    grow_at: list[int]  # the step of each growth event: those done as they happened, the others as planned
+    shard: object  # wraps a model as the run does (FSDP, compile, checkpointing, float8)
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    ramp: object  # the fade-in of the last growth event (None without one)
+    log: MetricsLog
+    resume_from: Path | None
+    changes: list[str]  # settings changed since the checkpoint resumed from
+
+
+def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None = None) -> Job | None:
+    """Everything before the first step: data, run folder, state (fresh or resumed), growth
+    stages, model and optimizer. None: the run resumed from is already finished."""
     run_dir = Path(cfg.logging.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
@@ -416,69 +398,85 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
                           f"(FSDP) would gather the whole model on every process; it runs in a single process "
                           f"only. Under torchrun use {', '.join(operators_where('sharded'))}, or grow with "
                           f"`stackfast grow` and continue from its output with checkpoint.init_from")
+    stages, models = stages_of(cfg), stage_models(cfg)  # a shape no stage can grow into: an error now
 
     if not world.main:
         barrier(world)  # rank 0 opens the data first: it may build the built-in corpus's cache
-    data = open_data(cfg.data, cfg.model.vocab_size)
+    sources = open_sources(cfg.data, cfg.model.vocab_size)  # a mixture of two tokenizers: an error now
     if world.main:
         barrier(world)
     micro, accum = cfg.batch_split(world.world_size)
-    loader = TokenLoader(data, cfg.data.seq_len, cfg.train.global_batch_size, micro, seed=cfg.train.seed,
+    loader = TokenLoader(sources, cfg.data.seq_len, cfg.train.global_batch_size, micro, seed=cfg.train.seed,
                          rank=world.rank, world_size=world.world_size)
     loader.check_validation()  # a validation split too short fails now, not after training
     total_steps = cfg.total_steps()
-    tokens_per_step = cfg.tokens_per_step()
-    eval_rows = cfg.train.eval_batches * cfg.train.global_batch_size
+    planned = growth_steps(cfg, total_steps)  # an impossible stage timing: an error before anything is written
 
     state, resume_from, changes = start_or_resume(cfg, world, run_dir, lock)
     if resume_from is not None and state.step >= total_steps:
         if world.main:
             print(f"stackfast: the run in {resume_from} is finished ({state.step} of {total_steps} steps); "
                   f"nothing to do (raise train.total_tokens or train.max_steps to train on)")
-        return {"steps": state.step, "rank": world.rank, "finished": True, "stopped": False}
+        return None
+    if state.stage > len(stages):
+        raise ConfigError(f"resume from {resume_from}: the run has grown {state.stage} times, [growth] has "
+                          f"{len(stages)} stages")
     if lock is not None:
         lock.refuse_read_only()  # from here on the run writes
         remove_stale_saves(run_dir / "checkpoints")  # a killed save's partial folder: this job holds the lock
-    # A run that has grown keeps the growth step it grew at, even if its token budget changed since.
-    grow_at = state.growth_step if state.growth_step is not None else growth_step(cfg, total_steps)
-    if resume_from is None:
-        state.grown = grow_at is None
-    small_cfg = operator.small_model(cfg.model, cfg.growth.factor) if grow_at is not None else None
+    # A run keeps the steps it grew at, even if its token budget changed since.
+    grow_at = state.growth_steps + planned[state.stage:]
     shard = functools.partial(wrap_model, cfg=cfg.parallel, world=world, bf16=use_bf16(cfg.train.dtype, device))
     # float8: the block linears become Float8Linear before compile and FSDP, in every model `shard`
     # wraps (the first, one loaded from init_from, the grown one)
     shard = with_float8(shard, cfg.train.float8, device, world.distributed)
     init_from = cfg.checkpoint.init_from if resume_from is None else ""
-    model = build_model(cfg.model if state.grown else small_cfg, device, shard, init_from,
-                        seeded=resume_from is None, allow_unverified=cfg.checkpoint.allow_unverified)
+    model = build_model(models[state.stage], device, shard, init_from, seeded=resume_from is None,
+                        allow_unverified=cfg.checkpoint.allow_unverified)
     optimizer = build_optimizer(model, cfg.optim)
     log = MetricsLog(run_dir, cfg.logging.tensorboard, enabled=world.main)
     ramp = None
     if resume_from is not None:
         load_checkpoint(resume_from, model, optimizer, world)
-        if state.growth_spec is not None:
-            ramp = rebuild_ramp(model, state.growth_spec)
+        if state.growth_specs:
+            ramp = rebuild_ramp(model, state.growth_specs[-1])
         if ramp is not None:
-            ramp.set_step(state.step - grow_at)
+            ramp.set_step(state.step - state.growth_steps[-1])
         log.truncate_after(state.step)
     if world.main:
         (run_dir / "config.toml").write_text(cfg.to_toml())
+    return Job(run_dir, autocast_context(cfg.train.dtype, device), loader, accum, total_steps,
+               cfg.train.eval_batches * cfg.train.global_batch_size, state, stages, models, grow_at, shard, model,
+               optimizer, ramp, log, resume_from, changes)
 
+
+def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lock: RunLock | None = None) -> dict:
+    job = setup(cfg, world, device, lock)
+    if job is None:
+        return {"rank": world.rank, "finished": True, "stopped": False}
+    state, model, optimizer, ramp, log, run_dir = job.state, job.model, job.optimizer, job.ramp, job.log, job.run_dir
+    loader, autocast, total_steps, accum = job.loader, job.autocast, job.total_steps, job.accum
+    tokens_per_step = cfg.tokens_per_step()
     flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
     throughput = Throughput(flops_per_token, peak_flops(device, cfg.train.peak_tflops))
     throughput.last_tokens = state.tokens
     progress = Progress(total_steps, cfg.logging.progress and world.main, initial=state.step)
     where = f"{world.world_size} processes ({device.type}, {world.strategy})" if world.distributed else str(device)
-    for change in changes:
+    for change in job.changes:
         progress.message(f"resuming with a changed setting: {change}")
+    to_come = [f"x{stage.factor} after step {step}"
+               for stage, step in list(zip(job.stages, job.grow_at))[state.stage:]]
     progress.message(f"stackfast: {model.num_params() / 1e6:.1f}M parameters, {total_steps} steps of "
-                     f"{tokens_per_step} tokens ({cfg.train.global_batch_size} sequences: {accum} x {micro} on each "
-                     f"of {world.world_size} processes) on {where}; logs in {run_dir}"
-                     + (f"; grows ({cfg.growth.operator}, x{cfg.growth.factor}) after step {grow_at}"
-                        if not state.grown else "")
-                     + (f"; resumed from {resume_from}" if resume_from else ""))
+                     f"{tokens_per_step} tokens ({cfg.train.global_batch_size} sequences: {accum} x "
+                     f"{loader.micro_batch} on each of {world.world_size} processes) on {where}; logs in {run_dir}"
+                     + (f"; grows ({cfg.growth.operator}) {', '.join(to_come)}" if to_come else "")
+                     + (f"; resumed from {job.resume_from}" if job.resume_from else ""))
     if cfg.train.float8 != "none":
         progress.message(describe_float8(cfg.train.float8, device, world.distributed))
+    for name, epochs in loader.epochs(total_steps * tokens_per_step).items():
+        if epochs > cfg.data.max_epochs:  # a warning: repeating data may be deliberate
+            progress.message(f"warning: the run reads data source {name} {epochs:.2f} times over, more than "
+                             f"data.max_epochs = {cfg.data.max_epochs:g}")
     pending = PendingSteps(log, throughput, progress, world, cfg.train.max_bad_steps, run_dir / "checkpoints")
     # checkpoint.async_save: saves written in the background (collective: a process group of its own).
     saver = AsyncSaver(world) if cfg.checkpoint.async_save else None
@@ -493,15 +491,15 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
     with contextlib.closing(Prefetcher(loader, keys, pin_memory=device.type == "cuda")) as batches, \
             (saver or contextlib.nullcontext()):  # leaving: waits for (or, on a second signal, drops) a save in flight
         while state.step < total_steps:
-            if should_grow(state, grow_at):
-                pending.flush(state)  # the small model's last steps: logged, bad ones counted
-                model, optimizer, ramp = grow_and_log(cfg, state, model, optimizer, loader, device, autocast,
-                                                      world, shard, log, progress)
+            if should_grow(state, job.grow_at):
+                pending.flush(state)  # the smaller model's last steps: logged, bad ones counted
+                event = grow_next_stage(cfg, job, model, optimizer, device, world, progress)
+                model, optimizer, ramp = event.model, event.optimizer, event.ramp
                 flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
                 throughput.flops_per_token = flops_per_token
             if ramp is not None:
-                ramp.set_step(state.step - grow_at)
-            lr = scheduled_lr(cfg, state.step, total_steps, grow_at)
+                ramp.set_step(state.step - state.growth_steps[-1])
+            lr = scheduled_lr(cfg, state.step, total_steps, job.grow_at)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [tuple(t.to(device, non_blocking=True) for t in batches.batch(state.step, m))
@@ -520,9 +518,17 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
             if host_sync or stopping:
                 pending.flush(state)
             if eval_now:
-                val_loss = evaluate(model, loader, eval_rows, device, autocast, world)
-                log.write({"step": step, "tokens": state.tokens, "flops": state.flops, "val_loss": val_loss})
-                progress.message(f"step {step}: val_loss {val_loss:.4f}")
+                losses = evaluate_sources(model, loader, job.eval_rows, device, autocast, world)
+                val_loss = mixed_loss(loader, losses)
+                row, note = {"step": step, "tokens": state.tokens, "flops": state.flops, "val_loss": val_loss}, ""
+                if len(losses) > 1:  # a mixture: each source's loss and epochs read (one source: the row of before)
+                    epochs = loader.epochs(state.tokens)
+                    row.update({f"val_loss/{name}": loss for name, loss in losses.items()})
+                    row.update({f"epochs/{name}": epochs[name] for name in losses})
+                    note = " (" + ", ".join(f"{name} {losses[name]:.4f} at {epochs[name]:.2f} epochs"
+                                            for name in losses) + ")"
+                log.write(row)
+                progress.message(f"step {step}: val_loss {val_loss:.4f}{note}")
             if save_now or stopping:
                 blocked, waited = time.perf_counter(), 0.0
                 try:
@@ -564,7 +570,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
     return {"steps": state.step, "tokens": state.tokens, "flops": state.flops,
             "loss": pending.last_loss, "val_loss": val_loss, "wall_s": wall, "tokens_per_s": tokens_per_s,
             "params": model.num_params(), "device": str(device), "run_dir": str(run_dir),
-            "growth_step": grow_at, "mfu_convention": MFU_CONVENTION, "world_size": world.world_size,
+            "growth_step": job.grow_at[0] if job.grow_at else None, "growth_steps": job.grow_at, "mfu_convention": MFU_CONVENTION, "world_size": world.world_size,
             "rank": world.rank, "stopped": state.step < total_steps, "skipped_steps": state.skipped_steps,
             "stop_signal": stop.received.name if stop.received else None}
 
@@ -617,68 +623,32 @@ def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
     return norm
 
 
-def grow_and_log(cfg: Config, state: TrainState, model: Transformer, optimizer, loader: TokenLoader,
-                 device: torch.device, autocast, world: World, shard, log: MetricsLog, progress: Progress):
-    """The growth event of a run: grow (grow_in_job), record it in `state` (saved with every
-    later checkpoint) and the metrics log. Returns (model, optimizer, ramp)."""
-    model, optimizer, ramp, row = grow_in_job(cfg, model, optimizer, loader, device, autocast, state.step,
-                                              world, shard)
-    state.grown, state.growth_spec, state.growth_step = True, row["spec"], state.step
-    state.flops += row["growth_flops"]
-    log.write({"step": state.step, "tokens": state.tokens, "flops": state.flops, **row})
-    progress.message(f"step {state.step}: grew {row['params_before'] / 1e6:.1f}M -> "
-                     f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}) in "
-                     f"{row['growth_s']:.2f} s; probe loss {row['loss_before']:.4f} -> {row['loss_after']:.4f}")
-    return model, optimizer, ramp
-
-
-def grow_in_job(cfg: Config, model: Transformer, optimizer, loader: TokenLoader, device: torch.device,
-                autocast, step: int, world: World = World(), shard=apply_block_options):
-    """Grow the small model at `step`: new model, optimizer (fresh or with copied moments), ramp.
-
-    Returns (model, optimizer, ramp, log row). The probe loss is one fixed held-out batch,
-    before and after, to show the (small) jump that growth causes. `shard` wraps a model as
-    the run does (wrap_model): under FSDP the depth operators build the grown model with
-    it and copy local shards; in one process the grown model is wrapped afterwards.
-    """
-    operator = OPERATORS[cfg.growth.operator]
-    if not world.distributed:
-        strip_block_options(model)  # operators copy plain blocks
+def grow_next_stage(cfg: Config, job: Job, model: Transformer, optimizer, device: torch.device, world: World,
+                    progress: Progress) -> GrowthEvent:
+    """The run's next growth event (growth/event.py), recorded in the state (saved with every
+    later checkpoint), the metrics log and the progress display."""
+    state, loader = job.state, job.loader
     probe_rows = loader.micro_batch * world.world_size  # one micro-batch on each process
-    loss_before = evaluate(model, loader, probe_rows, device, autocast, world)
-    started = time.perf_counter()
 
-    def batches(k):  # LiGO's training data: fresh batches of the step, not the run's own
-        x, y = loader.extra_batch(step, k)
+    def batch(k):  # LiGO's training data: fresh batches of the step, not the run's own
+        x, y = loader.extra_batch(state.step, k)
         return x.to(device), y.to(device)
 
-    options = operator.options_from(cfg)
-    if operator.learns:
-        options["batches"] = batches
-    if world.distributed:
-        options["shard"] = shard
-    elif operator.sharded:
-        options["in_place"] = True  # the small model is dropped after growth: adopt its modules, copy the rest
-    growth = apply_growth(model, operator.name, cfg.growth.factor, **options)
-    grown = growth.model
-    grown.config = cfg.model  # the same shape (OperatorSpec.small_model inverts the operator), and [model]'s kernels
-    new_optimizer = build_optimizer(grown, cfg.optim)
-    if cfg.growth.optimizer == "replicate":
-        replicate_optimizer_state(optimizer, model, new_optimizer, grown, growth.spec["layer_map"])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # host sync: time the growth itself
-    growth_s = time.perf_counter() - started
-    if not world.distributed:
-        shard(grown)
-    loss_after = evaluate(grown, loader, probe_rows, device, autocast, world)
-    # LiGO's training steps run the grown model on one micro-batch each: counted like training.
-    learned_tokens = cfg.growth.learn_steps * loader.micro_batch * cfg.data.seq_len
-    growth_flops = learned_tokens * grown.config.flops_per_token(cfg.data.seq_len) if operator.learns else 0.0
-    row = {"event": "growth", "spec": growth.spec, "loss_before": loss_before, "loss_after": loss_after,
-           "growth_s": growth_s, "growth_flops": growth_flops, "params_before": model.num_params(),
-           "params_after": grown.num_params()}
-    grown.train()
-    return grown, new_optimizer, growth.ramp, row
+    event = grow_stage(cfg, job.stages[state.stage], job.models[state.stage + 1], model, optimizer,
+                       probe=lambda m: evaluate(m, loader, probe_rows, device, job.autocast, world), batch=batch,
+                       device=device, micro_batch=loader.micro_batch, world=world, shard=job.shard)
+    row = event.row
+    job.grow_at[state.stage] = state.step
+    state.stage += 1
+    state.growth_steps.append(state.step)
+    state.growth_specs.append(row["spec"])
+    state.flops += row["growth_flops"]
+    job.log.write({"step": state.step, "tokens": state.tokens, "flops": state.flops, "stage": state.stage, **row})
+    progress.message(f"step {state.step}: grew {row['params_before'] / 1e6:.1f}M -> "
+                     f"{row['params_after'] / 1e6:.1f}M parameters ({row['spec']['operator']}, stage {state.stage} "
+                     f"of {len(job.stages)}) in {row['growth_s']:.2f} s; probe loss {row['loss_before']:.4f} -> "
+                     f"{row['loss_after']:.4f}")
+    return event
 
 
 def agree_to_stop(requested: bool, device: torch.device) -> bool:
@@ -686,6 +656,18 @@ def agree_to_stop(requested: bool, device: torch.device) -> bool:
     flag = torch.tensor(float(requested), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0  # host sync: already at a logging, validation or checkpoint step
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of `stackfast train` and `python stackfast/train.py` (the same command)."""
+    parser.add_argument("--config", help="TOML config file (default: built-in toy settings)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config field (repeatable)")
+    parser.add_argument("--resume", help="'auto' or a checkpoint folder (same as --set checkpoint.resume=...)")
+    parser.add_argument("--force", action="store_true", help="start over in a run folder that holds a run: delete "
+                        "its checkpoints and logs first (same as --set logging.overwrite=true)")
+    parser.set_defaults(func=run_from_args)
+    return parser
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -710,9 +692,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python stackfast/train.py ARGS` (and torchrun's launch of it) is `stackfast train ARGS`."""
-    from stackfast.cli import main as cli_main
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    """`python stackfast/train.py ARGS` (and torchrun's launch of it): `stackfast train ARGS`."""
+    parser = add_train_arguments(argparse.ArgumentParser(prog="stackfast train", description="Train a model "
+                                                         "from a config (growing mid-run when [growth] says so)."))
+    return report_errors(run_from_args, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

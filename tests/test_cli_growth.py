@@ -31,6 +31,16 @@ def test_plan_prints_the_formula_and_writes_a_config(tmp_path):
     again = stackfast("plan", "--params", "7e9", "--tokens", "300e9", "--out", tmp_path / "plan.toml")
     assert again.returncode == 2 and "already exists" in again.stderr
     assert stackfast("plan", "--params", "7e9").returncode == 2  # a budget is required
+    assert cfg.growth.schedule == "restart" and cfg.schedule.kind == "cosine"  # the paper's recipe by default
+    out = stackfast("plan", "--params", "7e9", "--tokens", "300e9", "--recipe", "doublings", "--out", tmp_path / "d.toml")
+    assert out.returncode == 0, out.stderr
+    cfg = load_config(tmp_path / "d.toml")
+    assert [s.at for s in cfg.growth.stages] == ["prop", "prop"] and cfg.growth.factor == 2
+    assert (cfg.growth.schedule, cfg.schedule.kind, cfg.model.n_layers) == ("continue", "wsd", 32)
+    from stackfast.growth.stages import growth_steps, stage_models
+    assert [m.n_layers for m in stage_models(cfg)] == [8, 16, 32]
+    total = cfg.total_steps()
+    assert growth_steps(cfg, total) == [round(total / 6), round(total / 2)]
 
 
 def test_grow_a_stackfast_checkpoint_then_train_from_it(trained, tmp_path):

@@ -109,7 +109,7 @@ def test_tokenize_command_takes_patterns(tmp_path):
     assert out.returncode == 0 and "wrote" in out.stdout, out.stderr
     out = subprocess.run(cli + ["--out", str(tmp_path / "o2")], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        f"stackfast: error: {tree}: folder holds no files matching *.txt or *.jsonl (choose them with --pattern)"]
+        f"stackfast: error: {tree}: folder holds no files matching *.txt or *.jsonl or *.parquet (choose them with --pattern)"]
 
 
 def test_builtin_byte_level_corpus_is_the_source_bytes(stackfast_cache):

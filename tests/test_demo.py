@@ -7,77 +7,67 @@ from pathlib import Path
 
 import pytest
 
-from stackfast.demo import (CPU_SIZING, TOKENS_PER_PARAM, arm_config, compare, largest_hidden, loss_stats, summarize,
-                            target_model)
+from stackfast.demo import (BEST, CPU_SIZING, NOISE_FLOOR, QUICK_DIVISOR, TOKENS_PER_PARAM, TUNED, demo_trials,
+                            largest_hidden, summarize, target_model)
+from stackfast.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def record(arm, seed, loss, flops=100.0):
-    return {"arm": arm, "seed": seed, "val_loss": loss, "flops": flops}
+    return {"arm": arm, "seed": seed, "val_loss": loss, "run_flops": flops}
 
 
-def test_cpu_sizing_is_the_studys_shape():
-    # 8 x 32 byte-level target (the study's): 117k parameters, ~10 tokens per parameter at 1e12
+def test_cpu_sizing_is_the_studies_choice():
+    # 8 x 32 byte-level target (the sizing study's): 117k parameters, ~10 tokens per parameter at 1e12
     target = CPU_SIZING.target
     assert (target.vocab_size, target.n_layers, target.hidden_size, target.ffn_size) == (256, 8, 32, 88)
     assert target.num_params() == 117_280
-    study = json.loads((REPO / "benchmarks" / "results" / "sizing_study.json").read_text())["summary"]
-    assert (CPU_SIZING.lr_scratch, CPU_SIZING.lr_small, CPU_SIZING.lr_grown) == \
-        (study["best_lr"]["scratch"], study["best_lr"]["small"], study["best_lr"]["stack"])
-    assert CPU_SIZING.flops == study["budget"] and CPU_SIZING.small_share == study["best_share"]
+    assert CPU_SIZING.flops == json.loads((REPO / "benchmarks" / "results" / "sizing_study.json").read_text()) \
+        ["summary"]["budget"]
+    # every recipe's schedule and LR, the best recipe and the noise floor: the recipe study's
+    study = json.loads((REPO / "benchmarks" / "results" / "recipe_study-cpu.json").read_text())
+    assert {r["recipe"]: (r["schedule"], r["lr"]) for r in study["rows"]} == TUNED
+    grown = [r for r in study["rows"] if RECIPES[r["recipe"]].grows]
+    assert BEST == min(grown, key=lambda r: r["final_val_loss"])["recipe"]
+    assert NOISE_FLOOR == pytest.approx(study["noise_floor"], abs=5e-6) and study["bit_reproducible"]
+    assert CPU_SIZING.flops == study["sizing"]["flops"]
 
 
-def test_arm_configs_spend_the_same_budget():
-    flops = {}
-    for arm in ("scratch", "small", "stack"):
-        overrides, steps = arm_config(CPU_SIZING, arm, 1, "cpu")
-        from stackfast.config import load_config
-        cfg = load_config(None, overrides)
-        assert cfg.train.seed == 1 and cfg.optim.lr == CPU_SIZING.lr(arm) and cfg.data.path.endswith("-bytes")
-        if arm == "stack":
-            small_steps = cfg.growth.at_tokens // CPU_SIZING.tokens_per_step
-            small = target_model(32, n_layers=2)
-            flops[arm] = (small_steps * small.flops_per_token(128) + (steps - small_steps)
-                          * CPU_SIZING.target.flops_per_token(128)) * CPU_SIZING.tokens_per_step
-            assert cfg.growth.small_lr == CPU_SIZING.lr_grown  # the grown run's LR in both phases
-            assert small_steps * small.flops_per_token(128) * CPU_SIZING.tokens_per_step \
-                == pytest.approx(0.2 * CPU_SIZING.flops, rel=0.01)
-        else:
-            flops[arm] = steps * cfg.model.flops_per_token(128) * CPU_SIZING.tokens_per_step
-    for arm, spent in flops.items():
-        assert spent == pytest.approx(CPU_SIZING.flops, rel=0.01), arm
+def test_demo_runs_every_arm_at_its_tuned_setting():
+    trials = demo_trials(CPU_SIZING, 2)
+    arms = [(arm, t.seed) for arm, t in trials]
+    assert sorted(set(arms)) == sorted(arms)  # no run twice
+    for recipe in dict.fromkeys(("scratch", "stack_paper", BEST)):
+        assert {(recipe, 1), (recipe, 2)} <= set(arms)
+    assert ("small", 1) in arms and ("small", 2) not in arms
+    for arm, t in trials:
+        assert (t.kind, t.lr) == TUNED[t.recipe] and t.threads == 1
+        assert t.flops == (CPU_SIZING.flops / 2 if arm.endswith("_half") else CPU_SIZING.flops)
+    assert CPU_SIZING.with_lr(1e-3).settings["scratch"] == (TUNED["scratch"][0], 1e-3)
+    assert CPU_SIZING.flops / QUICK_DIVISOR >= CPU_SIZING.min_flops()  # `demo --quick` runs
 
 
-def test_verdicts_read_the_seed_spread():
-    a, b = loss_stats([record("stack", 1, 1.40), record("stack", 2, 1.42)]), \
-        loss_stats([record("scratch", 1, 1.50), record("scratch", 2, 1.55)])
-    assert a["std"] == pytest.approx(0.014142, rel=1e-3) and a["mean"] == pytest.approx(1.41)
-    assert compare(a, b) == "lower in every seed (beyond the seed spread)"
-    assert compare(b, a) == "higher in every seed (beyond the seed spread)"
-    tie = loss_stats([record("scratch", 1, 1.41), record("scratch", 2, 1.39)])
-    assert compare(a, tie) == "within the seed spread (a tie)"
-    one = loss_stats([record("small", 1, 1.30)])
-    assert compare(a, one) == "higher (one seed: no spread measured)"
-
-
-def test_summary_gives_the_speedup_seed_by_seed():
-    runs = [record("scratch", 1, 4.5), record("stack", 1, 4.0), record("stack_half", 1, 5.0, 50.0),
-            record("scratch", 2, 4.2), record("stack", 2, 4.0), record("stack_half", 2, 5.0, 50.0),
+def test_summary_gives_each_recipes_speedup_seed_by_seed():
+    runs = [record("scratch", 1, 4.5), record("stack_paper", 1, 4.0), record("stack_paper_half", 1, 5.0, 50.0),
+            record("scratch", 2, 4.2), record("stack_paper", 2, 4.0), record("stack_paper_half", 2, 5.0, 50.0),
             record("small", 1, 4.1)]
-    s = summarize(runs, 100.0)
+    s = summarize(runs, noise=0.01)
     # seed 1: 4.5 halfway between 5.0 and 4.0 -> budget sqrt(50 * 100); seed 2: 80% of the way
     expected = [100 / 70.7107 - 1, 100 / (50 * 2 ** 0.8) - 1]
-    assert [p["speedup"] for p in s["speedup_per_seed"]] == pytest.approx(expected, rel=1e-4)
-    assert s["speedup_mean"] == pytest.approx(sum(expected) / 2, rel=1e-4)
-    assert "speedup to scratch's final loss: +28% ± 13%" in s["verdict"][-1]
-    assert "G_stack vs small alone" in s["verdict"][1]
+    assert s["speedups"]["stack_paper"] == pytest.approx(expected, rel=1e-4)
+    label = RECIPES["stack_paper"].label
+    assert f"{label}: speedup to scratch's final loss +28% ± 13%" in s["verdict"][-1]
+    assert s["verdict"][0].startswith(f"{label} vs scratch: 4.0000 ± 0.0000 vs 4.3500") \
+        and s["verdict"][0].endswith("lower (every seed, beyond the noise floor)")
+    assert s["verdict"][1] == f"{label} vs small alone: 4.0000 vs 4.1000: lower (one seed: no spread measured)"
     for r in runs:
-        r["val_loss"] -= 0.9 * (r["arm"] == "stack_half")  # both halves reach scratch's loss
-    assert summarize(runs, 100.0)["verdict"][-1].startswith("speedup to scratch's final loss: >= +100% in every")
+        r["val_loss"] -= 0.9 * (r["arm"] == "stack_paper_half")  # both halves reach scratch's loss
+    assert "speedup to scratch's final loss >= +100% in every seed" in summarize(runs)["verdict"][-1]
     runs[1]["val_loss"] = 4.6  # seed 1's G_stack misses scratch's loss: no speedup claimed
-    s = summarize(runs, 100.0)
-    assert s["speedup_mean"] is None and s["verdict"][-1].startswith("no speedup: in 1 of 2 seeds")
+    s = summarize(runs)
+    assert s["verdict"][-1] == f"{label}: no speedup: in 1 of 2 seeds it did not reach scratch's final loss " \
+        "within the same budget"
 
 
 def test_largest_hidden_follows_the_tokens_per_parameter_rule():
@@ -110,7 +100,9 @@ def test_demo_scales_itself_up_on_a_gpu_by_the_same_rule(monkeypatch):
     assert tokens <= corpus and tokens / sizing.target.num_params() >= TOKENS_PER_PARAM
     # the corpus bounds it: 5 minutes would buy far more FLOPs than 11M tokens need
     assert sizing.flops < 5e12 * 300 / 7
-    assert sizing.lr_grown == pytest.approx(CPU_SIZING.lr_grown * (32 / sizing.target.hidden_size) ** 0.5)
+    for recipe, (kind, lr) in sizing.settings.items():
+        assert kind == TUNED[recipe][0]
+        assert lr == pytest.approx(TUNED[recipe][1] * (32 / sizing.target.hidden_size) ** 0.5)
 
 
 def test_gpu_plan_prefers_two_seeds_then_one_then_says_under_sized():
@@ -123,7 +115,7 @@ def test_gpu_plan_prefers_two_seeds_then_one_then_says_under_sized():
     # 8 minutes at 1 PFLOP/s: two seeds of a >= 20M target (width 512: 25.5M) at >= 15 tokens/param fit
     sizing, seeds, why = growth_study.plan_gpu(1e15, 480, preset, 10**9)
     assert seeds == 2 and sizing.target.num_params() >= 20e6 and sizing.tokens_per_param() >= TOKENS_PER_PARAM
-    assert sizing.seq_len == 1024 and sizing.lr_grown < CPU_SIZING.lr_grown
+    assert sizing.seq_len == 1024 and sizing.settings["stack_paper"][1] < TUNED["stack_paper"][1]
     # at 300 TFLOP/s: one seed, at >= 10 tokens/param
     sizing, seeds, why = growth_study.plan_gpu(3e14, 480, preset, 10**9)
     assert seeds == 1 and sizing.target.num_params() >= 20e6 and sizing.tokens_per_param() >= 10
@@ -145,11 +137,11 @@ def test_gpu_growth_study_rehearsed_at_tiny_size(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "growth_study_gpu-rehearsal.json").read_text())
     assert result["rehearsal"] and result["corpus_tokens"] > 10**6 and result["probe_tflops"] > 0
-    arms = {r["arm"] for r in result["runs"]}
-    assert {"scratch", "small", "stack"} <= arms
+    arms = {r["recipe"] for r in result["runs"]}
+    assert {"scratch", "small", "stack_paper"} <= arms
     assert len(result["runs"]) >= 3 * result["seeds"]
     for r in result["runs"]:
-        assert r["flops"] == pytest.approx(result["sizing"]["flops"], rel=0.05)
+        assert r["run_flops"] == pytest.approx(result["sizing"]["flops"], rel=0.05)
     # sized to its limit from the probe; twice the limit tolerates a noisy shared machine
     assert result["wall_s"] < 2 * 60 * result["preset"]["minutes"]
     assert (tmp_path / "out" / "growth_study_gpu-rehearsal.png").stat().st_size > 10_000

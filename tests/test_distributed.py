@@ -174,7 +174,7 @@ def free_port() -> int:
 
 
 def launch_nodes(run_dir, *extra):
-    """The README's multi-node command on one machine: 2 torchrun agents ("nodes") of 1
+    """The multi-node command of docs/distributed.md on one machine: 2 torchrun agents ("nodes") of 1
     process each, meeting through the c10d rendezvous on 127.0.0.1."""
     port = free_port()
     args = [a for o in overrides(run_dir, 2, *extra) for a in ("--set", o)]
@@ -235,7 +235,7 @@ def children(pid: int) -> list[int]:
 
 
 def test_sigterm_to_the_workers_under_torchrun_exits_0(tmp_path):
-    """The README's clean stop under torchrun: signal the workers (torchrun's children), not
+    """The clean stop under torchrun of docs/distributed.md: signal the workers (torchrun's children), not
     torchrun (which exits 1 after passing a signal on, whatever its workers did). Every
     worker checkpoints and exits 0, so torchrun exits 0 too."""
     args = [a for o in overrides(tmp_path, 2, "train.max_steps=100") for a in ("--set", o)]
@@ -336,17 +336,21 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_checkpoint_intact
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-GROWTH = ["model.n_layers=4", 'growth.operator="stack"', "growth.factor=2", "growth.at_tokens=512",
-          'growth.optimizer="replicate"', "train.max_steps=8"]
+# Two stages, 1 -> 2 -> 4 layers after steps 2 and 5, Adam moments copied each time.
+GROWTH = ["model.n_layers=4", 'growth.operator="stack"', "growth.factor=2",
+          "growth.stages=[{at = 256}, {at = 640}]", 'growth.optimizer="replicate"', "train.max_steps=8"]
 
 
-def test_stack_growth_under_fsdp_matches_one_process(tmp_path):
+def test_two_stage_stack_growth_under_fsdp_matches_one_process(tmp_path):
     launch(2, tmp_path / "two", *GROWTH)
     run(load_config(None, overrides(tmp_path / "one", 1, *GROWTH)))
-    rows = [[r for r in read_metrics(tmp_path / d) if r.get("event") == "growth"][0] for d in ("one", "two")]
-    assert rows[0]["spec"] == rows[1]["spec"] and rows[0]["spec"]["layer_map"] == [0, 1, 0, 1]
+    events = [[r for r in read_metrics(tmp_path / d) if r.get("event") == "growth"] for d in ("one", "two")]
+    assert [r["step"] for r in events[1]] == [r["step"] for r in events[0]] == [2, 5]
+    assert [r["spec"] for r in events[1]] == [r["spec"] for r in events[0]]
+    assert [r["spec"]["layer_map"] for r in events[0]] == [[0, 0], [0, 1, 0, 1]]
     # The probe loss right after growth depends only on the grown weights.
-    assert rows[1]["loss_after"] == pytest.approx(rows[0]["loss_after"], rel=1e-5)
+    for one, two in zip(*events):
+        assert two["loss_after"] == pytest.approx(one["loss_after"], rel=1e-5)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert [b[s] for s in b] == pytest.approx([a[s] for s in b], rel=1e-4)

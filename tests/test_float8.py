@@ -91,20 +91,20 @@ def test_float8_loss_curve_follows_the_plain_run(runs, mode):
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
     """A growing run (stack x2 after step 10) with and without float8, and the models that
-    grow_in_job took and gave back in the float8 run."""
+    grow_stage took and gave back in the float8 run."""
     import stackfast.train as train_module
     seen = {}
-    grow = train_module.grow_in_job
+    grow = train_module.grow_stage
 
-    def spy(cfg, model, *args, **kwargs):
+    def spy(cfg, stage, target, model, *args, **kwargs):
         seen["small"] = model_types(model)
-        out = grow(cfg, model, *args, **kwargs)
-        seen["grown"] = model_types(out[0])
+        out = grow(cfg, stage, target, model, *args, **kwargs)
+        seen["grown"] = model_types(out.model)
         return out
     dirs = {mode: tmp_path_factory.mktemp(f"grow-{mode}") for mode in ("none", "tensorwise")}
     train(dirs["none"], *GROW)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "grow_in_job", spy)
+        mp.setattr(train_module, "grow_stage", spy)
         train(dirs["tensorwise"], *GROW, "train.float8=tensorwise")
     return dirs, seen
 
@@ -238,7 +238,7 @@ import stackfast.train as T
 from stackfast.config import load_config
 
 seen = {"precomputed": 0}
-grow, precompute = T.grow_in_job, T.precompute_scales
+grow, precompute = T.grow_stage, T.precompute_scales
 
 def kinds(model):
     return {"float8": sorted(n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"),
@@ -247,7 +247,7 @@ def kinds(model):
 
 def grow_spy(*args, **kwargs):
     out = grow(*args, **kwargs)
-    seen["grown"] = kinds(out[0])
+    seen["grown"] = kinds(out.model)
     return out
 
 def precompute_spy(model):
@@ -256,7 +256,7 @@ def precompute_spy(model):
               if type(p._local_tensor).__name__ == "WeightWithDynamicFloat8CastTensor"]
     seen["precomputed"] += bool(scales) and all(s is not None for s in scales)
 
-T.grow_in_job, T.precompute_scales = grow_spy, precompute_spy
+T.grow_stage, T.precompute_scales = grow_spy, precompute_spy
 summary = T.run(load_config(None, sys.argv[1:]))
 if summary["rank"] == 0:
     print("SPY" + json.dumps(seen))

@@ -9,7 +9,8 @@ from stackfast.growth import OPERATORS, GrowthError, apply_growth, grow, growth_
 from stackfast.growth.depth import layer_map
 from stackfast.metrics import read_metrics
 from stackfast.model import Transformer
-from stackfast.train import run, scheduled_lr
+from stackfast.optim import scheduled_lr
+from stackfast.train import run
 
 
 def small(n_layers=2, **kw):
@@ -228,14 +229,17 @@ def test_resume_before_at_or_after_growth_reproduces_the_run(tmp_path, resume_st
 def test_replicate_optimizer_copies_adam_moments(tmp_path, monkeypatch):
     import stackfast.train as train
     captured = {}
-    real = train.replicate_optimizer_state
+    real = train.grow_stage
 
-    def spy(old_opt, old_model, new_opt, new_model, mapping):
-        real(old_opt, old_model, new_opt, new_model, mapping)
-        def states(opt, model):
-            return {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
-        captured.update(old=states(old_opt, old_model), new=states(new_opt, new_model))
-    monkeypatch.setattr(train, "replicate_optimizer_state", spy)
+    def states(opt, model):
+        return {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+
+    def spy(cfg, stage, target, model, optimizer, **kwargs):
+        old = states(optimizer, model)  # before growth: in-place growth adopts the small model's modules
+        event = real(cfg, stage, target, model, optimizer, **kwargs)
+        captured.update(old=old, new=states(event.optimizer, event.model))
+        return event
+    monkeypatch.setattr(train, "grow_stage", spy)
     run(job(tmp_path, 'growth.optimizer="replicate"'))
     old, new = captured["old"], captured["new"]
     for grown_name, source in (("layers.3.mlp.up_proj.weight", "layers.1.mlp.up_proj.weight"),
@@ -248,11 +252,11 @@ def test_replicate_optimizer_copies_adam_moments(tmp_path, monkeypatch):
 
 def test_schedule_restart_and_continue():
     cfg = job("unused", "optim.lr=1.0", "growth.small_lr=2.0")
-    assert scheduled_lr(cfg, 0, 8, 4) == pytest.approx(1.0)  # small model: its own warmup, peak 2.0
-    assert scheduled_lr(cfg, 1, 8, 4) == pytest.approx(2.0)
-    assert scheduled_lr(cfg, 4, 8, 4) == pytest.approx(0.5)  # grown: warmup restarts at peak 1.0
+    assert scheduled_lr(cfg, 0, 8, [4]) == pytest.approx(1.0)  # small model: its own warmup, peak 2.0
+    assert scheduled_lr(cfg, 1, 8, [4]) == pytest.approx(2.0)
+    assert scheduled_lr(cfg, 4, 8, [4]) == pytest.approx(0.5)  # grown: warmup restarts at peak 1.0
     cont = job("unused", "optim.lr=1.0", 'growth.schedule="continue"')
-    assert scheduled_lr(cont, 4, 8, 4) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
+    assert scheduled_lr(cont, 4, 8, [4]) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
 
 
 def test_auto_timing_beyond_the_budget_is_a_clear_error(tmp_path):
@@ -261,15 +265,9 @@ def test_auto_timing_beyond_the_budget_is_a_clear_error(tmp_path):
         run(job(tmp_path, 'growth.at_tokens="auto"'))
 
 
-def test_speedup_from_complete_runs_and_curves():
-    from stackfast.demo import speedup_from_budgets
+def test_flops_to_reach_interpolates_a_curve():
+    # (the speedup from complete runs: tests/test_recipes.py)
     from stackfast.plot import flops_to_reach
-    half, full = {"val_loss": 5.0, "flops": 50.0}, {"val_loss": 4.0, "flops": 100.0}
-    sp, text = speedup_from_budgets(4.5, half, full, 100.0)
-    # loss 4.5 is halfway between the runs: budget exp((ln 50 + ln 100) / 2) = 70.71
-    assert sp == pytest.approx(100 / 70.7107 - 1, rel=1e-4) and "speedup +41.4%" in text
-    assert speedup_from_budgets(3.9, half, full, 100.0)[0] is None
-    assert speedup_from_budgets(5.5, half, full, 100.0)[0] == 1.0
     curve = [(0, 10.0, 6.0), (0, 20.0, 5.0), (0, 30.0, 4.0)]
     assert flops_to_reach(curve, 4.5) == pytest.approx(25.0) and flops_to_reach(curve, 3.0) is None
 

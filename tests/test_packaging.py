@@ -96,3 +96,20 @@ def test_one_version_and_declared_dependencies():
     assert not any("pytest-benchmark" in d for group in extras.values() for d in group)
     assert any(d.startswith("lm-eval") for d in extras["eval"])
     assert "torch" not in " ".join(project["build-system"]["requires"])  # setup.py says why
+
+
+def test_ops_lists_its_lazy_names():
+    """dir() and tab completion show the lazily imported kernels before their first use (a
+    fresh process: here another test may have imported them already); __all__ names exactly
+    the public names, and each of them resolves."""
+    import stackfast.ops as ops
+
+    eager = {"extension_info", "extension_summary", "replicate_", "replicate_ref"}
+    assert set(ops.__all__) == set(ops._LAZY) | eager and len(ops.__all__) == len(set(ops.__all__))
+    out = subprocess.run([sys.executable, "-c", "import json, stackfast.ops as o; print(json.dumps(dir(o)))"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120, check=True)
+    listed = json.loads(out.stdout)
+    assert listed == sorted(listed) and set(ops.__all__) <= set(listed), set(ops.__all__) - set(listed)
+    pytest.importorskip("triton")
+    for name in ops.__all__:
+        assert callable(getattr(ops, name)), name

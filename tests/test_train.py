@@ -6,7 +6,8 @@ import pytest
 from stackfast.checkpoint import CheckpointError, list_checkpoints
 from stackfast.config import StackfastError, load_config
 from stackfast.metrics import read_metrics
-from stackfast.train import lr_at, run
+from stackfast.optim import lr_at
+from stackfast.train import run
 
 TINY = ['model.preset="tiny"', "model.kernels=torch", "data.seq_len=64", "train.global_batch_size=4",
         "schedule.warmup_steps=5", "optim.lr=3e-3", "train.eval_batches=2", "logging.progress=false",
@@ -100,7 +101,7 @@ def test_a_pickled_object_inside_a_dcp_shard_is_refused_without_running_code(tmp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from stackfast.checkpoint import load_weights, write_checksums
     from stackfast.model import Transformer
-    from stackfast.train import build_optimizer
+    from stackfast.optim import build_optimizer
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path / "a", "train.max_steps=2")
     run(cfg)

@@ -53,8 +53,9 @@ from stackfast.checkpoint import hf_llama_config, to_hf_state_dict
 from stackfast.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
 from stackfast.metrics import MFU_CONVENTION, peak_flops
 from stackfast.model import Transformer
+from stackfast.optim import build_optimizer
 from stackfast.parallel import World, init_distributed, shutdown, wrap_model
-from stackfast.train import autocast_context, build_optimizer, model_loss, train_step
+from stackfast.train import autocast_context, model_loss, train_step
 
 STATE_BYTES_PER_PARAM = 16  # fp32 weights, gradients and the two AdamW moments
 

@@ -29,12 +29,14 @@ from stackfast.parallel import init_parameters, local, local_part
 PARTIAL = ("all", "front", "middle", "back")
 
 
-def layer_map(n_layers: int, factor: int, layers: str | list[int] = "all", order: str = "stack") -> list[int]:
+def layer_map(n_layers: int, factor: int, layers: str | list[int] = "all", order: str = "stack",
+              block: int = 0) -> list[int]:
     """The grown model's layer map.
 
     layers: 'all' repeats the whole stack (the paper's best); 'front', 'middle', 'back'
-    repeat only that half of the layers (the partial-stacking ablation) so that the
-    grown depth is still n_layers * factor; an explicit list is the map itself.
+    repeat only that part of the layers (the partial-stacking ablation; MIDAS with 'middle')
+    so that the grown depth is still n_layers * factor: `block` layers of it (0: half the
+    layers); an explicit list is the map itself.
     order: 'stack' repeats the block of layers as a whole (0 1 2 0 1 2 ...),
     'interpolate' repeats each layer in place (0 0 1 1 2 2 ...).
     """
@@ -50,7 +52,12 @@ def layer_map(n_layers: int, factor: int, layers: str | list[int] = "all", order
         raise GrowthError(f"layers: expected one of {', '.join(PARTIAL)} or a list of indices, got {layers!r}")
     if order not in ("stack", "interpolate"):
         raise GrowthError(f"order: expected 'stack' or 'interpolate', got {order!r}")
-    half = max(1, n_layers // 2)
+    if block and layers == "all":
+        raise GrowthError(f"block={block}: a block size needs layers='front', 'middle' or 'back' ('all' repeats "
+                          f"every layer)")
+    if not 0 <= block <= n_layers:
+        raise GrowthError(f"block={block}: must be between 1 and the model's {n_layers} layers (0: half of them)")
+    half = block or max(1, n_layers // 2)
     start = {"all": 0, "front": 0, "middle": (n_layers - half) // 2, "back": n_layers - half}[layers]
     chosen = list(range(n_layers)) if layers == "all" else list(range(start, start + half))
     # The chosen layers appear `repeat` times, the others once, for n_layers * factor in all.
@@ -174,7 +181,7 @@ def copy_optimizer_state(old_state: dict[str, dict], grown: Transformer, mapping
 
 
 def stack(model: Transformer, factor: int, *, layers: str | list[int] = "all", order: str = "stack",
-          noise: float = 0.0, seed: int = 0, shard=None, in_place: bool = False) -> Growth:
+          block: int = 0, noise: float = 0.0, seed: int = 0, shard=None, in_place: bool = False) -> Growth:
     """G_stack: the grown model's blocks are copies of the small model's, by layer map.
 
     noise = alpha > 0 mixes every block matrix with Gaussian noise, W <- (1 - alpha) W +
@@ -183,12 +190,12 @@ def stack(model: Transformer, factor: int, *, layers: str | list[int] = "all", o
     shard, in_place: see build_from_map (the depth operators take both).
     """
     check_noise(noise)
-    mapping = layer_map(model.config.n_layers, factor, layers, order)
+    mapping = layer_map(model.config.n_layers, factor, layers, order, block)
     grown = build_from_map(model, mapping, shard, in_place=in_place)
     if noise > 0:
         add_noise(grown, noise, seed)
     spec = {"operator": "stack", "factor": factor, "layer_map": mapping,
-            "layers": layers, "order": order, "noise": noise, "seed": seed}
+            "layers": layers, "order": order, "block": block, "noise": noise, "seed": seed}
     return Growth(grown, spec)
 
 

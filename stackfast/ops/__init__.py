@@ -31,6 +31,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'stackfast.ops' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """`dir(stackfast.ops)` and tab completion list the lazy names before their first use."""
+    return sorted(set(globals()) | set(_LAZY))
+
+
 class _Ops(types.ModuleType):
     """Importing a submodule (`import stackfast.ops.attention`) binds it on this package
     under the function's name; keep the function there, as an eager import would."""
@@ -44,6 +49,8 @@ class _Ops(types.ModuleType):
 sys.modules[__name__].__class__ = _Ops
 
 
+# Every public name: the eager ones imported above and the lazy ones (tests/test_packaging.py
+# checks that this list, _LAZY and dir() agree).
 __all__ = ["apply_stackfast_kernels", "attention", "attention_ref", "extension_info", "extension_summary",
            "linear_cross_entropy", "linear_cross_entropy_ref", "patch_llama", "patch_mistral", "patch_qwen2",
            "replicate_", "replicate_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref", "swiglu", "swiglu_ref"]

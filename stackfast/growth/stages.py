@@ -1,0 +1,85 @@
+"""The growth stages of a run: when each growth event happens, what it grows, and the model
+each stage trains.
+
+A run's [growth] is one stage (factor, at_tokens) or a list of them (growth.stages). Every
+stage grows the model before it with growth.operator; [model] is the result of the last
+one, so the run starts from the model that all of them, one after another, grow into it
+(`stage_models`). When a stage grows is a step of the run (`growth_steps`): a token count,
+a fraction of the run's tokens, the paper's timing formula ('auto', one stage) or MIDAS's
+Prop-alpha lengths ('prop': stage k of K trains for a share proportional to k ** alpha).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from stackfast.config import Config, ConfigError, GrowthStage, ModelConfig
+from stackfast.growth.guidelines import growth_timing
+from stackfast.growth_operators import OPERATORS
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One growth event, resolved: its factor and the operator options it overrides."""
+    factor: int
+    options: dict  # stack: layers and block of this stage; {} for the other operators
+
+
+def stages_of(cfg: Config) -> list[Stage]:
+    """The run's growth events in order (empty: it does not grow)."""
+    g = cfg.growth
+    if g.operator == "none":
+        return []
+    listed = g.stages or [GrowthStage(at=g.at_tokens)]
+    takes_layers = "layers" in {o.name for o in OPERATORS[g.operator].options}
+    return [Stage(factor=s.factor or g.factor,
+                  options={"layers": s.layers or g.layers, "block": g.block if s.block == -1 else s.block}
+                  if takes_layers else {})
+            for s in listed]
+
+
+def stage_models(cfg: Config) -> list[ModelConfig]:
+    """The model of each stage, the first (smallest) to the last ([model]); one entry more
+    than stages_of(cfg). A shape that a stage cannot grow into is a GrowthError."""
+    models = [cfg.model]
+    if cfg.growth.operator != "none":
+        operator = OPERATORS[cfg.growth.operator]
+        for stage in reversed(stages_of(cfg)):
+            models.insert(0, operator.small_model(models[0], stage.factor))
+    return models
+
+
+def growth_steps(cfg: Config, total_steps: int) -> list[int]:
+    """The optimizer step after which each stage grows, strictly increasing and within the
+    run (one line naming the stage otherwise)."""
+    g = cfg.growth
+    if g.operator == "none":
+        return []
+    tokens_per_step = cfg.tokens_per_step()
+    listed = g.stages or [GrowthStage(at=g.at_tokens)]
+    where = [f"growth.stages[{i}].at" for i in range(len(listed))] if g.stages else ["growth.at_tokens"]
+    if all(s.at == "prop" for s in listed):
+        weights = [(k + 1) ** g.prop_alpha for k in range(len(listed) + 1)]
+        steps = [round(total_steps * sum(weights[:k + 1]) / sum(weights)) for k in range(len(listed))]
+    else:
+        steps = []
+        for stage in listed:
+            if stage.at == "auto":  # the paper's formula: tokens for the target's size and the run's FLOPs
+                target = cfg.model.num_params()
+                steps.append(math.ceil(growth_timing(target, 6.0 * target * total_steps * tokens_per_step)
+                                       / tokens_per_step))
+            elif isinstance(stage.at, float):
+                steps.append(round(stage.at * total_steps))
+            else:
+                steps.append(-(-stage.at // tokens_per_step))  # the first step boundary at or after the tokens
+    for i, step in enumerate(steps):
+        if step >= total_steps:
+            raise ConfigError(f"{where[i]}: growing after step {step} ({step * tokens_per_step} tokens) leaves "
+                              f"nothing of the run's {total_steps} steps ({total_steps * tokens_per_step} tokens) "
+                              f"for the grown model"
+                              + (" (the paper's formula is fitted at 410M-3B scale; set a token count)"
+                                 if listed[i].at == "auto" else ""))
+        if i and step <= steps[i - 1]:
+            raise ConfigError(f"{where[i]}: grows after step {step}, not after the previous stage (step "
+                              f"{steps[i - 1]}); each stage needs steps of its own")
+    return steps
