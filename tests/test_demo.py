@@ -23,8 +23,10 @@ def test_cpu_sizing_is_the_studies_choice():
     target = CPU_SIZING.target
     assert (target.vocab_size, target.n_layers, target.hidden_size, target.ffn_size) == (256, 8, 32, 88)
     assert target.num_params() == 117_280
-    assert CPU_SIZING.flops == json.loads((REPO / "benchmarks" / "results" / "sizing_study.json").read_text()) \
-        ["summary"]["budget"]
+    sizing = json.loads((REPO / "benchmarks" / "results" / "sizing_study.json").read_text())
+    assert CPU_SIZING.flops == sizing["budget"] and sizing["target_params"] == target.num_params()
+    for budget in sizing["at"].values():  # G_stack ahead of scratch and of the small model alone at both budgets
+        assert budget["stack_vs_scratch"].startswith("lower") and budget["stack_vs_small"].startswith("lower")
     # every recipe's schedule and LR, the best recipe and the noise floor: the recipe study's
     study = json.loads((REPO / "benchmarks" / "results" / "recipe_study-cpu.json").read_text())
     assert {r["recipe"]: (r["schedule"], r["lr"]) for r in study["rows"]} == TUNED
