@@ -54,7 +54,7 @@ from stackfast.metrics import read_metrics  # noqa: E402
 from stackfast.plot import plot_runs, speedup_vs, val_curve  # noqa: E402
 from stackfast.recipes import (FINAL_SEEDS, GROWTH_RECIPES, LR_LADDER, OPERATOR_RECIPES, RECIPES, Trial,  # noqa: E402
                                check_recipes, chosen_settings, final_trials, load_records, run_many, search_table,
-                               speedup, stats, tune, verdict)
+                               speedups_per_seed, stats, tune, verdict)
 from stackfast.train import resolve_device  # noqa: E402
 
 
@@ -163,8 +163,8 @@ def protocol_study(args, names: list[str], result_name: str, title: str) -> dict
                "vs_scratch": st["mean"] - final_stats["scratch"]["mean"],
                "verdict": "" if r == "scratch" else verdict(st, final_stats["scratch"], noise)}
         if r in halves:
-            sps = [speedup(done[s]["val_loss"], done[h], done[f], done[s]["run_flops"])
-                   for s, h, f in zip(scratch, halves[r], finals[r])]
+            sps = speedups_per_seed([done[t] for t in scratch], [done[t] for t in halves[r]],
+                                    [done[t] for t in finals[r]])
             row["speedup_per_seed"] = sps
             if all(sp is not None for sp in sps):
                 row["speedup_pct"] = 100 * statistics.fmean(sps)

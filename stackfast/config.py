@@ -351,7 +351,7 @@ class GrowthConfig:
             _choice(stage, key, "layers", ("", *LAYER_CHOICES))
             if stage.block < -1:
                 raise ConfigError(f"{key}.block: must be >= 0 (-1: growth.block), got {stage.block}")
-            if (stage.layers or stage.block != -1) and "layers" not in {o.name for o in spec.options}:
+            if (stage.layers or stage.block != -1) and "layers" not in spec.accepted_options():
                 raise ConfigError(f"{key}: layers and block choose what G_stack repeats; {self.operator!r} "
                                   f"takes neither")
 

@@ -35,8 +35,8 @@ from stackfast.config import ModelConfig, StackfastError, load_config
 from stackfast.data import BUILTIN_STDLIB_BYTES
 from stackfast.metrics import read_metrics
 from stackfast.plot import plot_runs
-from stackfast.recipes import RECIPES, Trial, flop_shares, model_overrides, run_many, speedup, stage_models, stats, \
-    verdict
+from stackfast.recipes import (RECIPES, Trial, flop_shares, model_overrides, run_many, speedups_per_seed,
+                               stage_models, stats, verdict)
 from stackfast.train import run
 
 # The sizing rule: tokens per target parameter. In the sizing study G_stack beat scratch and
@@ -172,9 +172,7 @@ def summarize(runs: list[dict], noise: float = NOISE_FLOOR) -> dict:
         lines.append(f"{RECIPES[lead].label} vs small alone: {arm_stats[lead]['mean']:.4f} vs "
                      f"{arm_stats['small']['mean']:.4f}: {verdict(arm_stats[lead], arm_stats['small'], noise)}")
     for name in grown:
-        pairs = [(s, next(r for r in by_arm[name] if r["seed"] == s["seed"]),
-                  next(r for r in by_arm[f"{name}_half"] if r["seed"] == s["seed"])) for s in by_arm["scratch"]]
-        speedups[name] = [speedup(s["val_loss"], half, full, s["run_flops"]) for s, full, half in pairs]
+        speedups[name] = speedups_per_seed(by_arm["scratch"], by_arm[f"{name}_half"], by_arm[name])
         lines.append(speedup_line(name, speedups[name]))
     return {"arms": arm_stats, "speedups": speedups, "verdict": lines, "noise_floor": noise}
 

@@ -127,18 +127,17 @@ def recipe_config(sizing, recipe: Recipe, lr: float, kind: str, seed: int, devic
     at peak LR `lr` with schedule `kind`. sizing: a demo.Sizing (target, seq_len, batch, data)."""
     flops = sizing.flops if flops is None else flops
     models = stage_models(sizing.target, recipe)
-    per_stage = [sizing.steps(m, share * flops) for m, share in zip(models, flop_shares(sizing, recipe))]
-    steps = sum(per_stage)
     if recipe.prop:  # the steps that spend `flops` at Prop-1 lengths; the config's own timing places the events
         weights = range(1, len(models) + 1)
         per_token = sum(w * m.flops_per_token(sizing.seq_len) for w, m in zip(weights, models)) / sum(weights)
         steps = max(2 * len(models), round(flops / (per_token * sizing.tokens_per_step)))
+        ats = ['"prop"'] * len(recipe.stages)
+    else:  # each stage's steps spend its share of the FLOPs; an event after the steps before it
+        per_stage = [sizing.steps(m, share * flops) for m, share in zip(models, flop_shares(sizing, recipe))]
+        steps = sum(per_stage)
+        ats = [str(sum(per_stage[:k + 1]) * sizing.tokens_per_step) for k in range(len(recipe.stages))]
     growth = []
     if recipe.grows:
-        if recipe.prop:
-            ats = ['"prop"'] * len(recipe.stages)
-        else:
-            ats = [str(sum(per_stage[:k + 1]) * sizing.tokens_per_step) for k in range(len(recipe.stages))]
         stack = recipe.operator == "stack"  # only G_stack takes layers and block
         tables = ", ".join(f'{{at = {at}, factor = {s.factor}'
                            + (f', layers = "{s.layers}", block = {s.block}}}' if stack else "}")
@@ -316,6 +315,15 @@ def verdict(a: dict, b: dict, noise: float) -> str:
     if a["min"] > b["max"] and gap > noise:
         return "higher (every seed, beyond the noise floor)"
     return "a tie (within the seed spread or the noise floor)"
+
+
+def speedups_per_seed(scratch: list[dict], half: list[dict], full: list[dict]) -> list[float | None]:
+    """`speedup` seed by seed: each scratch run's final loss against the recipe's B/2 and B runs
+    of the same seed (run records with seed, val_loss and run_flops)."""
+    def of_seed(runs: list[dict], seed: int) -> dict:
+        return next(r for r in runs if r["seed"] == seed)
+    return [speedup(s["val_loss"], of_seed(half, s["seed"]), of_seed(full, s["seed"]), s["run_flops"])
+            for s in scratch]
 
 
 def speedup(scratch_loss: float, half: dict, full: dict, budget: float) -> float | None:

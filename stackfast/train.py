@@ -373,7 +373,7 @@ class Job:
     state: TrainState
     stages: list[Stage]  # growth events, in order (empty: no growth)
     models: list  # the model config of each stage, the first (smallest) to [model]
-    grow_at: list[int]  # the step of each growth event: those done as they happened, the others as planned
+    planned: list[int]  # the step of each growth event as the config plans it
     shard: object  # wraps a model as the run does (FSDP, compile, checkpointing, float8)
     model: Transformer
     optimizer: torch.optim.Optimizer
@@ -381,6 +381,12 @@ class Job:
     log: MetricsLog
     resume_from: Path | None
     changes: list[str]  # settings changed since the checkpoint resumed from
+
+    @property
+    def grow_at(self) -> list[int]:
+        """The step of each growth event: those done as they happened (a run keeps them even if
+        its token budget changed since), the others as planned."""
+        return self.state.growth_steps + self.planned[self.state.stage:]
 
 
 def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None = None) -> Job | None:
@@ -424,8 +430,6 @@ def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None 
     if lock is not None:
         lock.refuse_read_only()  # from here on the run writes
         remove_stale_saves(run_dir / "checkpoints")  # a killed save's partial folder: this job holds the lock
-    # A run keeps the steps it grew at, even if its token budget changed since.
-    grow_at = state.growth_steps + planned[state.stage:]
     shard = functools.partial(wrap_model, cfg=cfg.parallel, world=world, bf16=use_bf16(cfg.train.dtype, device))
     # float8: the block linears become Float8Linear before compile and FSDP, in every model `shard`
     # wraps (the first, one loaded from init_from, the grown one)
@@ -446,7 +450,7 @@ def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None 
     if world.main:
         (run_dir / "config.toml").write_text(cfg.to_toml())
     return Job(run_dir, autocast_context(cfg.train.dtype, device), loader, accum, total_steps,
-               cfg.train.eval_batches * cfg.train.global_batch_size, state, stages, models, grow_at, shard, model,
+               cfg.train.eval_batches * cfg.train.global_batch_size, state, stages, models, planned, shard, model,
                optimizer, ramp, log, resume_from, changes)
 
 
@@ -570,7 +574,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
     return {"steps": state.step, "tokens": state.tokens, "flops": state.flops,
             "loss": pending.last_loss, "val_loss": val_loss, "wall_s": wall, "tokens_per_s": tokens_per_s,
             "params": model.num_params(), "device": str(device), "run_dir": str(run_dir),
-            "growth_step": job.grow_at[0] if job.grow_at else None, "growth_steps": job.grow_at, "mfu_convention": MFU_CONVENTION, "world_size": world.world_size,
+            "growth_step": job.grow_at[0] if job.grow_at else None, "growth_steps": job.grow_at,
+            "mfu_convention": MFU_CONVENTION, "world_size": world.world_size,
             "rank": world.rank, "stopped": state.step < total_steps, "skipped_steps": state.skipped_steps,
             "stop_signal": stop.received.name if stop.received else None}
 
@@ -638,7 +643,6 @@ def grow_next_stage(cfg: Config, job: Job, model: Transformer, optimizer, device
                        probe=lambda m: evaluate(m, loader, probe_rows, device, job.autocast, world), batch=batch,
                        device=device, micro_batch=loader.micro_batch, world=world, shard=job.shard)
     row = event.row
-    job.grow_at[state.stage] = state.step
     state.stage += 1
     state.growth_steps.append(state.step)
     state.growth_specs.append(row["spec"])

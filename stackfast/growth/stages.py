@@ -25,13 +25,20 @@ class Stage:
     options: dict  # stack: layers and block of this stage; {} for the other operators
 
 
-def stages_of(cfg: Config) -> list[Stage]:
-    """The run's growth events in order (empty: it does not grow)."""
+def listed_stages(cfg: Config) -> list[GrowthStage]:
+    """[growth] as the stages it lists: growth.stages, or one stage at growth.at_tokens (none
+    without an operator)."""
     g = cfg.growth
     if g.operator == "none":
         return []
-    listed = g.stages or [GrowthStage(at=g.at_tokens)]
-    takes_layers = "layers" in {o.name for o in OPERATORS[g.operator].options}
+    return g.stages or [GrowthStage(at=g.at_tokens)]
+
+
+def stages_of(cfg: Config) -> list[Stage]:
+    """The run's growth events in order (empty: it does not grow)."""
+    g = cfg.growth
+    listed = listed_stages(cfg)
+    takes_layers = bool(listed) and "layers" in OPERATORS[g.operator].accepted_options()
     return [Stage(factor=s.factor or g.factor,
                   options={"layers": s.layers or g.layers, "block": g.block if s.block == -1 else s.block}
                   if takes_layers else {})
@@ -53,10 +60,10 @@ def growth_steps(cfg: Config, total_steps: int) -> list[int]:
     """The optimizer step after which each stage grows, strictly increasing and within the
     run (one line naming the stage otherwise)."""
     g = cfg.growth
-    if g.operator == "none":
+    listed = listed_stages(cfg)
+    if not listed:
         return []
     tokens_per_step = cfg.tokens_per_step()
-    listed = g.stages or [GrowthStage(at=g.at_tokens)]
     where = [f"growth.stages[{i}].at" for i in range(len(listed))] if g.stages else ["growth.at_tokens"]
     if all(s.at == "prop" for s in listed):
         weights = [(k + 1) ** g.prop_alpha for k in range(len(listed) + 1)]
