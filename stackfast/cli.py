@@ -15,16 +15,14 @@ from pathlib import Path
 
 from stackfast import __version__
 from stackfast.config import StackfastError, check_device, describe, load_config
-from stackfast.demo import BEST, CPU_SIZING
 from stackfast.errors import report_errors
 from stackfast.files import first_line
 from stackfast.growth_operators import OPERATORS, operator_spec
-from stackfast.train import add_train_arguments
 
 
 def cmd_demo(args) -> int:
     import dataclasses
-    from stackfast.demo import QUICK_DIVISOR, gpu_sizing, run_demo
+    from stackfast.demo import CPU_SIZING, QUICK_DIVISOR, gpu_sizing, run_demo
     from stackfast.train import resolve_device
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -450,6 +448,10 @@ UNVERIFIED_HELP = "read a checkpoint that has no checksums.json (a changed or co
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Here, not at the top: this module imports no torch, so that the workers of `stackfast tokenize`,
+    # spawned processes that import the command's module again, do not load it.
+    from stackfast.demo import BEST, CPU_SIZING
+    from stackfast.train import add_train_arguments
     parser = argparse.ArgumentParser(prog="stackfast", description="Pre-train LLMs by model growth (G_stack).")
     parser.add_argument("--version", action="version", version=f"stackfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -17,6 +17,10 @@ class GrowthError(StackfastError, ValueError):
     """Growth asked for with impossible settings (factor, layer map, width target...)."""
 
 
+class DataError(StackfastError):
+    """Unusable data: missing, empty, truncated or inconsistent files."""
+
+
 class WriteError(StackfastError):
     """A file or folder could not be written: no space left, a read-only or forbidden place,
     an I/O error. Whatever was there before is left as it was."""

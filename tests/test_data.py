@@ -192,9 +192,9 @@ def _spy_encoder(monkeypatch, tok):
 
 
 def test_long_documents_are_encoded_in_bounded_pieces(tmp_path, monkeypatch):
-    import stackfast.data as data_module
-    monkeypatch.setattr(data_module, "PIECE_CHARS", 64)
-    monkeypatch.setattr(data_module, "READ_BYTES", 10)
+    import stackfast.data.readers as readers
+    monkeypatch.setattr(readers, "PIECE_CHARS", 64)
+    monkeypatch.setattr(readers, "READ_BYTES", 10)
     big = "".join(f"line {i} " + "x" * (i % 90) + "\n" for i in range(300))  # some lines longer than a piece
     (tmp_path / "big.txt").write_text(big)
     (tmp_path / "big.jsonl").write_text(json.dumps({"text": big.replace("\n", " ")}) + "\n")  # no newline
@@ -206,14 +206,14 @@ def test_long_documents_are_encoded_in_bounded_pieces(tmp_path, monkeypatch):
     stream = bytes(np.concatenate([s.tokens for s in data.train + data.val]).astype(np.uint8))
     assert stream == (big + big.replace("\n", " ")).encode()
     # Pieces end after the window's last newline when it has one; they do not depend on the reads.
-    pieces = list(data_module.split_document([big]))
-    assert [p for p, _ in pieces] == [p for p, _ in data_module.split_document(big[i:i + 7] for i in range(0, len(big), 7))]
+    pieces = list(readers.split_document([big]))
+    assert [p for p, _ in pieces] == [p for p, _ in readers.split_document(big[i:i + 7] for i in range(0, len(big), 7))]
     assert all(p.endswith("\n") or len(p) == 64 for p, _ in pieces[:-1]) and [last for _, last in pieces].count(True) == 1
     assert sum(p.endswith("\n") for p, _ in pieces[:-1]) > len(pieces) // 2
 
 
 def test_end_of_text_follows_a_documents_last_piece_only(tmp_path, monkeypatch):
-    import stackfast.data as data_module
+    import stackfast.data.readers as readers
     tok_path = tmp_path / "tokenizer.json"
     train_bpe(["hello world, one document after another\n"] * 20, 300, tok_path)
     tok = Tokenizer(str(tok_path))
@@ -224,7 +224,7 @@ def test_end_of_text_follows_a_documents_last_piece_only(tmp_path, monkeypatch):
     whole = [i for d in docs for i in tok.encode_batch([d])[0] + [tok.eos_id]]
     data = TokenData(tmp_path / "small")
     assert np.concatenate([s.tokens for s in data.train + data.val]).tolist() == whole
-    monkeypatch.setattr(data_module, "PIECE_CHARS", 50)
+    monkeypatch.setattr(readers, "PIECE_CHARS", 50)
     lengths = _spy_encoder(monkeypatch, tok)
     tokenize([tmp_path / "a.jsonl"], tok, tmp_path / "cut", val_fraction=0.1)
     data = TokenData(tmp_path / "cut")
@@ -234,8 +234,8 @@ def test_end_of_text_follows_a_documents_last_piece_only(tmp_path, monkeypatch):
 
 
 def test_not_utf8_text_names_the_byte_across_reads(tmp_path, monkeypatch):
-    import stackfast.data as data_module
-    monkeypatch.setattr(data_module, "READ_BYTES", 8)
+    import stackfast.data.readers as readers
+    monkeypatch.setattr(readers, "READ_BYTES", 8)
     # Reads of 8 bytes cut the 2-byte characters in two: the decoder holds a byte between reads.
     (tmp_path / "bad.txt").write_bytes(b"a" + "é".encode() * 20 + b"\xff" + b"abc")
     with pytest.raises(DataError, match="bad.txt: not UTF-8 text .* at byte 41"):

@@ -132,8 +132,8 @@ def bpe(tmp_path):
 def test_workers_write_the_same_bytes_as_one_process(tmp_path, bpe, monkeypatch, capsys):
     """Batches of 3 pieces: many batches, so the 2 workers take turns, and the look-ahead
     fills up. Every file of the folder is compared."""
-    import stackfast.data as data_module
-    monkeypatch.setattr(data_module, "BATCH_DOCUMENTS", 3)  # the batches are made in this process
+    import stackfast.data.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "BATCH_DOCUMENTS", 3)  # the batches are made in this process
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     lines = [f"def f{i}(x):\n    return x * {i}\n" * (1 + i % 5) for i in range(60)]
@@ -154,7 +154,7 @@ def test_workers_write_the_same_bytes_as_one_process(tmp_path, bpe, monkeypatch,
     (tmp_path / "bad.json").write_text(json.dumps(tokenizer))
     (corpus / "d.txt").write_text("at the end: Z")  # in a late batch: a worker's
     (corpus / "e.jsonl").write_text("{not json\n")
-    monkeypatch.setattr(data_module, "BATCH_CHARS", 10)  # a batch per piece: d.txt's is one of its own
+    monkeypatch.setattr(pipeline, "BATCH_CHARS", 10)  # a batch per piece: d.txt's is one of its own
     capsys.readouterr()
     messages = []
     for workers in ("1", "2"):
