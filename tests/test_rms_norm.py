@@ -142,13 +142,20 @@ def test_strided_inputs_and_gradients(name, dtype, shapes, views, grad_outputs):
                             outputs + ["dx", "dweight", "dresidual"][:len(shapes)])
 
 
-@pytest.mark.parametrize("shape, with_residual", [((0, 64), False), ((2, 0, 48), True)])
-def test_no_tokens(shape, with_residual):
-    """Zero rows: empty outputs, an empty dx and an exactly zero weight gradient, as the reference."""
+@pytest.mark.parametrize("shape, with_residual", [
+    ((0, 64), False), ((2, 0, 48), True),  # no rows (an empty batch)
+    ((3, 0), False), ((2, 5, 0), True), ((0,), False), ((0, 0), True),  # rows of width 0
+])
+def test_empty_inputs(shape, with_residual):
+    """Zero rows or zero-width rows: what the reference (and F.rms_norm) give, empty outputs of x's
+    shape, gradients of the inputs' shapes and an exactly zero weight gradient, forward and
+    backward (zero-width rows used to raise torch's "cannot reshape tensor of 0 elements")."""
     x, weight = torch.randn(shape, requires_grad=True), torch.randn(shape[-1], requires_grad=True)
     residual = torch.randn(shape, requires_grad=True) if with_residual else None
     out = rms_norm(x, weight, residual=residual)
     outs = list(out) if with_residual else [out]
+    ref = rms_norm_ref(x, weight, residual=residual)
+    assert [o.shape for o in outs] == [o.shape for o in (ref if with_residual else [ref])]
     assert all(o.shape == shape for o in outs)
     sum(o.sum() for o in outs).backward()
     assert x.grad.shape == shape and torch.equal(weight.grad, torch.zeros_like(weight))

@@ -9,6 +9,7 @@ torch.compile traces through and an autograd formula) -> the public `rms_norm`.
 
 All arithmetic is fp32 inside the kernels; outputs have the input's dtype.
 """
+import math
 from typing import Optional
 
 import torch
@@ -100,7 +101,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torc
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-    if n_rows == 0:  # no tokens: nothing to launch
+    if x.numel() == 0:  # no tokens, or rows of width 0: nothing to launch, nothing to compute
         return y, h, rstd
     block, warps = _block_and_warps(n_cols)
     res = residual.contiguous() if residual is not None else x  # x: an unused placeholder
@@ -126,7 +127,7 @@ def _rms_norm_bwd(dy: torch.Tensor, dres: Optional[torch.Tensor], h: torch.Tenso
     dy, h = dy.contiguous(), h.contiguous()
     n_rows, n_cols = h.shape
     dh = torch.empty_like(h)
-    if n_rows == 0:  # no tokens: the weight gradient is zero
+    if h.numel() == 0:  # no tokens (the weight gradient is zero), or rows of width 0
         return dh, torch.zeros_like(weight)
     n_programs = max(1, min(n_rows, _launch.programs_per_device(h.device, per_sm=4)))
     rows_per_program = triton.cdiv(n_rows, n_programs)
@@ -187,12 +188,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     """
     _validate(x, weight, residual)
     _launch.check_device("rms_norm", x, weight, *([] if residual is None else [residual]))
-    hidden = x.shape[-1]
     # (rows, hidden), contiguous: the custom op saves its x input for the backward, which must
     # be the rows the forward kernel read (a strided x, e.g. x[:, :hidden] of a wider tensor,
-    # is copied once here, and that copy is the one saved)
-    x2d = x.reshape(-1, hidden).contiguous()
-    res2d = residual.reshape(-1, hidden).contiguous() if residual is not None else None
+    # is copied once here, and that copy is the one saved). The row count is spelled out:
+    # reshape(-1, 0) is ambiguous and raises for rows of width 0.
+    shape2d = (math.prod(x.shape[:-1]), x.shape[-1])
+    x2d = x.reshape(shape2d).contiguous()
+    res2d = residual.reshape(shape2d).contiguous() if residual is not None else None
     normed, new_residual, _ = _rms_norm_fwd(x2d, weight, res2d, eps)
     if residual is None:
         return normed.view(x.shape)
