@@ -1,5 +1,7 @@
 """stackfast.ops.linear_cross_entropy (PyTorch chunks, and the Triton chunk kernel under the
 interpreter on CPU) against the fp64 full-logits reference: loss, d hidden, d weight."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from conftest import assert_views_match_fp64, assert_within_torch_error
 from stackfast.ops import _launch, linear_cross_entropy, linear_cross_entropy_ref
 from stackfast.ops.linear_cross_entropy import default_chunk_size
 
+lce_module = importlib.import_module("stackfast.ops.linear_cross_entropy")  # the package binds the function
 pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one (conftest.py)
 
 
@@ -40,6 +43,34 @@ def test_matches_fp64_reference(dtype, shape, vocab, chunk, z_loss, n_ignored, u
     assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype and ours[2].dtype == dtype
     for name, got, torch_out, want in zip(["loss", "d hidden", "d weight"], ours, low, ref):
         assert_within_torch_error(got, want, torch_out, dtype, name)
+
+
+@pytest.mark.parametrize("block, vocab, z_loss", [
+    (1024, 3500, 0.0),     # the CPU block: 3 full blocks and a ragged 428
+    (1024, 1025, 1e-3),    # a ragged last block of one column
+    (4096, 13288, 0.0),    # the GPU block: 3 full blocks and a ragged 1000 (vocab 32000 is 7 x 4096 + 3328)
+], ids=["cpu block", "one-column tail", "gpu block"])
+def test_vocab_of_several_blocks_with_a_ragged_last_one(block, vocab, z_loss, monkeypatch):
+    """The chunk kernel sweeps a row in blocks of `block` columns with an online logsumexp: the
+    running sums are rescaled when a block raises the running max, and the last block is
+    ragged. Forced to each block size (the interpreter runs the GPU's 4096 too), against the
+    fp64 reference: loss, d hidden and d weight, with ignored rows. Logits of spread ~3, so the
+    max of a row moves from block to block."""
+    monkeypatch.setattr(lce_module, "GPU_BLOCK_V", block)
+    monkeypatch.setattr(lce_module, "CPU_BLOCK_V", block)
+    torch.manual_seed(0)
+    hidden_size, n_tokens = 16, 7
+    hidden = torch.randn(n_tokens, hidden_size)
+    weight = 3 * torch.randn(vocab, hidden_size) / hidden_size ** 0.5
+    targets = torch.randint(0, vocab, (n_tokens,))
+    targets[[1, 4]] = -100
+    targets[0] = vocab - 1  # a target in the ragged last block
+    args = (hidden, weight, targets)
+    ours = _run(linear_cross_entropy, *args, z_loss=z_loss, chunk_size=3, use_kernel=True)
+    low = _run(linear_cross_entropy_ref, *args, z_loss=z_loss)
+    ref = _run(linear_cross_entropy_ref, *args, z_loss=z_loss, upcast=True)
+    for name, got, torch_out, want in zip(["loss", "d hidden", "d weight"], ours, low, ref):
+        assert_within_torch_error(got, want, torch_out, torch.float32, name)
 
 
 def test_same_as_f_cross_entropy_with_ignore_index_and_upstream_grad():
