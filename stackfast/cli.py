@@ -426,14 +426,39 @@ def info() -> dict:
     return out
 
 
+def check_kernels_now(config: str | None, overrides: list[str]) -> tuple[str, dict]:
+    """`info --check`: every Triton kernel checked now on the configured device, at the model's
+    sizes and the run's dtype (stackfast.kernel_check); the cached verdicts are replaced.
+    Returns what was checked (device, versions, shapes) and the verdicts."""
+    import torch
+    from stackfast import kernel_check
+    from stackfast.model import check_kernels
+    from stackfast.train import resolve_device, use_bf16
+    cfg = load_config(config, overrides)
+    device = resolve_device(cfg.train.device)
+    check_kernels("triton", device)  # one line where the kernels cannot run (CPU without TRITON_INTERPRET=1)
+    shapes = kernel_check.Shapes.of(cfg.model, torch.bfloat16 if use_bf16(cfg.train.dtype, device) else torch.float32)
+    verdicts = kernel_check.cached_checks(shapes, device, kernel_check.OPS, fresh=True)
+    return f"{kernel_check.device_key(device)}; {shapes.key()}", verdicts
+
+
 def cmd_info(args) -> int:
     data = info()
+    verdicts = {}
+    if args.check:
+        checked, verdicts = check_kernels_now(args.config, args.set)
+        data["kernel_check"] = {"checked": checked, **{op: v.text() for op, v in verdicts.items()}}
     if args.json:
         print(json.dumps(data, indent=1))
     else:
         for key, value in data.items():
-            print(f"{key:14} {value}")
-    return 0
+            if key == "kernel_check":
+                print(f"{key:14} {value.pop('checked')}")
+                for op, text in value.items():
+                    print(f"  {op:21} {text}")
+            else:
+                print(f"{key:14} {value}")
+    return 1 if any(not v.ok for v in verdicts.values()) else 0
 
 
 def cmd_config(args) -> int:
@@ -565,8 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "./stackfast-bench-results)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("info", help="versions, device, kernels, compiled parts")
+    p = sub.add_parser("info", help="versions, device, kernels, compiled parts; --check: the kernel self-check")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--check", action="store_true",
+                   help="check every Triton kernel against its PyTorch reference on this device now (forward and "
+                   "backward, at the model and dtype of --config/--set), print each verdict, exit 1 if one fails")
+    p.add_argument("--config", metavar="FILE", help="with --check: the run's config (default: the defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="with --check")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("config", help="document every config field, or --show a resolved config")

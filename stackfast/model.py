@@ -9,7 +9,8 @@ checkpoint is a rename. No sharding code lives here (see parallel.py).
 loss at run time: 'triton' calls stackfast.ops (the Triton kernels; the loss is the fused
 linear cross-entropy, never holding the logits), 'torch' calls PyTorch (SDPA, F.rms_norm,
 apply_rope, F.silu(gate) * up, F.cross_entropy of the full logits), 'auto' the ops on CUDA
-tensors and PyTorch elsewhere.
+tensors and PyTorch elsewhere. Before the kernels run, the first forward checks them on the
+device (stackfast.kernel_check); an op whose kernel fails runs PyTorch instead.
 """
 from __future__ import annotations
 
@@ -28,6 +29,26 @@ from stackfast.errors import ConfigError
 def use_triton(kernels: str, device: torch.device) -> bool:
     """Whether the Triton ops run for this `kernels` setting on this device."""
     return kernels == "triton" or (kernels == "auto" and device.type == "cuda")
+
+
+# Ops whose Triton kernel failed the kernel self-check in this process (stackfast.kernel_check):
+# they run PyTorch's path whatever `kernels` says.
+TORCH_FALLBACK: set[str] = set()
+
+
+def use_kernel(op: str, kernels: str, device: torch.device) -> bool:
+    """Whether `op` ('attention', 'rms_norm', ...) runs its Triton kernel: use_triton, unless the
+    kernel failed the self-check here."""
+    return use_triton(kernels, device) and op not in TORCH_FALLBACK
+
+
+def triton_ops(cfg: ModelConfig, dtype: torch.dtype) -> tuple[str, ...]:
+    """The ops whose kernel a model of `cfg` computing in `dtype` runs where use_triton holds: the
+    choices the forwards below make."""
+    return tuple(op for op, used in [
+        ("attention", cfg.kernels == "triton" or dtype != torch.float32),
+        ("rms_norm", cfg.kernels == "triton" or cfg.hidden_size <= _rms_max_hidden()),
+        ("rope", True), ("swiglu", True), ("linear_cross_entropy", True)] if used)
 
 
 def check_kernels(kernels: str, device: torch.device) -> None:
@@ -59,7 +80,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """rms_norm(x) * weight; with `residual`, returns (rms_norm(x + residual), x + residual)."""
         # 'auto' leaves rows wider than the kernel's MAX_HIDDEN to PyTorch ('triton' refuses them)
-        if self.kernels == "triton" or (use_triton(self.kernels, x.device) and x.shape[-1] <= _rms_max_hidden()):
+        if use_kernel("rms_norm", self.kernels, x.device) and (self.kernels == "triton"
+                                                               or x.shape[-1] <= _rms_max_hidden()):
             from stackfast.ops import rms_norm
             return rms_norm(x, self.weight, self.eps, residual=residual)
         if residual is not None:
@@ -100,14 +122,14 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
-        if use_triton(self.kernels, x.device):
+        if use_kernel("rope", self.kernels, x.device):
             from stackfast.ops import rope
             q, k = rope(q, k, cos, sin)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # 'auto' leaves fp32 attention to SDPA: the kernel's exact-fp32 path (there for tests)
         # gets no tensor-core speed and outgrows an A100's shared memory at head dim 128.
-        if self.kernels == "triton" or (use_triton(self.kernels, x.device) and q.dtype != torch.float32):
+        if use_kernel("attention", self.kernels, x.device) and (self.kernels == "triton" or q.dtype != torch.float32):
             from stackfast.ops import attention
             out = attention(q, k, v, causal=True)  # flash-attn layout (B, S, H, D) in and out
         else:
@@ -128,7 +150,7 @@ class MLP(nn.Module):
         self.kernels = cfg.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(self.kernels, x.device):
+        if use_kernel("swiglu", self.kernels, x.device):
             from stackfast.ops import swiglu
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -178,6 +200,7 @@ class Transformer(nn.Module):
         # Buffers, not parameters: derived from the config, never trained or checkpointed.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.kernels_checked = False  # the kernel self-check runs in the first forward that uses them
         self.reset_parameters()
 
     @torch.no_grad()
@@ -200,6 +223,7 @@ class Transformer(nn.Module):
         S = input_ids.shape[1]
         if S > self.config.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len {self.config.max_seq_len}")
+        self.check_kernels_once(input_ids.device)
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
@@ -207,11 +231,27 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.lm_head(h)
-        if use_triton(self.config.kernels, h.device):
+        if use_kernel("linear_cross_entropy", self.config.kernels, h.device):
             # chunk by chunk: the (tokens x vocab) logits are never held
             from stackfast.ops import linear_cross_entropy
             return linear_cross_entropy(h, self.lm_head.weight, targets, use_kernel=True)
         return F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten())
+
+    @torch.compiler.disable
+    def check_kernels_once(self, device: torch.device) -> None:
+        """In the first forward that runs the Triton kernels: check them on this device at the
+        compute dtype (autocast's, else the weights'), once per GPU, driver and versions (cached);
+        ops whose kernel fails join TORCH_FALLBACK. STACKFAST_KERNEL_CHECK=0 skips it."""
+        if self.kernels_checked or not use_triton(self.config.kernels, device):
+            return
+        self.kernels_checked = True
+        from stackfast import kernel_check
+        if not kernel_check.enabled():
+            return
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.embed_tokens.weight.dtype)
+        ops = tuple(op for op in triton_ops(self.config, dtype) if op not in TORCH_FALLBACK)  # said once
+        TORCH_FALLBACK.update(kernel_check.failed_ops(kernel_check.Shapes.of(self.config, dtype), device, ops))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
