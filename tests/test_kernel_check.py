@@ -150,3 +150,12 @@ def test_info_check_prints_every_verdict(capsys, checks_run, monkeypatch):
     verdicts = json.loads(capsys.readouterr().out)["kernel_check"]
     assert verdicts["rope"].startswith("wrong: ") and verdicts["swiglu"].startswith("ok: ")
     assert len(checks_run) == 2
+
+
+def test_the_cache_folder_is_the_users(tmp_path, monkeypatch):
+    from stackfast.data import cache_dir
+    monkeypatch.delenv("STACKFAST_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "stackfast"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == tmp_path.home() / ".cache" / "stackfast"

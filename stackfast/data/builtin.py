@@ -20,7 +20,10 @@ BUILTIN_VOCAB = 4096
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("STACKFAST_CACHE", Path.home() / ".cache" / "stackfast"))
+    """$STACKFAST_CACHE, else the user's cache folder: $XDG_CACHE_HOME/stackfast or ~/.cache/stackfast."""
+    if os.environ.get("STACKFAST_CACHE"):
+        return Path(os.environ["STACKFAST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stackfast"
 
 
 def stdlib_files() -> list[Path]:
