@@ -80,10 +80,8 @@ def trained(tmp_path_factory):
     return run_dir / "checkpoints" / "step_00000003"
 
 
-# atol as a fraction of the largest reference value. fp16: one final rounding to fp16
-# (half an ulp, 2**-11 relative) at the largest value, where PyTorch's own error can
-# happen to be 0. fp32: PyTorch's fp32 error is ~1e-7 and the kernel sums in another order.
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# The tolerance table is the kernel self-check's (stackfast/kernel_check.py), one copy for both.
+from stackfast.kernel_check import ATOL  # noqa: E402
 
 
 def assert_within_torch_error(out, ref64, torch_out, dtype, what):
