@@ -9,7 +9,9 @@ they were (fp32 master weights, bf16 autocast on GPU).
 
 What is converted: only the transformer blocks' linears (q/k/v/o, gate/up/down) whose
 in and out dims are both multiples of 16 (what the float8 GEMMs need): never the embedding
-and never the LM head (`module_filter`). The conversion runs before the block options
+and never the LM head (`module_filter`). The start line says how many were converted; a run
+where none of its models has such a linear is refused (`check_convertible`): it would train
+exactly as float8 off while saying float8 is on. The conversion runs before the block options
 (torch.compile, activation checkpointing) and before FSDP2 wraps the model: `with_float8`
 puts it in front of the run's `shard` function, which train.py calls for the model it
 builds, for a model loaded from `init_from`, and for the grown model (a depth operator
