@@ -9,7 +9,9 @@ they were (fp32 master weights, bf16 autocast on GPU).
 
 What is converted: only the transformer blocks' linears (q/k/v/o, gate/up/down) whose
 in and out dims are both multiples of 16 (what the float8 GEMMs need): never the embedding
-and never the LM head (`module_filter`). The conversion runs before the block options
+and never the LM head (`module_filter`). The start line says how many were converted; a run
+where none of its models has such a linear is refused (`check_convertible`): it would train
+exactly as float8 off while saying float8 is on. The conversion runs before the block options
 (torch.compile, activation checkpointing) and before FSDP2 wraps the model: `with_float8`
 puts it in front of the run's `shard` function, which train.py calls for the model it
 builds, for a model loaded from `init_from`, and for the grown model (a depth operator
@@ -53,8 +55,10 @@ import os
 import torch
 import torch.nn as nn
 
+from stackfast.config import ModelConfig
 from stackfast.errors import ConfigError
 from stackfast.files import first_line
+from stackfast.model import Transformer
 
 MODES = ("none", "tensorwise", "rowwise")
 INSTALL = "pip install 'stackfast[float8]'"
@@ -149,12 +153,32 @@ def check_float8(mode: str, device: torch.device) -> None:
                           f"not on {device.type}")
 
 
-def describe(mode: str, device: torch.device, fsdp: bool) -> str:
-    """The start-up line of a float8 run."""
+def check_convertible(mode: str, models: list[ModelConfig]) -> None:
+    """Refuse float8 for a run none of whose models (one per growth stage) has a linear that
+    float8 converts (`module_filter`): it would train exactly as with float8 off while saying
+    float8 is on. Each model is built on the meta device: no weights."""
+    if mode == "none":
+        return
+    shapes = set()
+    for model_cfg in models:
+        with torch.device("meta"):
+            model = Transformer(model_cfg)
+        if any(module_filter(m, name) for name, m in model.named_modules()):
+            return
+        shapes |= {f"{m.in_features}x{m.out_features}" for _, m in block_linears(model)}
+    raise ConfigError(f"train.float8 = {mode!r}: no linear of the model can run in float8 (both dims of a weight "
+                      f"must be multiples of {MULTIPLE}; the block linears here are {', '.join(sorted(shapes))}); "
+                      f"set train.float8 = 'none' or model sizes that are multiples of {MULTIPLE}")
+
+
+def describe(mode: str, device: torch.device, fsdp: bool, model: nn.Module) -> str:
+    """The start-up line of a float8 run: how many of the model's block linears were converted."""
     how = ("emulated on the CPU (float8 numerics without float8 speed; slower than train.float8 = 'none', "
            "for tests)" if emulated(device) else "float8 matmuls on the GPU")
     gather = ", weights all-gathered in float8" if fsdp and mode == "tensorwise" else ""
-    return f"stackfast: train.float8 = {mode!r} (torchao {torchao_version()}): block linears {how}{gather}"
+    return (f"stackfast: train.float8 = {mode!r} (torchao {torchao_version()}): {len(float8_linears(model))} of "
+            f"{len(block_linears(model))} block linears converted (those with both dims multiples of {MULTIPLE}), "
+            f"{how}{gather}")
 
 
 def module_filter(module: nn.Module, fqn: str) -> bool:
@@ -223,6 +247,12 @@ def float8_linears(model: nn.Module) -> list[str]:
     """Names of the model's converted linears."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear
             and type(m).__name__ == "Float8Linear"]
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The linears inside the model's transformer blocks ('layers.N.' names, also under the
+    block wrappers of parallel.apply_block_options), converted or not."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("layers.")]
 
 
 def info(device: torch.device | None = None) -> dict:

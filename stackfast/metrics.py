@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,10 +18,23 @@ import torch
 MFU_CONVENTION = ("MFU = tokens/s * (6 * (non-embedding weights + LM head) + 6 * layers * hidden * seq_len) "
                   "/ peak dense bf16 FLOP/s")
 
-# Dense bf16 peak FLOP/s by GPU name (datasheet values, no sparsity).
-PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
-             ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
-             ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12)]
+# Dense bf16 peak FLOP/s (tensor cores, no sparsity) by GPU. Source: NVIDIA's datasheets,
+# which print BF16 Tensor Core "with sparsity" figures, twice the dense ones: H100 SXM 1,979,
+# H100 PCIe 1,513, H100 NVL 1,671 TFLOP/s (H100 datasheet); H200 SXM 1,979, H200 NVL 1,671
+# (H200 datasheet); GH200 1,979 (its Hopper GPU); H800 as H100; L40 362.05, L40S 733,
+# L4 242.5 (their datasheets); A100 312 dense, SXM and PCIe alike (A100 datasheet), A800 as
+# A100; A10 125 dense; RTX 4090 165.2 and RTX 3090 71 with FP32 accumulate (the Ada and
+# Ampere GA102 whitepapers). Keyed by the words of torch.cuda.get_device_name ("NVIDIA H100
+# 80GB HBM3": H100 SXM): the entry whose words all occur in the name, the one with the most
+# words where several do ("NVIDIA H100 NVL" is H100 NVL, not H100 HBM3; "NVIDIA L40" is L40,
+# not L4). A name no entry matches (or two entries equally) has no peak: no MFU beats a
+# wrong one (train.peak_tflops sets it).
+PEAK_BF16 = {("H100", "HBM3"): 989e12, ("H100", "PCIE"): 756e12, ("H100", "NVL"): 835e12,
+             ("H200",): 989e12, ("H200", "NVL"): 835e12, ("GH200",): 989e12,
+             ("H800",): 989e12, ("H800", "PCIE"): 756e12,
+             ("A100",): 312e12, ("A800",): 312e12, ("A10",): 125e12,
+             ("L40",): 181e12, ("L40S",): 362e12, ("L4",): 121e12,
+             ("RTX", "4090"): 165e12, ("RTX", "3090"): 71e12}
 
 
 def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
@@ -29,8 +43,16 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | No
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+    return gpu_peak(torch.cuda.get_device_name(device))
+
+
+def gpu_peak(name: str) -> float | None:
+    """The dense bf16 peak of the GPU torch names `name` (PEAK_BF16), None if not known."""
+    words = set(re.split(r"[\s_-]+", name.upper()))
+    matches = [key for key in PEAK_BF16 if words.issuperset(key)]
+    most = max(map(len, matches), default=0)
+    best = [key for key in matches if len(key) == most]
+    return PEAK_BF16[best[0]] if len(best) == 1 else None
 
 
 class MetricsLog:
@@ -57,10 +79,12 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(key, value, row["step"])
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows past `step` (a resumed run rewrites them)."""
+    def truncate_after(self, step: int, stage: int) -> None:
+        """Drop the rows a run resumed at `step` and growth stage `stage` rewrites: those past
+        the step, and growth rows of stages past `stage` (an event at the checkpoint's own step
+        comes after its save: the resumed run grows again and logs it)."""
         if self.enabled and self.path.is_file():
-            rows = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
+            rows = [r for r in read_metrics(self.path.parent) if r["step"] <= step and r.get("stage", 0) <= stage]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:

@@ -54,7 +54,8 @@ from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_sources
 from stackfast.errors import StopNow, WriteError, report_errors
 from stackfast.files import PLACE_ERRNOS
-from stackfast.float8 import check_float8, describe as describe_float8, precompute_scales, with_float8
+from stackfast.float8 import (check_convertible, check_float8, describe as describe_float8, precompute_scales,
+                              with_float8)
 from stackfast.growth import rebuild_ramp
 from stackfast.growth.event import GrowthEvent, grow_stage
 from stackfast.growth.stages import Stage, growth_steps, stage_models, stages_of
@@ -167,6 +168,8 @@ def run(cfg: Config) -> dict:
     device = resolve_device(cfg.train.device)
     check_kernels(cfg.model.kernels, device)  # before any process group or file
     check_float8(cfg.train.float8, device)  # so are torchao and the GPU for float8
+    if cfg.train.float8 != "none":  # and a model without a linear float8 could take
+        check_convertible(cfg.train.float8, stage_models(cfg))
     world, device = init_distributed(device, cfg.parallel.replicate_degree)
     try:
         cfg.batch_split(world.world_size)  # an uneven split is an error before anything is written
@@ -384,9 +387,20 @@ class Job:
 
     @property
     def grow_at(self) -> list[int]:
-        """The step of each growth event: those done as they happened (a run keeps them even if
-        its token budget changed since), the others as planned."""
-        return self.state.growth_steps + self.planned[self.state.stage:]
+        """The step of each growth event, as the start line announces it, the schedule uses it
+        and the loop grows at it (`growth_schedule`)."""
+        return growth_schedule(self.state, self.planned)
+
+
+def growth_schedule(state: TrainState, planned: list[int]) -> list[int]:
+    """The step after which each growth event happens: those done as they happened (a run
+    keeps them even if its token budget changed since), the others as planned but never
+    before the step the run is at, one step apart at least (a resume with a smaller budget
+    can leave planned steps behind it: those events happen at once)."""
+    steps = list(state.growth_steps)
+    for step in planned[state.stage:]:
+        steps.append(max(step, state.step, steps[-1] + 1 if steps else 0))
+    return steps
 
 
 def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None = None) -> Job | None:
@@ -427,6 +441,11 @@ def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None 
     if state.stage > len(stages):
         raise ConfigError(f"resume from {resume_from}: the run has grown {state.stage} times, [growth] has "
                           f"{len(stages)} stages")
+    grow_at = growth_schedule(state, planned)
+    if grow_at and grow_at[-1] >= total_steps:  # planned stages left behind by a smaller budget, no room after
+        raise ConfigError(f"resume from {resume_from} at step {state.step}: growth stage {len(grow_at)} would grow "
+                          f"after step {grow_at[-1]}, with the run's {total_steps} steps done; raise "
+                          f"train.max_steps or train.total_tokens")
     if lock is not None:
         lock.refuse_read_only()  # from here on the run writes
         remove_stale_saves(run_dir / "checkpoints")  # a killed save's partial folder: this job holds the lock
@@ -446,7 +465,7 @@ def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None 
             ramp = rebuild_ramp(model, state.growth_specs[-1])
         if ramp is not None:
             ramp.set_step(state.step - state.growth_steps[-1])
-        log.truncate_after(state.step)
+        log.truncate_after(state.step, state.stage)
     if world.main:
         (run_dir / "config.toml").write_text(cfg.to_toml())
     return Job(run_dir, autocast_context(cfg.train.dtype, device), loader, accum, total_steps,
@@ -458,30 +477,15 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
     job = setup(cfg, world, device, lock)
     if job is None:
         return {"rank": world.rank, "finished": True, "stopped": False}
-    state, model, optimizer, ramp, log, run_dir = job.state, job.model, job.optimizer, job.ramp, job.log, job.run_dir
-    loader, autocast, total_steps, accum = job.loader, job.autocast, job.total_steps, job.accum
+    state, model, optimizer, ramp, run_dir = job.state, job.model, job.optimizer, job.ramp, job.run_dir
+    loader, total_steps, accum = job.loader, job.total_steps, job.accum
     tokens_per_step = cfg.tokens_per_step()
     flops_per_token = model.config.flops_per_token(cfg.data.seq_len)
     throughput = Throughput(flops_per_token, peak_flops(device, cfg.train.peak_tflops))
     throughput.last_tokens = state.tokens
     progress = Progress(total_steps, cfg.logging.progress and world.main, initial=state.step)
-    where = f"{world.world_size} processes ({device.type}, {world.strategy})" if world.distributed else str(device)
-    for change in job.changes:
-        progress.message(f"resuming with a changed setting: {change}")
-    to_come = [f"x{stage.factor} after step {step}"
-               for stage, step in list(zip(job.stages, job.grow_at))[state.stage:]]
-    progress.message(f"stackfast: {model.num_params() / 1e6:.1f}M parameters, {total_steps} steps of "
-                     f"{tokens_per_step} tokens ({cfg.train.global_batch_size} sequences: {accum} x "
-                     f"{loader.micro_batch} on each of {world.world_size} processes) on {where}; logs in {run_dir}"
-                     + (f"; grows ({cfg.growth.operator}) {', '.join(to_come)}" if to_come else "")
-                     + (f"; resumed from {job.resume_from}" if job.resume_from else ""))
-    if cfg.train.float8 != "none":
-        progress.message(describe_float8(cfg.train.float8, device, world.distributed))
-    for name, epochs in loader.epochs(total_steps * tokens_per_step).items():
-        if epochs > cfg.data.max_epochs:  # a warning: repeating data may be deliberate
-            progress.message(f"warning: the run reads data source {name} {epochs:.2f} times over, more than "
-                             f"data.max_epochs = {cfg.data.max_epochs:g}")
-    pending = PendingSteps(log, throughput, progress, world, cfg.train.max_bad_steps, run_dir / "checkpoints")
+    announce(cfg, job, world, device, progress, throughput.peak)
+    pending = PendingSteps(job.log, throughput, progress, world, cfg.train.max_bad_steps, run_dir / "checkpoints")
     # checkpoint.async_save: saves written in the background (collective: a process group of its own).
     saver = AsyncSaver(world) if cfg.checkpoint.async_save else None
     val_loss = None
@@ -508,7 +512,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
                 group["lr"] = lr
             micro_batches = [tuple(t.to(device, non_blocking=True) for t in batches.batch(state.step, m))
                              for m in range(accum)]
-            loss, grad_norm, bad = train_step(model, optimizer, micro_batches, autocast, cfg.optim.grad_clip,
+            loss, grad_norm, bad = train_step(model, optimizer, micro_batches, job.autocast, cfg.optim.grad_clip,
                                               world, cfg.parallel.defer_grad_sync)
             state.step += 1
             state.tokens += tokens_per_step
@@ -522,53 +526,15 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
             if host_sync or stopping:
                 pending.flush(state)
             if eval_now:
-                losses = evaluate_sources(model, loader, job.eval_rows, device, autocast, world)
-                val_loss = mixed_loss(loader, losses)
-                row, note = {"step": step, "tokens": state.tokens, "flops": state.flops, "val_loss": val_loss}, ""
-                if len(losses) > 1:  # a mixture: each source's loss and epochs read (one source: the row of before)
-                    epochs = loader.epochs(state.tokens)
-                    row.update({f"val_loss/{name}": loss for name, loss in losses.items()})
-                    row.update({f"epochs/{name}": epochs[name] for name in losses})
-                    note = " (" + ", ".join(f"{name} {losses[name]:.4f} at {epochs[name]:.2f} epochs"
-                                            for name in losses) + ")"
-                log.write(row)
-                progress.message(f"step {step}: val_loss {val_loss:.4f}{note}")
-            if save_now or stopping:
-                blocked, waited = time.perf_counter(), 0.0
-                try:
-                    if saver is not None and not (done or stopping):  # in the background; the last one at once
-                        waited = saver.save(run_dir / "checkpoints", step, model, optimizer, state.state_dict(),
-                                            cfg, cfg.checkpoint.keep_last)
-                    else:
-                        waited = saver.wait() if saver is not None else 0.0  # the save in flight first
-                        saved = save_checkpoint(run_dir / "checkpoints", step, model, optimizer, state.state_dict(),
-                                                cfg, cfg.checkpoint.keep_last, world)
-                except BaseException:
-                    # A second signal in the save: DCP wraps it (CheckpointException), torch's
-                    # zip writer may turn it into a RuntimeError; the save removed its folder.
-                    if stop.interrupted is None:
-                        raise
-                    newest = latest_checkpoint(run_dir / "checkpoints")
-                    raise StopNow(f"second {stop.interrupted.name} during the checkpoint of step {step}: stopped "
-                                  f"at once without it; the newest checkpoint is {newest or 'none'} (continue "
-                                  f"from it with --resume auto)", stop.interrupted) from None
-                # The loop's stall at this checkpoint (async: the wait for the previous save + the host copy).
-                log.write({"step": step, "tokens": state.tokens, "flops": state.flops,
-                           "checkpoint_blocked_s": time.perf_counter() - blocked,
-                           **(saver.metrics(waited) if saver is not None else {})})
+                val_loss = validate(job, model, device, world, progress)
+            if save_now or stopping:  # the last one (or a signal's) written at once, the others maybe in the background
+                saved = write_checkpoint(cfg, job, model, optimizer, world, stop, saver, now=done or stopping)
             if stopping and not done:
-                # Said even without a progress display: a run cut short must never look like a finished one.
-                which = stop.received.name if stop.received else "sent to another process"
-                note = (f"step {step}: stopped by a signal ({which}); wrote {saved}. Run the same command with "
-                        f"--resume auto to continue")
-                if progress.enabled:
-                    progress.message(note)
-                elif world.main:
-                    print(note, file=sys.stderr, flush=True)
+                say_stopped(stop, step, saved, progress, world)
                 break
 
     progress.close()
-    log.close()
+    job.log.close()
     wall = time.perf_counter() - started
     tokens_per_s = (state.tokens - start_tokens) / wall if wall > 0 else 0.0
     return {"steps": state.step, "tokens": state.tokens, "flops": state.flops,
@@ -578,6 +544,93 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
             "mfu_convention": MFU_CONVENTION, "world_size": world.world_size,
             "rank": world.rank, "stopped": state.step < total_steps, "skipped_steps": state.skipped_steps,
             "stop_signal": stop.received.name if stop.received else None}
+
+
+def announce(cfg: Config, job: Job, world: World, device: torch.device, progress: Progress,
+             peak: float | None) -> None:
+    """The run's start lines: settings changed since the checkpoint, the start line (size,
+    batch, where, growth to come, resume), float8, MFU's peak unknown, data read over."""
+    state, model, total_steps = job.state, job.model, job.total_steps
+    for change in job.changes:
+        progress.message(f"resuming with a changed setting: {change}")
+    where = f"{world.world_size} processes ({device.type}, {world.strategy})" if world.distributed else str(device)
+    to_come = [f"x{stage.factor} after step {step}"
+               for stage, step in list(zip(job.stages, job.grow_at))[state.stage:]]
+    progress.message(f"stackfast: {model.num_params() / 1e6:.1f}M parameters, {total_steps} steps of "
+                     f"{cfg.tokens_per_step()} tokens ({cfg.train.global_batch_size} sequences: {job.accum} x "
+                     f"{job.loader.micro_batch} on each of {world.world_size} processes) on {where}; logs in "
+                     f"{job.run_dir}" + (f"; grows ({cfg.growth.operator}) {', '.join(to_come)}" if to_come else "")
+                     + (f"; resumed from {job.resume_from}" if job.resume_from else ""))
+    if cfg.train.float8 != "none":
+        progress.message(describe_float8(cfg.train.float8, device, world.distributed, model))
+    if device.type == "cuda" and peak is None:
+        progress.message(f"stackfast: no dense bf16 peak known for {torch.cuda.get_device_name(device)}: MFU not "
+                         f"reported (set train.peak_tflops to the GPU's datasheet figure)")
+    for name, epochs in job.loader.epochs(total_steps * cfg.tokens_per_step()).items():
+        if epochs > cfg.data.max_epochs:  # a warning: repeating data may be deliberate
+            progress.message(f"warning: the run reads data source {name} {epochs:.2f} times over, more than "
+                             f"data.max_epochs = {cfg.data.max_epochs:g}")
+
+
+def validate(job: Job, model: Transformer, device: torch.device, world: World, progress: Progress) -> float:
+    """The validation step: the held-out loss, logged (of a mixture: each source's loss and
+    the epochs read of it too); returns it."""
+    state, loader = job.state, job.loader
+    losses = evaluate_sources(model, loader, job.eval_rows, device, job.autocast, world)
+    val_loss = mixed_loss(loader, losses)
+    row, note = {"step": state.step, "tokens": state.tokens, "flops": state.flops, "val_loss": val_loss}, ""
+    if len(losses) > 1:  # a mixture: each source's loss and epochs read (one source: the row of before)
+        epochs = loader.epochs(state.tokens)
+        row.update({f"val_loss/{name}": loss for name, loss in losses.items()})
+        row.update({f"epochs/{name}": epochs[name] for name in losses})
+        note = " (" + ", ".join(f"{name} {losses[name]:.4f} at {epochs[name]:.2f} epochs" for name in losses) + ")"
+    job.log.write(row)
+    progress.message(f"step {state.step}: val_loss {val_loss:.4f}{note}")
+    return val_loss
+
+
+def write_checkpoint(cfg: Config, job: Job, model: Transformer, optimizer, world: World, stop: StopSignal,
+                     saver: AsyncSaver | None, now: bool) -> Path | None:
+    """The checkpoint step: a checkpoint of this step, in the background with
+    checkpoint.async_save unless `now` (the run's last, or a signal's); logs how long the loop
+    stood still. Returns the folder written (None: still being written in the background).
+    A second signal during the save is StopNow (one line), the newest checkpoint named."""
+    state, checkpoints = job.state, job.run_dir / "checkpoints"
+    blocked, waited, saved = time.perf_counter(), 0.0, None
+    try:
+        if saver is not None and not now:
+            waited = saver.save(checkpoints, state.step, model, optimizer, state.state_dict(), cfg,
+                                cfg.checkpoint.keep_last)
+        else:
+            waited = saver.wait() if saver is not None else 0.0  # the save in flight first
+            saved = save_checkpoint(checkpoints, state.step, model, optimizer, state.state_dict(), cfg,
+                                    cfg.checkpoint.keep_last, world)
+    except BaseException:
+        # A second signal in the save: DCP wraps it (CheckpointException), torch's zip writer
+        # may turn it into a RuntimeError; the save removed its folder.
+        if stop.interrupted is None:
+            raise
+        newest = latest_checkpoint(checkpoints)
+        raise StopNow(f"second {stop.interrupted.name} during the checkpoint of step {state.step}: stopped at once "
+                      f"without it; the newest checkpoint is {newest or 'none'} (continue from it with --resume "
+                      f"auto)", stop.interrupted) from None
+    # The loop's stall at this checkpoint (async: the wait for the previous save + the host copy).
+    job.log.write({"step": state.step, "tokens": state.tokens, "flops": state.flops,
+                   "checkpoint_blocked_s": time.perf_counter() - blocked,
+                   **(saver.metrics(waited) if saver is not None else {})})
+    return saved
+
+
+def say_stopped(stop: StopSignal, step: int, saved: Path, progress: Progress, world: World) -> None:
+    """The line of a run a signal stopped: said even without a progress display, as a run cut
+    short must never look like a finished one."""
+    which = stop.received.name if stop.received else "sent to another process"
+    note = (f"step {step}: stopped by a signal ({which}); wrote {saved}. Run the same command with --resume auto "
+            f"to continue")
+    if progress.enabled:
+        progress.message(note)
+    elif world.main:
+        print(note, file=sys.stderr, flush=True)
 
 
 def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

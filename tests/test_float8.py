@@ -232,6 +232,33 @@ def test_only_block_linears_with_dims_multiple_of_16_are_converted():
                                                 "how": "emulation only (CPU: float8 numerics, no speed-up)"}
 
 
+@needs_torchao
+def test_the_start_line_says_how_many_linears_were_converted(tmp_path, capsys):
+    train(tmp_path / "all", "train.float8=tensorwise", "train.max_steps=1", "logging.progress=true")
+    assert ": 14 of 14 block linears converted (those with both dims multiples of 16), emulated on the CPU" \
+        in capsys.readouterr().err  # tiny: 2 layers of 7
+    model = Transformer(ModelConfig.from_preset("tiny", kernels="torch", ffn_size=100))  # the MLP's: 64 x 100
+    float8.convert(model, "rowwise", torch.device("cpu"))
+    assert ": 8 of 14 block linears converted" in float8.describe("rowwise", torch.device("cpu"), False, model)
+
+
+@needs_torchao
+def test_a_model_without_a_linear_float8_converts_is_refused_before_anything_is_written(tmp_path, capsys):
+    from stackfast.cli import main
+    run_dir = tmp_path / "run"
+    sizes = ["model.hidden_size=40", "model.n_heads=2", "model.n_kv_heads=2", "model.ffn_size=100"]
+    args = [a for s in [*BASE, *sizes, f'logging.run_dir="{run_dir}"', "train.float8=tensorwise"] for a in ("--set", s)]
+    assert main(["train", *args]) == 2
+    assert capsys.readouterr().err == (
+        "stackfast: error: train.float8 = 'tensorwise': no linear of the model can run in float8 (both dims of a "
+        "weight must be multiples of 16; the block linears here are 100x40, 40x100, 40x40); set train.float8 = "
+        "'none' or model sizes that are multiples of 16\n")
+    assert not run_dir.exists()
+    # a run converts where one of its stage models has such a linear (hidden 48: the attention's)
+    float8.check_convertible("tensorwise", [ModelConfig.from_preset("tiny", hidden_size=size, n_heads=2, n_kv_heads=2,
+                                                                    ffn_size=100) for size in (40, 48)])
+
+
 SPY = '''
 import json, sys
 import stackfast.train as T

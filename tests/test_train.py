@@ -194,3 +194,84 @@ def test_a_stop_signal_never_outlives_its_run(tmp_path, monkeypatch, capsys):
     finally:
         for sig, handler in before.items():
             real_signal(sig, handler)
+
+
+GROWS = ["data.seq_len=32", "train.global_batch_size=2", "train.eval_batches=1", "train.eval_every=0",
+         "growth.operator=stack", "growth.factor=2", "growth.stages=[{at = 0.5}]"]  # after step 10 of 20
+
+
+def growth_rows(run_dir) -> list[tuple[int, int]]:
+    return [(r["step"], r["stage"]) for r in read_metrics(run_dir) if r.get("event") == "growth"]
+
+
+def keep_checkpoints_up_to(run_dir, step: int) -> None:
+    """A run as if killed after its checkpoint of `step`: later checkpoints gone (their rows stay)."""
+    import shutil
+    for folder in list_checkpoints(run_dir / "checkpoints"):
+        if int(folder.name.split("_")[1]) > step:
+            shutil.rmtree(folder)
+
+
+@pytest.fixture(scope="module")
+def grown_run(tmp_path_factory):
+    """20 steps growing after step 10, a checkpoint at every step."""
+    run_dir = tmp_path_factory.mktemp("grown")
+    run(tiny_config(run_dir, *GROWS, "train.max_steps=20", "checkpoint.every_steps=1", "checkpoint.keep_last=20"))
+    assert growth_rows(run_dir) == [(10, 1)]
+    return run_dir
+
+
+def test_a_resume_from_the_growth_steps_checkpoint_logs_the_growth_once(grown_run, tmp_path):
+    # The checkpoint of step 10 is written before the model grows at that step: the resumed
+    # run grows again, and its row replaces the first run's, as its step rows do theirs.
+    import shutil
+    shutil.copytree(grown_run, tmp_path / "run")
+    keep_checkpoints_up_to(tmp_path / "run", 10)
+    run(tiny_config(tmp_path / "run", *GROWS, "train.max_steps=20", 'checkpoint.resume="auto"'))
+    assert growth_rows(tmp_path / "run") == [(10, 1)]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == list(range(1, 21))
+
+
+def test_a_resume_with_a_smaller_budget_grows_where_its_start_line_says(grown_run, tmp_path, capsys):
+    # Killed after step 9's checkpoint, resumed with 16 steps: the plan's step 8 is behind the
+    # run, so it grows at once, after step 9, and says so.
+    import re
+    import shutil
+    shutil.copytree(grown_run, tmp_path / "run")
+    keep_checkpoints_up_to(tmp_path / "run", 9)
+    capsys.readouterr()
+    summary = run(tiny_config(tmp_path / "run", *GROWS, "train.max_steps=16", 'checkpoint.resume="auto"',
+                              "logging.progress=true"))
+    announced = re.search(r"; grows \(stack\) x2 after step (\d+);", capsys.readouterr().err)
+    assert announced and growth_rows(tmp_path / "run") == [(int(announced.group(1)), 1)] == [(9, 1)]
+    assert summary["growth_steps"] == [9]
+
+
+def test_a_resume_leaving_no_room_for_the_stages_behind_it_is_refused(tmp_path):
+    from stackfast.config import ConfigError
+    stages = ["model.n_layers=4", "growth.stages=[{at = 0.5}, {at = 0.75}]"]  # 1 -> 2 -> 4 layers, steps 4 and 6
+    run(tiny_config(tmp_path, *GROWS, *stages, "train.max_steps=8", "checkpoint.every_steps=3",
+                    "checkpoint.keep_last=5"))
+    keep_checkpoints_up_to(tmp_path, 3)
+    # 4 steps: the plan's steps 2 and 3 are both due at the resume's step 3; the second stage
+    # would then grow after step 4, the run's end
+    with pytest.raises(ConfigError, match=r"at step 3: growth stage 2 would grow after step 4, with the run's "
+                                          r"4 steps done"):
+        run(tiny_config(tmp_path, *GROWS, *stages, "train.max_steps=4", 'checkpoint.resume="auto"'))
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003"]
+    run(tiny_config(tmp_path, *GROWS, *stages, "train.max_steps=5", 'checkpoint.resume="auto"'))
+    assert growth_rows(tmp_path) == [(3, 1), (4, 2)]
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA H200 NVL", 835), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100-PCIE-40GB", 312),
+    ("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("NVIDIA L4", 121), ("NVIDIA GeForce RTX 4090", 165),
+    # unknown: no MFU rather than a neighbour's peak
+    ("NVIDIA A10G", None), ("NVIDIA H100", None), ("NVIDIA L20", None), ("Tesla V100-SXM2-16GB", None)])
+def test_the_peak_flops_of_a_gpu_is_its_own(monkeypatch, name, tflops):
+    import torch
+    from stackfast.metrics import peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda")) == (tflops * 1e12 if tflops else None)
+    assert peak_flops(torch.device("cuda"), override_tflops=500) == 500e12
