@@ -1,8 +1,16 @@
 """The errors a user's input causes: the CLI prints them as one line and exits 2.
 
 A module of its own, below everything else: config.py and the growth operators' registry
-(growth_operators.py) both raise them and import each other's neighbours."""
+(growth_operators.py) both raise them and import each other's neighbours. It also owns which
+errno values are the file system refusing a write (`PLACE_ERRNOS`): `report_errors` turns
+them into one line, and files.py, which imports this module, words them; keeping them here
+means files.py depends on errors.py and never the other way round."""
+import errno
 import sys
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# The file system's refusals of a write: a full disk, a read-only or forbidden place, an I/O error.
+PLACE_ERRNOS = SPACE_ERRNOS + (errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 class StackfastError(Exception):
@@ -38,7 +46,6 @@ class StopNow(KeyboardInterrupt):
 def report_errors(command, args) -> int:
     """Run a command (`stackfast COMMAND`, `python stackfast/train.py`) and return its exit
     status, a user error or a refused write printed as one line: status 2."""
-    from stackfast.files import PLACE_ERRNOS  # files.py imports this module
     try:
         return command(args)
     except StackfastError as e:

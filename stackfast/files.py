@@ -9,24 +9,26 @@ output does not take up the disk forever.
 
 A write that fails (no space left, a read-only or forbidden place, an I/O error) removes its
 temporary folder and ends in one line naming the problem and the place (`WriteError`).
+
+The folder gets the mode the umask leaves (0755 under umask 022), like every folder the user
+makes: other users of a shared cluster can read a dataset or an export (tempfile.mkdtemp
+would make it 0700). A `folder` that is a symbolic link is written where the link points: the
+target folder is replaced, the link stays as it was.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from stackfast.errors import StackfastError, WriteError
+# PLACE_ERRNOS lives in errors.py (report_errors needs it) and is imported from here too.
+from stackfast.errors import PLACE_ERRNOS, SPACE_ERRNOS, StackfastError, WriteError  # noqa: F401
 
-SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# The file system's refusals of a write: a full disk, a read-only or forbidden place, an I/O error.
-PLACE_ERRNOS = SPACE_ERRNOS + (errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 # How libraries that lose the OSError word a full disk (safetensors: "I/O error: No space
 # left on device (os error 28)").
 SPACE_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
@@ -34,7 +36,11 @@ LOW_SPACE = 1 << 20  # bytes: below this, a failed write with no better explanat
 
 
 def replace_folder(tmp: Path, final: Path) -> None:
-    """Move the complete folder `tmp` to `final`, replacing an existing one only after the move."""
+    """Move the complete folder `tmp` to `final`, replacing an existing one only after the move.
+
+    `final` is a folder or absent, never a symbolic link: write_folder resolves one first (moved
+    aside here, a link would be replaced by the folder and, as rmtree refuses links, stay behind
+    under the hidden name forever)."""
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
@@ -47,14 +53,19 @@ def replace_folder(tmp: Path, final: Path) -> None:
 def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
     """Run write(tmp) in a temporary sibling folder, then move it to `folder`.
 
-    Stale temporary folders of `folder` (a killed writer's) are removed first. A failed
-    write removes its temporary folder; a file-system failure (see `write_failure`) becomes
-    one WriteError, any other error is raised as it is."""
+    A symbolic link `folder` is followed: its target is written (replaced), the link kept, so a
+    user's link to another disk still leads to the new output. Stale temporary folders of
+    `folder` (a killed writer's) are removed first. A failed write removes its temporary
+    folder; a file-system failure (see `write_failure`) becomes one WriteError, any other error
+    is raised as it is."""
+    if folder.is_symlink():
+        # The temporary folder must be a sibling of the target: a rename never crosses disks.
+        folder = Path(os.path.realpath(folder))
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with _locked(folder.parent):  # no writer's new temporary folder is taken for a stale one
             remove_stale_temps(folder)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+            tmp = _make_temp(folder)
             held = _hold(tmp)
     except OSError as e:
         own = e.filename and Path(e.filename).name.startswith(f".{folder.name}.tmp-")  # not the user's name
@@ -75,9 +86,25 @@ def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
             os.close(held)
 
 
+TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _make_temp(folder: Path) -> Path:
+    """A new empty temporary sibling of `folder` (name: `temp_pattern`), made by os.mkdir so
+    that it has the mode the umask leaves, as the folder it becomes should (tempfile.mkdtemp
+    makes 0700 folders: a dataset nobody else could read)."""
+    while True:
+        tmp = folder.with_name(f".{folder.name}.tmp-{''.join(secrets.choice(TEMP_CHARS) for _ in range(8))}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:  # 37^8 names: another writer's, drawn again
+            continue
+
+
 def temp_pattern(folder: Path) -> re.Pattern:
-    """The names of `folder`'s temporary siblings (tempfile.mkdtemp's 8 random characters)."""
-    return re.compile(rf"^\.{re.escape(folder.name)}\.tmp-[a-z0-9_]{{8}}$")
+    """The names of `folder`'s temporary siblings (`_make_temp`'s 8 random characters)."""
+    return re.compile(rf"^\.{re.escape(folder.name)}\.tmp-[{TEMP_CHARS}]{{8}}$")
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:

@@ -8,8 +8,9 @@ own checkpoint at once; a kill -9 during a background save leaves the previous c
 as the newest and `--resume auto` ignores the partial one; a failed background write is
 the sync save's one line and exit status 2; under torchrun (2 processes, gloo) the same.
 
-How: the background writer (`stackfast.checkpoint._write_files`, which the sync save calls
-too) is slowed down or held with monkeypatches, in this process or in a subprocess script.
+How: the background writer (`stackfast.checkpoint.dcp_io.write_files`, which the sync save
+calls too, as the background saver imports it: `async_save.write_files`) is slowed down or
+held with monkeypatches, in this process or in a subprocess script.
 """
 import errno
 import os
@@ -24,6 +25,7 @@ import pytest
 import torch.distributed.checkpoint.filesystem as dcp_fs
 
 import stackfast.checkpoint as ckpt
+import stackfast.checkpoint.async_save as async_save
 import stackfast.train as train_module
 from stackfast import cli
 from stackfast.checkpoint import list_checkpoints, verify_checksums
@@ -60,7 +62,7 @@ def reference(tmp_path_factory):
 
 def hold_writer(monkeypatch, step, until):
     """The background writer of checkpoint `step` starts only once until() is true (polled)."""
-    write = ckpt._write_files
+    write = async_save.write_files
 
     def held(tmp, *args, **kwargs):
         if tmp.name == f".step_{step:08d}.tmp":
@@ -69,7 +71,7 @@ def hold_writer(monkeypatch, step, until):
                 assert time.monotonic() < deadline, "the loop did not go on while the save was in flight"
                 time.sleep(0.01)
         return write(tmp, *args, **kwargs)
-    monkeypatch.setattr(ckpt, "_write_files", held)
+    monkeypatch.setattr(async_save, "write_files", held)
 
 
 def count_steps(monkeypatch, after=None):
@@ -125,7 +127,7 @@ def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
     """A checkpoint every step and a writer slower than a step: each save waits for the one
     before (logged as checkpoint_wait_s), never two writing at once, and every one completes."""
     active, most, lock = [0], [0], threading.Lock()
-    write = ckpt._write_files
+    write = async_save.write_files
 
     def slow(tmp, *args, **kwargs):
         with lock:
@@ -137,7 +139,7 @@ def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
         finally:
             with lock:
                 active[0] -= 1
-    monkeypatch.setattr(ckpt, "_write_files", slow)
+    monkeypatch.setattr(async_save, "write_files", slow)
     run(config(tmp_path, ASYNC, "checkpoint.every_steps=1", "train.max_steps=5", "checkpoint.keep_last=10"))
     assert most[0] == 1
     found = list_checkpoints(tmp_path / "checkpoints")
@@ -151,13 +153,13 @@ def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
 def test_a_stop_signal_waits_for_the_save_in_flight_then_writes_its_own(reference, tmp_path, monkeypatch, capsys):
     """SIGTERM after step 3 while step 2's checkpoint is still being written: the loop waits
     for it, writes step 3's at once and exits 0; both are complete, and the run resumes."""
-    write = ckpt._write_files
+    write = async_save.write_files
 
     def slow(tmp, *args, **kwargs):
         if tmp.name == ".step_00000002.tmp":
             time.sleep(1.0)
         return write(tmp, *args, **kwargs)
-    monkeypatch.setattr(ckpt, "_write_files", slow)
+    monkeypatch.setattr(async_save, "write_files", slow)
     count_steps(monkeypatch, after=lambda n: n == 3 and signal.raise_signal(signal.SIGTERM))
     args = ["train"] + [a for o in TINY + [f'logging.run_dir="{tmp_path}"', ASYNC] for a in ("--set", o)]
     assert cli.main(args) == 0
@@ -176,16 +178,20 @@ def test_a_stop_signal_waits_for_the_save_in_flight_then_writes_its_own(referenc
 
 def test_a_second_signal_abandons_the_save_in_flight(tmp_path, monkeypatch, capsys):
     """Two SIGTERMs after step 3 while step 2's checkpoint is held in the background: the job
-    stops at once (one line, 128 + 15) without waiting for it, and the save never lands under
-    its final name, even when its writer goes on afterwards; its temporary folder goes."""
+    stops at once (one line, 128 + 15) without waiting for the save; its writer is interrupted
+    and has ended by the time the command returns, the save never lands under its final name
+    and its temporary folder is gone."""
     release = threading.Event()
-    write = ckpt._write_files
+    write = async_save.write_files
 
     def held(tmp, *args, **kwargs):
         if tmp.name == ".step_00000002.tmp":
-            assert release.wait(60)
+            deadline = time.monotonic() + 60
+            while not release.is_set():  # Python between sleeps: where an interruption lands
+                assert time.monotonic() < deadline, "the abandoned writer was not interrupted"
+                time.sleep(0.01)
         return write(tmp, *args, **kwargs)
-    monkeypatch.setattr(ckpt, "_write_files", held)
+    monkeypatch.setattr(async_save, "write_files", held)
 
     def two_signals(n):
         if n == 3:
@@ -197,20 +203,72 @@ def test_a_second_signal_abandons_the_save_in_flight(tmp_path, monkeypatch, caps
     assert status == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip().splitlines() == [
         "stackfast: stopped: second SIGTERM: stopped at once, without a checkpoint"]
-    release.set()  # the abandoned writer goes on now: it must not rename, and it cleans up after itself
-    for thread in [t for t in threading.enumerate() if t.name == "stackfast-checkpoint-2"]:
-        thread.join(60)
+    assert not [t for t in threading.enumerate() if t.name == "stackfast-checkpoint-2"]  # ended, not left behind
     assert os.listdir(tmp_path / "checkpoints") == []
+    release.set()
+
+
+SECOND_SIGNAL = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+import torch
+import stackfast.checkpoint.async_save as async_save
+from stackfast import train
+
+write = async_save.write_files
+
+def held(tmp, *args, **kwargs):  # step 4's background write: busy inside torch calls, as a long write is
+    if tmp.name == ".step_00000004.tmp":
+        Path({mark!r}).touch()
+        a, deadline = torch.randn(256, 256), time.monotonic() + 120
+        while time.monotonic() < deadline:
+            a = torch.tanh(a @ a)
+    return write(tmp, *args, **kwargs)
+
+async_save.write_files = held
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_sigterm_during_a_background_save_ends_in_one_line_and_143(tmp_path):
+    """The real process, signalled from outside while its background writer is inside torch
+    calls: the second SIGTERM gives the sync path's one line and 128 + 15, leaves no
+    temporary folder and the previous checkpoint intact. (A writer left running as a daemon
+    thread made the interpreter's shutdown abort the process: `terminate called without an
+    active exception`, exit 134.)"""
+    run_dir, mark = tmp_path / "run", tmp_path / "held"
+    script = tmp_path / "second_signal.py"
+    script.write_text(SECOND_SIGNAL.format(repo=str(REPO), mark=str(mark)))
+    args = [a for o in TINY + [f'logging.run_dir="{run_dir}"', ASYNC, "train.max_steps=100"] for a in ("--set", o)]
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not mark.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # stop after this step: the loop then waits for step 4's save
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # stop now
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    line = err.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith("stackfast: stopped: second SIGTERM"), err[-3000:]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000002"]
+    verify_checksums(run_dir / "checkpoints" / "step_00000002")
 
 
 KILLED = """
 import os, sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-import stackfast.checkpoint as ckpt
+import stackfast.checkpoint.async_save as async_save
 from stackfast import train
 
-merge = ckpt._merge_checksums
+merge = async_save.merge_checksums
 
 def held(folder, *args, **kwargs):  # step 4's checkpoint: written and hashed, held just before its rename
     if folder.name == ".step_00000004.tmp":
@@ -218,7 +276,7 @@ def held(folder, *args, **kwargs):  # step 4's checkpoint: written and hashed, h
         time.sleep(600)
     return merge(folder, *args, **kwargs)
 
-ckpt._merge_checksums = held
+async_save.merge_checksums = held
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -288,7 +346,7 @@ def test_a_failed_background_write_is_one_line_and_exit_2_with_the_previous_chec
 TWO_RUNS = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import stackfast.checkpoint as ckpt
+import stackfast.checkpoint.async_save as async_save
 import stackfast.train as train
 from stackfast.config import load_config
 
@@ -300,19 +358,19 @@ def counted(*args, **kwargs):
     return out
 train.train_step = counted
 
-write = ckpt._write_files
+write = async_save.write_files
 def held(tmp, *args, **kwargs):  # step 2's background write starts after step 3 updated everything in place
     if tmp.name == ".step_00000002.tmp":
         while done[0] < 3:
             time.sleep(0.01)
     return write(tmp, *args, **kwargs)
-ckpt._write_files = held
+async_save.write_files = held
 
 base = {base!r}
 shutdown = train.shutdown
 train.shutdown = lambda world: None  # the second run joins the same process group
 train.run(load_config(None, base + ['logging.run_dir="{first}"']))
-ckpt._write_files, train.shutdown = write, shutdown
+async_save.write_files, train.shutdown = write, shutdown
 train.run(load_config(None, base + ['logging.run_dir="{second}"',
                                     'checkpoint.resume="{first}/checkpoints/step_00000002"']))
 """

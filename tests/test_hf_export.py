@@ -107,7 +107,7 @@ def test_export_into_a_full_disk_is_one_line_and_replaces_nothing(trained, tmp_p
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    monkeypatch.setattr("stackfast.checkpoint.save_file", full)
+    monkeypatch.setattr("stackfast.checkpoint.hf.save_file", full)
     capsys.readouterr()
     assert cli.main(["export-hf", "--checkpoint", str(trained), "--out", str(out), "--force"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
