@@ -67,7 +67,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.tensor import DTensor
 
-from stackfast.config import Config, ConfigError, ModelConfig, StackfastError, config_from_dict, tomllib
+from stackfast.config import Config, ConfigError, ModelConfig, StackfastError, saved_config, tomllib
 from stackfast.errors import WriteError
 from stackfast.files import first_line, replace_folder, write_failure, write_folder
 from stackfast.model import Transformer
@@ -726,7 +726,7 @@ def load_config_of(folder: str | Path) -> Config:
     """The resolved config saved with a checkpoint."""
     path = _require(Path(folder), CONFIG_FILE)
     try:
-        return config_from_dict(tomllib.loads(path.read_text(encoding="utf-8")))
+        return saved_config(tomllib.loads(path.read_text(encoding="utf-8")))
     except (tomllib.TOMLDecodeError, ConfigError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unusable config ({e})") from None
 

@@ -96,10 +96,10 @@ def test_sources_of_two_tokenizers_are_refused_before_anything_is_written(folder
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "config.toml").exists()
 
 
-def test_shares_of_rows_converge_to_the_weights(folders):
+def test_random_shares_of_rows_converge_to_the_weights(folders):
     weights = {"web": 0.61, "code": 0.27, "math": 0.12}
     cfg = mixture_job(folders, "unused", weights=weights)
-    loader = TokenLoader(open_sources(cfg.data, 256), 32, 8, seed=3)
+    loader = TokenLoader(open_sources(cfg.data, 256), 32, 8, seed=3, sampling="random")
     steps, counts = 2000, dict.fromkeys(weights, 0)
     for step in range(steps):
         which, starts = loader.picks([3, step, 0], 8)
@@ -129,13 +129,14 @@ def old_batch(data: TokenData, seq_len: int, n_rows: int, key: list[int]) -> tor
     return torch.from_numpy(np.stack(rows))[:, :-1]
 
 
-def test_one_source_gives_the_batches_of_before_mixtures_bit_for_bit(folders, tmp_path):
+def test_random_sampling_gives_the_batches_of_before_bit_for_bit(folders, tmp_path):
     data = TokenData(folders["web"])
     # data.path, and a mixture of that one source (any weight): the same loader
     path = load_config(None, JOB + [f'data.path="{folders["web"]}"']).data
     alone = load_config(None, JOB + [f'data.sources=[{{path = "{folders["web"]}", weight = 0.3}}]']).data
-    for loader in (TokenLoader(data, 32, 8, 4, seed=5), TokenLoader(open_sources(path, 256), 32, 8, 4, seed=5),
-                   TokenLoader(open_sources(alone, 256), 32, 8, 4, seed=5)):
+    for loader in (TokenLoader(data, 32, 8, 4, seed=5, sampling="random"),
+                   TokenLoader(open_sources(path, 256), 32, 8, 4, seed=5, sampling="random"),
+                   TokenLoader(open_sources(alone, 256), 32, 8, 4, seed=5, sampling="random")):
         for step in (0, 1, 99):
             x = torch.cat([loader.batch(step, m)[0] for m in range(2)])
             assert torch.equal(x, old_batch(data, 32, 8, [5, step, 0]))
@@ -143,11 +144,11 @@ def test_one_source_gives_the_batches_of_before_mixtures_bit_for_bit(folders, tm
         assert len(loader.val_rows) == loader.val_first[1] == 3000 // 33
 
 
-def test_picks_do_not_depend_on_the_number_of_processes(folders):
+def test_random_picks_do_not_depend_on_the_number_of_processes(folders):
     cfg = mixture_job(folders, "unused", weights={"web": 0.5, "code": 0.3, "math": 0.2})
     mixture = open_sources(cfg.data, 256)
-    one = TokenLoader(mixture, 32, 8, seed=11)
-    ranks = [TokenLoader(mixture, 32, 8, 2, seed=11, rank=r, world_size=2) for r in range(2)]
+    one = TokenLoader(mixture, 32, 8, seed=11, sampling="random")
+    ranks = [TokenLoader(mixture, 32, 8, 2, seed=11, rank=r, world_size=2, sampling="random") for r in range(2)]
     for step in (0, 5, 1234):
         key = [11, step, 0]
         picks = [one.picks(key, 8)] + [r.picks(key, 8) for r in ranks]
