@@ -1,5 +1,6 @@
 """Weighted mixtures of datasets (data.sources): config, sampling, per-source validation,
 epochs, exact resume; and a single source exactly as before mixtures."""
+import contextlib
 import math
 import random
 
@@ -7,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from stackfast.checkpoint import list_checkpoints
+from stackfast.checkpoint import list_checkpoints, load_model
 from stackfast.config import ConfigError, load_config
 from stackfast.data import DataError, TokenData, TokenLoader, open_sources, tokenize, train_bpe
 from stackfast.metrics import MetricsLog, read_metrics
-from stackfast.train import run
+from stackfast.train import evaluate, run
 
 # Each source writes its own characters only, so a row's tokens tell which source it came from.
 ALPHABETS = {"web": "abcdefghijklm", "code": "nopqrstuvwxyz", "math": "0123456789"}
@@ -63,6 +64,19 @@ def source_of(row: torch.Tensor) -> str:
     (["data.sources=[{path = \"a/web\", wieght = 1}]"], r"data.sources\[0\].wieght: unknown key \(did you mean"),
     (["data.sources=[\"a/web\"]"], "data.sources: expected a list of tables"),
     (['data.path="a/web"', "data.sources=[{path = \"b/code\"}]"], r"data.sources: set together with data.path"),
+    # set, even to its default value: the docs say both together is an error (issue 30)
+    (['data.path="builtin:python-stdlib"', "data.sources=[{path = \"b/code\"}]"],
+     r"data.sources: set together with data.path \('builtin:python-stdlib'\)"),
+    # weights whose sum overflows, or one that is nothing beside the others (issue 30)
+    (["data.sources=[{path = \"a/web\", weight = 1e308}, {path = \"b/code\", weight = 1e308}]"],
+     r"data.sources: the weights sum to inf \(too large for a float\)"),
+    (["data.sources=[{path = \"a/web\", weight = 1e308}, {path = \"b/code\", weight = 1e-30}]"],
+     r"data.sources\[1\].weight: 1e-30 is 0 beside the others' sum 1e\+308"),
+    (["data.sources=[{path = \"a/web\", weight = inf}]"], r"data.sources\[0\].weight: must be a finite number"),
+    (["data.sources=[{path = \"a/web\", weight = nan}]"], r"data.sources\[0\].weight: must be a finite number"),
+    (['data.sampling="shuffle"'], r"data.sampling: expected one of 'auto', 'epoch', 'random', got 'shuffle'"),
+    (["model.rope_reset=true"], r"model.rope_reset: restarts positions at each document, which needs "
+                                r"data.document_mask = true"),
     (['data.path=""'], "data.path: must not be empty"),
     (["data.max_epochs=0"], "data.max_epochs: must be positive"),
 ])
@@ -190,11 +204,25 @@ def test_a_mixture_run_logs_each_sources_validation_loss_and_epochs(folders, mix
                             "epochs/code"}
         # the mixed loss: the sources' losses averaged with their weights
         assert row["val_loss"] == pytest.approx(0.7 * row["val_loss/web"] + 0.3 * row["val_loss/code"], rel=1e-12)
-        # epochs: expected tokens read from a source over its train tokens (27,000 web, 9,000 code)
-        assert row["epochs/web"] == pytest.approx(row["tokens"] * 0.7 / 27_000)
-        assert row["epochs/code"] == pytest.approx(row["tokens"] * 0.3 / 9_000)
-    # 13 letters against 13: after 8 steps both near log(13), and not the same number
-    assert val[-1]["val_loss/web"] != val[-1]["val_loss/code"]
+        # epochs: the coverage read, windows read / windows (27,000 web train tokens: 843 windows of 32 + 1,
+        # 9,000 code: 281), each source's rows within one of its share
+        rows = row["tokens"] // 32
+        for name, weight, windows in (("web", 0.7, 843), ("code", 0.3, 281)):
+            read = row[f"epochs/{name}"] * windows
+            assert read == pytest.approx(round(read), abs=1e-9) and abs(read - weight * rows) < 1
+
+
+def test_each_sources_validation_loss_is_that_sources_own(folders, mixture_run):
+    """val_loss/NAME equals the loss of the trained model on that source alone (its held-out
+    windows evaluated directly), for sources whose losses differ: a mix-up of the sources
+    fails here, not only a wrong average."""
+    model = load_model(mixture_run / "checkpoints" / "step_00000008")
+    (row,) = [r for r in read_metrics(mixture_run) if "val_loss" in r and r["step"] == 8]
+    own = {name: evaluate(model, TokenLoader(TokenData(folders[name]), 32, 4), 4, torch.device("cpu"),
+                          contextlib.nullcontext) for name in ("web", "code")}
+    assert abs(own["web"] - own["code"]) > 0.05  # far apart: a swap cannot pass the check below
+    for name in own:
+        assert row[f"val_loss/{name}"] == pytest.approx(own[name], rel=1e-6)
 
 
 def test_a_single_source_run_logs_validation_as_before(folders, tmp_path):
@@ -217,7 +245,7 @@ def test_tensorboard_gets_the_per_source_keys(tmp_path):
 
 
 def test_the_progress_line_shows_sources_and_warns_of_epochs(folders, tmp_path, capsys):
-    # 4 steps x 128 tokens: code (weight 0.3, 9,000 train tokens) read 0.017 times over, web 0.013
+    # 4 steps x 4 rows: code (weight 0.3, 281 windows) reads 5 rows, 0.018 of its windows; web 11 of 843, 0.013
     run(mixture_job(folders, tmp_path, "logging.progress=true", "train.max_steps=4", "data.max_epochs=0.015"))
     err = capsys.readouterr().err
     assert "warning: the run reads data source code 0.02 times over, more than data.max_epochs = 0.015" in err
@@ -242,3 +270,8 @@ def test_a_mixture_run_resumes_exactly_and_refuses_a_changed_weight(folders, mix
         run(mixture_job(folders, tmp_path / "changed", f'checkpoint.resume="{ckpt}"',
                         weights={"web": 0.6, "code": 0.4}))
     assert "\n" not in str(error.value)
+    # the same mixture written as 7 and 3: the same normalised weights, the same run
+    run(mixture_job(folders, tmp_path / "same", f'checkpoint.resume="{ckpt}"', weights={"web": 7, "code": 3}))
+    same = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "same") if "loss" in r}
+    assert same == part
+

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from stackfast.checkpoint import load_config_of
+from stackfast.config import Config, ConfigError, DataSource, dumps_toml, load_config
 from stackfast.data import DataError, Source, TokenData, TokenLoader
 from stackfast.data.sampling import MAX_PERIOD, Blend, document_ids, epoch_keys, epoch_windows, permute, shares_of
 from stackfast.data.shards import FORMAT
+from stackfast.runs import check_resume, run_sampling
 
 
 def positions_dataset(folder, shard_tokens: list[int], offset: int = 0, eos_id=None) -> TokenData:
@@ -180,3 +183,29 @@ def test_the_loader_gives_document_ids_with_document_mask(tmp_path):
     with pytest.raises(DataError, match=r"data.document_mask: .*bytes was tokenized with positions, which has no "
                                         r"end-of-text token"):
         TokenLoader(bytes_like, 16, 4, document_mask=True)
+
+
+def test_a_new_run_samples_by_epoch_and_a_run_made_before_resumes_as_random(tmp_path):
+    new = load_config(None)
+    assert new.data.sampling == "auto" and run_sampling(None, new) == "epoch"
+    # a checkpoint's config.toml of an earlier version: no data.sampling, data.path beside its sources
+    old = Config()
+    old.data.sources = [DataSource("data/web", 0.7), DataSource("data/code", 0.3)]
+    tree = old.to_dict()
+    del tree["data"]["sampling"]
+    tree["data"]["path"] = "builtin:python-stdlib"
+    (tmp_path / "config.toml").write_text(dumps_toml(tree))
+    saved = load_config_of(tmp_path)
+    assert saved.data.sampling == "random" and saved.data.mixture() == old.data.mixture()
+    with pytest.raises(ConfigError, match="data.sources: set together with data.path"):
+        load_config(tmp_path / "config.toml")  # the same file as a user's config: both set is an error
+    resumed = load_config(None, ['data.sources=[{path = "data/web", weight = 7}, {path = "data/code", weight = 3}]'])
+    assert check_resume(saved, resumed, tmp_path) == [] and run_sampling(saved, resumed) == "random"
+    # a run keeps the sampling it started with: changing it is a change of the run
+    resumed.data.sampling = "epoch"
+    with pytest.raises(ConfigError, match=r"data.sampling: 'random' -> 'epoch'"):
+        check_resume(saved, resumed, tmp_path)
+    # a new run's config.toml holds its sampling, read back as written
+    new.data.sampling = run_sampling(None, new)
+    (tmp_path / "config.toml").write_text(new.to_toml())
+    assert load_config_of(tmp_path).data.sampling == "epoch"
