@@ -67,6 +67,13 @@ def test_every_prefix_holds_each_share_within_one_row(weights):
     blend = Blend(weights)
     rows = 2 * blend.period + 37
     which = blend.order[np.arange(rows) % blend.period]
+    # the rule itself, row after row over two periods and more: the blend's repeated order is it
+    shares, period, count, rule = blend.shares.tolist(), blend.period, [0] * len(weights), []
+    for k in range(rows):
+        value = [s * (k + 1) - period * c for s, c in zip(shares, count)]
+        rule.append(value.index(max(value)))
+        count[rule[-1]] += 1
+    assert np.array_equal(which, rule)
     counts = np.cumsum(np.eye(len(weights), dtype=np.int64)[which], axis=0)  # counts[k]: rows 0..k
     k = np.arange(1, rows + 1)[:, None]
     exact = blend.shares / blend.period
