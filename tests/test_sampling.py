@@ -12,7 +12,7 @@ import torch
 
 from stackfast.checkpoint import load_config_of
 from stackfast.config import Config, ConfigError, DataSource, dumps_toml, load_config
-from stackfast.data import DataError, Source, TokenData, TokenLoader
+from stackfast.data import DataError, Prefetcher, Source, TokenData, TokenLoader
 from stackfast.data.sampling import MAX_PERIOD, Blend, document_ids, epoch_keys, epoch_windows, permute, shares_of
 from stackfast.data.shards import FORMAT
 from stackfast.runs import check_resume, run_sampling
@@ -182,6 +182,9 @@ def test_the_loader_gives_document_ids_with_document_mask(tmp_path):
     assert torch.equal(ids, torch.from_numpy(document_ids(x.numpy(), 40)))
     x, y, ids = next(loader.val_batches(4))
     assert ids.shape == x.shape
+    prefetcher = Prefetcher(loader, [(0, 0), (1, 0)])  # carries the ids too
+    assert all(torch.equal(a, b) for s in (0, 1) for a, b in zip(prefetcher.batch(s, 0), loader.batch(s), strict=True))
+    prefetcher.close()
     # the row holding position 40 (window 2: positions 32..48) starts a document after it
     rows = torch.cat([loader.batch(s)[2] for s in range(0, 47)])
     starts = torch.cat([loader.batch(s)[0][:, 0] for s in range(0, 47)])

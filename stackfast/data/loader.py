@@ -68,8 +68,7 @@ class TokenLoader:
             self.shards += shards
             shard_first.append(len(self.shards))
             counts.append(sum(s.tokens.size - window + 1 for s in shards))
-            self.epoch_starts.append(np.cumsum([0, *windows_per_shard([s.tokens.size for s in shards],
-                                                                                seq_len)]))
+            self.epoch_starts.append(np.cumsum([0, *windows_per_shard([s.tokens.size for s in shards], seq_len)]))
             # (shard, offset) of every held-out window, consecutive and non-overlapping: fixed for
             # the loader's life, listed once for the check and every evaluation.
             self.val_rows += [(s, o) for s in source.data.val for o in range(0, s.tokens.size - window + 1, window)]
@@ -135,7 +134,8 @@ class TokenLoader:
         """Rows [first, first + count) of the n_rows windows drawn by the generator `key`."""
         starts = self.picks(key, n_rows)[1][first:first + count]
         shards = np.searchsorted(self.starts, starts, side="right") - 1
-        return self._read([(self.shards[i], o) for i, o in zip(shards.tolist(), (starts - self.starts[shards]).tolist())])
+        offsets = starts - self.starts[shards]
+        return self._read([(self.shards[i], o) for i, o in zip(shards.tolist(), offsets.tolist())])
 
     def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, ...]:
         """This process's micro-batch `micro_step` of the global batch of `step`."""
