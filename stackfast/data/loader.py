@@ -82,7 +82,7 @@ class TokenLoader:
         # A row's source: the first whose cumulative weight exceeds a uniform draw in [0, 1)
         # (the last bound left out, so that rounding never sends a draw past the last source).
         self.bounds = np.cumsum([s.weight for s in self.sources])[:-1]
-        self.blend = None
+        self.blend, self._placed = None, (None, [])  # _placed: the last step's windows (_place)
         if sampling == "epoch":
             try:
                 self.blend = Blend([s.weight for s in self.sources])
@@ -142,7 +142,13 @@ class TokenLoader:
         first = self.rank * self.share + micro_step * self.micro_batch
         if self.sampling == "random":
             return self._random_rows([self.seed, step, 0], self.global_batch, first, self.micro_batch)
-        which, windows = self.rows(step * self.global_batch + first, self.micro_batch)
+        if self._placed[0] != step:  # the whole step at once: its micro-batches come one after another
+            self._placed = (step, self._place(step))
+        return self._read(self._placed[1][first:first + self.micro_batch])
+
+    def _place(self, step: int) -> list[tuple[Shard, int]]:
+        """sampling "epoch": (shard, token offset) of every window of the global batch of `step`."""
+        which, windows = self.rows(step * self.global_batch, self.global_batch)
         shards, offsets = np.empty_like(windows), np.empty_like(windows)
         for i in np.unique(which):  # a source's window -> its shard and the window's first token there
             mine = which == i
@@ -150,7 +156,7 @@ class TokenLoader:
             shard = np.searchsorted(starts, windows[mine], side="right") - 1
             shards[mine] = self.shard_first[i] + shard
             offsets[mine] = (windows[mine] - starts[shard]) * self.seq_len
-        return self._read([(self.shards[i], o) for i, o in zip(shards.tolist(), offsets.tolist())])
+        return [(self.shards[i], o) for i, o in zip(shards.tolist(), offsets.tolist())]
 
     def extra_batch(self, step: int, k: int) -> tuple[torch.Tensor, ...]:
         """A micro-batch beyond the training stream of `step` (k = 0, 1, ...), for work that
