@@ -61,6 +61,8 @@ class ModelConfig:
                           "init_std / sqrt(2 * n_layers).", 0.02)
     kernels: str = doc("'auto' (Triton ops on GPU, except fp32 attention; PyTorch on CPU), 'triton' or 'torch'.",
                        "auto")
+    rope_reset: bool = doc("Restart the RoPE positions at 0 at each document of a row (needs data.document_mask).",
+                           False)
 
     @property
     def head_dim(self) -> int:
@@ -129,17 +131,26 @@ class DataConfig:
                               "(tokenized folders carry their own split).", 0.01)
     sources: list[DataSource] = doc("A mixture of datasets instead of data.path (empty: data.path alone), e.g. "
                                     "sources = [{path = \"data/web\", weight = 0.7}, {path = \"data/code\", "
-                                    "weight = 0.3}]: each row of a step comes from a source drawn by the weights. "
+                                    "weight = 0.3}]: the rows are shared among the sources by the weights. "
                                     "The sources must share one tokenizer; each is validated on its own held-out "
                                     "split (docs/data.md, \"Mixtures of datasets\").", default_factory=list)
     max_epochs: float = doc("A run that would read a source more than this many times over says so at its "
                             "start (a warning, not an error).", 4.0)
+    sampling: str = doc("Which windows the rows read: 'epoch' (every window of each source once per epoch, in a "
+                        "new order each epoch; a mixture's sources hold their weights within one row), 'random' "
+                        "(windows drawn with replacement: runs made before 'epoch') or 'auto': 'epoch' for a new "
+                        "run, and a resumed run keeps the sampling it started with (docs/data.md, \"Sampling\").",
+                        "auto")
+    document_mask: bool = doc("Give each row's tokens their document ids (a new document after each end-of-text "
+                              "token) so that attention never crosses documents; needs a tokenizer with an "
+                              "end-of-text token (not 'bytes').", False)
 
     def validate(self) -> None:
         _positive(self, "data", ["seq_len", "max_epochs"])
+        _choice(self, "data", "sampling", ("auto", "epoch", "random"))
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {self.val_fraction}")
-        # data.path keeps its default beside sources (config.toml writes both): any other value is a conflict
+        # data.path keeps its default beside sources (config_from_dict refuses it set, even to the default)
         default_path = next(f.default for f in dataclasses.fields(self) if f.name == "path")
         if self.sources and self.path != default_path:
             raise ConfigError(f"data.sources: set together with data.path ({self.path!r}); a run reads data.path "
@@ -151,6 +162,14 @@ class DataConfig:
                 raise ConfigError(f"data.sources[{i}].path: must not be empty")
             if not source.weight > 0:
                 raise ConfigError(f"data.sources[{i}].weight: must be positive, got {source.weight}")
+        total = sum(s.weight for s in self.sources)
+        if not math.isfinite(total):
+            raise ConfigError(f"data.sources: the weights sum to {total} (too large for a float); use shares such as "
+                              f"0.7 and 0.3")
+        for i, source in enumerate(self.mixture() if self.sources else []):
+            if not source.weight > 0:
+                raise ConfigError(f"data.sources[{i}].weight: {self.sources[i].weight} is 0 beside the others' sum "
+                                  f"{total:g}; use shares such as 0.7 and 0.3")
         names = [s.name for s in self.mixture()]
         for i, name in enumerate(names if self.sources else []):
             if not name:
@@ -443,6 +462,9 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.model.rope_reset and not self.data.document_mask:
+            raise ConfigError("model.rope_reset: restarts positions at each document, which needs "
+                              "data.document_mask = true")
         self.batch_split(1)  # a split that fails on one process fails on any number
         self.allowed_changes()
         if self.data.seq_len > self.model.max_seq_len:
@@ -467,7 +489,10 @@ class Config:
         return items
 
     def to_toml(self) -> str:
-        return dumps_toml(self.to_dict())
+        tree = self.to_dict()
+        if self.data.sources:  # data.path is unset beside a mixture: writing it would set it
+            del tree["data"]["path"]
+        return dumps_toml(tree)
 
     def tokens_per_step(self) -> int:
         return self.train.global_batch_size * self.data.seq_len
@@ -564,6 +589,9 @@ def config_from_dict(raw: dict) -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a table of keys, got {type(value).__name__}")
         sections[name] = value
+    if "path" in sections.get("data", {}) and sections["data"].get("sources"):
+        raise ConfigError(f"data.sources: set together with data.path ({sections['data']['path']!r}); a run reads "
+                          f"data.path alone or the mixture of data.sources: remove one of them")
     built = {}
     for name, cls in hints.items():
         values = dict(sections.get(name, {}))
@@ -576,6 +604,18 @@ def config_from_dict(raw: dict) -> Config:
             base = dict(PRESETS[preset])
         built[name] = _build_section(name, cls, {**base, **values})
     return Config(**built).validate()
+
+
+def saved_config(raw: dict) -> Config:
+    """The config of a run as its config.toml holds it (a checkpoint's, a run folder's), written
+    by this version or an earlier one, read as it was meant: without data.sampling (earlier
+    versions), 'random', their only sampling; data.path beside data.sources, the default that
+    earlier versions wrote there."""
+    data = dict(raw.get("data", {}))
+    data.setdefault("sampling", "random")
+    if data.get("sources"):
+        data.pop("path", None)
+    return config_from_dict({**raw, "data": data})
 
 
 def _build_section(section: str, cls: type, values: dict):

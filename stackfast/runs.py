@@ -10,12 +10,14 @@ checkpoints/. Three rules keep what is in it safe:
   and then deletes that run's files explicitly first.
 - A resume compares the checkpoint's config.toml with the new config: what defines the
   run (model, data, growth, global batch, seed) must match unless named in
-  `checkpoint.allow_changes`; other differences are reported and applied.
+  `checkpoint.allow_changes`; other differences are reported and applied. A mixture is
+  compared by its normalised weights, and data.sampling 'auto' keeps the run's own.
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -149,6 +151,24 @@ def prepare_fresh(run_dir: Path, cfg: Config) -> None:
                          f"(logging.overwrite = true), which deletes that run's files")
 
 
+def run_sampling(saved: Config | None, new: Config) -> str:
+    """The run's data.sampling: as set, or for 'auto' the checkpoint's when resuming (a run keeps
+    the sampling it started with; a config.toml without one means 'random') and 'epoch' for a
+    new run."""
+    if new.data.sampling != "auto":
+        return new.data.sampling
+    return saved.data.sampling if saved is not None and saved.data.sampling != "auto" else "epoch"
+
+
+def same_mixture(saved: Config, new: Config) -> bool:
+    """Whether two configs' data.sources are one mixture: the same sources in the same order
+    with the same normalised weights (7 and 3 are 0.7 and 0.3), to rounding."""
+    old, now = saved.data.mixture(), new.data.mixture()
+    return len(old) == len(now) and all(
+        (a.path, a.name) == (b.path, b.name) and math.isclose(a.weight, b.weight, rel_tol=1e-9)
+        for a, b in zip(old, now))
+
+
 def config_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
     """The differences between a checkpoint's config and the new one, as 'key: old -> new'
     lines: (those that change what the run computes and are not allowed, the others)."""
@@ -158,6 +178,10 @@ def config_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
     for key, value in new_values.items():
         old = old_values.get(key)
         if old == value or key in OPERATIONAL:
+            continue
+        if key == "data.sampling" and value == "auto":  # the run keeps its own (run_sampling)
+            continue
+        if key == "data.sources" and same_mixture(saved, new):
             continue
         line = f"{key}: {old!r} -> {value!r}"
         defining = any(key == d or (d.endswith(".") and key.startswith(d)) for d in DEFINING)

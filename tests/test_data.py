@@ -320,26 +320,28 @@ def test_vocab_and_tokenizer_mismatch_with_config(corpus, tmp_path):
         TokenData(tmp_path)
 
 
-def test_loader_is_deterministic_resumable_and_rank_aware(corpus, tmp_path):
+@pytest.mark.parametrize("sampling", ["epoch", "random"])
+def test_loader_is_deterministic_resumable_and_rank_aware(corpus, tmp_path, sampling):
     tokenize([corpus], "bytes", tmp_path / "ds")
     data = TokenData(tmp_path / "ds")
-    one = TokenLoader(data, 32, 8, seed=7)  # a global batch of 8 rows in one pass
+    one = TokenLoader(data, 32, 8, seed=7, sampling=sampling)  # a global batch of 8 rows in one pass
     x, y = one.batch(3)
     assert x.shape == (8, 32) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
     # Exact resume: a batch depends only on (seed, step), not on history.
-    fresh = TokenLoader(data, 32, 8, seed=7)
+    fresh = TokenLoader(data, 32, 8, seed=7, sampling=sampling)
     assert torch.equal(fresh.batch(3)[0], x)
     assert not torch.equal(one.batch(4)[0], x)
-    assert not torch.equal(TokenLoader(data, 32, 8, seed=8).batch(3)[0], x)
+    assert not torch.equal(TokenLoader(data, 32, 8, seed=8, sampling=sampling).batch(3)[0], x)
     # The same global batch at any number of processes and micro-batch size: 2 ranks x 2
     # micro-batches of 2 rows hold the one-process batch of 8, in order.
-    parts = [TokenLoader(data, 32, 8, 2, seed=7, rank=r, world_size=2).batch(3, m)[0]
+    parts = [TokenLoader(data, 32, 8, 2, seed=7, rank=r, world_size=2, sampling=sampling).batch(3, m)[0]
              for r in range(2) for m in range(2)]
     assert all(p.shape == (2, 32) for p in parts) and torch.equal(torch.cat(parts), x)
-    # Extra batches (LiGO's) are fresh data, never a row of the step's own batch.
+    # Extra batches (LiGO's) are fresh data, drawn at random (under "random", never a row of the step's own batch).
     extra = one.extra_batch(3, 0)[0]
-    assert extra.shape == (8, 32) and not any(torch.equal(row, r) for row in extra for r in x)
+    assert extra.shape == (8, 32) and torch.equal(extra, TokenLoader(data, 32, 8, seed=7, sampling="random").extra_batch(3, 0)[0])
+    assert sampling == "epoch" or not any(torch.equal(row, r) for row in extra for r in x)
 
 
 def test_validation_batches_are_fixed_and_held_out(corpus, tmp_path):

@@ -1,5 +1,6 @@
 """Weighted mixtures of datasets (data.sources): config, sampling, per-source validation,
 epochs, exact resume; and a single source exactly as before mixtures."""
+import contextlib
 import math
 import random
 
@@ -7,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from stackfast.checkpoint import list_checkpoints
+from stackfast.checkpoint import list_checkpoints, load_model
 from stackfast.config import ConfigError, load_config
 from stackfast.data import DataError, TokenData, TokenLoader, open_sources, tokenize, train_bpe
 from stackfast.metrics import MetricsLog, read_metrics
-from stackfast.train import run
+from stackfast.train import evaluate, run
 
 # Each source writes its own characters only, so a row's tokens tell which source it came from.
 ALPHABETS = {"web": "abcdefghijklm", "code": "nopqrstuvwxyz", "math": "0123456789"}
@@ -63,6 +64,19 @@ def source_of(row: torch.Tensor) -> str:
     (["data.sources=[{path = \"a/web\", wieght = 1}]"], r"data.sources\[0\].wieght: unknown key \(did you mean"),
     (["data.sources=[\"a/web\"]"], "data.sources: expected a list of tables"),
     (['data.path="a/web"', "data.sources=[{path = \"b/code\"}]"], r"data.sources: set together with data.path"),
+    # set, even to its default value: the docs say both together is an error (issue 30)
+    (['data.path="builtin:python-stdlib"', "data.sources=[{path = \"b/code\"}]"],
+     r"data.sources: set together with data.path \('builtin:python-stdlib'\)"),
+    # weights whose sum overflows, or one that is nothing beside the others (issue 30)
+    (["data.sources=[{path = \"a/web\", weight = 1e308}, {path = \"b/code\", weight = 1e308}]"],
+     r"data.sources: the weights sum to inf \(too large for a float\)"),
+    (["data.sources=[{path = \"a/web\", weight = 1e308}, {path = \"b/code\", weight = 1e-30}]"],
+     r"data.sources\[1\].weight: 1e-30 is 0 beside the others' sum 1e\+308"),
+    (["data.sources=[{path = \"a/web\", weight = inf}]"], r"data.sources\[0\].weight: must be a finite number"),
+    (["data.sources=[{path = \"a/web\", weight = nan}]"], r"data.sources\[0\].weight: must be a finite number"),
+    (['data.sampling="shuffle"'], r"data.sampling: expected one of 'auto', 'epoch', 'random', got 'shuffle'"),
+    (["model.rope_reset=true"], r"model.rope_reset: restarts positions at each document, which needs "
+                                r"data.document_mask = true"),
     (['data.path=""'], "data.path: must not be empty"),
     (["data.max_epochs=0"], "data.max_epochs: must be positive"),
 ])
@@ -96,10 +110,10 @@ def test_sources_of_two_tokenizers_are_refused_before_anything_is_written(folder
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "config.toml").exists()
 
 
-def test_shares_of_rows_converge_to_the_weights(folders):
+def test_random_shares_of_rows_converge_to_the_weights(folders):
     weights = {"web": 0.61, "code": 0.27, "math": 0.12}
     cfg = mixture_job(folders, "unused", weights=weights)
-    loader = TokenLoader(open_sources(cfg.data, 256), 32, 8, seed=3)
+    loader = TokenLoader(open_sources(cfg.data, 256), 32, 8, seed=3, sampling="random")
     steps, counts = 2000, dict.fromkeys(weights, 0)
     for step in range(steps):
         which, starts = loader.picks([3, step, 0], 8)
@@ -129,13 +143,14 @@ def old_batch(data: TokenData, seq_len: int, n_rows: int, key: list[int]) -> tor
     return torch.from_numpy(np.stack(rows))[:, :-1]
 
 
-def test_one_source_gives_the_batches_of_before_mixtures_bit_for_bit(folders, tmp_path):
+def test_random_sampling_gives_the_batches_of_before_bit_for_bit(folders, tmp_path):
     data = TokenData(folders["web"])
     # data.path, and a mixture of that one source (any weight): the same loader
     path = load_config(None, JOB + [f'data.path="{folders["web"]}"']).data
     alone = load_config(None, JOB + [f'data.sources=[{{path = "{folders["web"]}", weight = 0.3}}]']).data
-    for loader in (TokenLoader(data, 32, 8, 4, seed=5), TokenLoader(open_sources(path, 256), 32, 8, 4, seed=5),
-                   TokenLoader(open_sources(alone, 256), 32, 8, 4, seed=5)):
+    for loader in (TokenLoader(data, 32, 8, 4, seed=5, sampling="random"),
+                   TokenLoader(open_sources(path, 256), 32, 8, 4, seed=5, sampling="random"),
+                   TokenLoader(open_sources(alone, 256), 32, 8, 4, seed=5, sampling="random")):
         for step in (0, 1, 99):
             x = torch.cat([loader.batch(step, m)[0] for m in range(2)])
             assert torch.equal(x, old_batch(data, 32, 8, [5, step, 0]))
@@ -143,11 +158,11 @@ def test_one_source_gives_the_batches_of_before_mixtures_bit_for_bit(folders, tm
         assert len(loader.val_rows) == loader.val_first[1] == 3000 // 33
 
 
-def test_picks_do_not_depend_on_the_number_of_processes(folders):
+def test_random_picks_do_not_depend_on_the_number_of_processes(folders):
     cfg = mixture_job(folders, "unused", weights={"web": 0.5, "code": 0.3, "math": 0.2})
     mixture = open_sources(cfg.data, 256)
-    one = TokenLoader(mixture, 32, 8, seed=11)
-    ranks = [TokenLoader(mixture, 32, 8, 2, seed=11, rank=r, world_size=2) for r in range(2)]
+    one = TokenLoader(mixture, 32, 8, seed=11, sampling="random")
+    ranks = [TokenLoader(mixture, 32, 8, 2, seed=11, rank=r, world_size=2, sampling="random") for r in range(2)]
     for step in (0, 5, 1234):
         key = [11, step, 0]
         picks = [one.picks(key, 8)] + [r.picks(key, 8) for r in ranks]
@@ -189,11 +204,25 @@ def test_a_mixture_run_logs_each_sources_validation_loss_and_epochs(folders, mix
                             "epochs/code"}
         # the mixed loss: the sources' losses averaged with their weights
         assert row["val_loss"] == pytest.approx(0.7 * row["val_loss/web"] + 0.3 * row["val_loss/code"], rel=1e-12)
-        # epochs: expected tokens read from a source over its train tokens (27,000 web, 9,000 code)
-        assert row["epochs/web"] == pytest.approx(row["tokens"] * 0.7 / 27_000)
-        assert row["epochs/code"] == pytest.approx(row["tokens"] * 0.3 / 9_000)
-    # 13 letters against 13: after 8 steps both near log(13), and not the same number
-    assert val[-1]["val_loss/web"] != val[-1]["val_loss/code"]
+        # epochs: the coverage read, windows read / windows (27,000 web train tokens: 843 windows of 32 + 1,
+        # 9,000 code: 281), each source's rows within one of its share
+        rows = row["tokens"] // 32
+        for name, weight, windows in (("web", 0.7, 843), ("code", 0.3, 281)):
+            read = row[f"epochs/{name}"] * windows
+            assert read == pytest.approx(round(read), abs=1e-9) and abs(read - weight * rows) < 1
+
+
+def test_each_sources_validation_loss_is_that_sources_own(folders, mixture_run):
+    """val_loss/NAME equals the loss of the trained model on that source alone (its held-out
+    windows evaluated directly), for sources whose losses differ: a mix-up of the sources
+    fails here, not only a wrong average."""
+    model = load_model(mixture_run / "checkpoints" / "step_00000008")
+    (row,) = [r for r in read_metrics(mixture_run) if "val_loss" in r and r["step"] == 8]
+    own = {name: evaluate(model, TokenLoader(TokenData(folders[name]), 32, 4), 4, torch.device("cpu"),
+                          contextlib.nullcontext) for name in ("web", "code")}
+    assert abs(own["web"] - own["code"]) > 0.05  # far apart: a swap cannot pass the check below
+    for name in own:
+        assert row[f"val_loss/{name}"] == pytest.approx(own[name], rel=1e-6)
 
 
 def test_a_single_source_run_logs_validation_as_before(folders, tmp_path):
@@ -216,7 +245,7 @@ def test_tensorboard_gets_the_per_source_keys(tmp_path):
 
 
 def test_the_progress_line_shows_sources_and_warns_of_epochs(folders, tmp_path, capsys):
-    # 4 steps x 128 tokens: code (weight 0.3, 9,000 train tokens) read 0.017 times over, web 0.013
+    # 4 steps x 4 rows: code (weight 0.3, 281 windows) reads 5 rows, 0.018 of its windows; web 11 of 843, 0.013
     run(mixture_job(folders, tmp_path, "logging.progress=true", "train.max_steps=4", "data.max_epochs=0.015"))
     err = capsys.readouterr().err
     assert "warning: the run reads data source code 0.02 times over, more than data.max_epochs = 0.015" in err
@@ -241,3 +270,8 @@ def test_a_mixture_run_resumes_exactly_and_refuses_a_changed_weight(folders, mix
         run(mixture_job(folders, tmp_path / "changed", f'checkpoint.resume="{ckpt}"',
                         weights={"web": 0.6, "code": 0.4}))
     assert "\n" not in str(error.value)
+    # the same mixture written as 7 and 3: the same normalised weights, the same run
+    run(mixture_job(folders, tmp_path / "same", f'checkpoint.resume="{ckpt}"', weights={"web": 7, "code": 3}))
+    same = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "same") if "loss" in r}
+    assert same == part
+

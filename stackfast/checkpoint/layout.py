@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from stackfast.config import Config, ConfigError, StackfastError, config_from_dict, tomllib
+from stackfast.config import Config, ConfigError, StackfastError, saved_config, tomllib
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_DIR = re.compile(r"^\.step_\d{8}\.tmp$")
@@ -96,6 +96,6 @@ def load_config_of(folder: str | Path) -> Config:
     """The resolved config saved with a checkpoint."""
     path = require(Path(folder), CONFIG_FILE)
     try:
-        return config_from_dict(tomllib.loads(path.read_text(encoding="utf-8")))
+        return saved_config(tomllib.loads(path.read_text(encoding="utf-8")))
     except (tomllib.TOMLDecodeError, ConfigError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unusable config ({e})") from None

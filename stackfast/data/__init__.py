@@ -8,6 +8,7 @@ The offline pipeline imports no torch, so that tokenize's worker processes never
     parts.py      tokenizing on several machines: input_part, merge
     builtin.py    the built-in corpus (the Python standard library), resolve_path
     sources.py    a run's datasets: open_data, open_sources (mixtures)
+    sampling.py   which window each row reads: epoch orders, the mixture's blend, document ids
 The training side imports torch:
     loader.py     TokenLoader (the global batch, split by rank)
     prefetch.py   Prefetcher (batches prepared on a background thread)
@@ -31,6 +32,7 @@ _MODULES = {
     "builtin": ["BUILTIN_STDLIB", "BUILTIN_STDLIB_BYTES", "BUILTIN_VOCAB", "builtin_dataset", "cache_dir",
                 "resolve_path", "stdlib_files"],
     "sources": ["Source", "describe_tokenizer", "open_data", "open_sources", "tokenizer_identity"],
+    "sampling": ["Blend", "document_ids", "epoch_windows", "permute"],
     "loader": ["TokenLoader"],
     "prefetch": ["Prefetcher"],
 }

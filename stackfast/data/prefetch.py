@@ -27,10 +27,9 @@ class Prefetcher:
     def _work(self, keys: Iterator[tuple[int, int]]) -> None:
         for key in keys:
             try:
-                x, y = self.loader.batch(*key)
+                item = self.loader.batch(*key)  # (inputs, targets[, document ids])
                 if self.pin_memory:
-                    x, y = x.pin_memory(), y.pin_memory()
-                item = (x, y)
+                    item = tuple(t.pin_memory() for t in item)
             except Exception as error:  # handed to the training thread, which raises it
                 item = error
             while not self.stopped.is_set():
@@ -42,7 +41,7 @@ class Prefetcher:
             if self.stopped.is_set() or isinstance(item, Exception):
                 return
 
-    def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, ...]:
         """The batch of (step, micro_step); keys must be asked for in the order given."""
         key, item = self.queue.get()
         if isinstance(item, Exception):
