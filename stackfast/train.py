@@ -65,7 +65,7 @@ from stackfast.model import Transformer, check_kernels
 from stackfast.optim import build_optimizer, scheduled_lr
 from stackfast.parallel import (World, barrier, init_distributed, init_parameters, set_gradient_sync, shutdown,
                                 wrap_model)
-from stackfast.runs import RunLock, check_resume, prepare_fresh
+from stackfast.runs import RunLock, check_resume, prepare_fresh, run_sampling
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,9 +111,9 @@ def evaluate_sources(model: torch.nn.Module, loader: TokenLoader, n_rows: int, d
     sums = []
     for i in range(len(loader.sources)):
         total, count = torch.zeros((), device=device), 0
-        for x, y in loader.val_batches(n_rows, source=i):
+        for x, y, *ids in loader.val_batches(n_rows, source=i):  # ids: the document ids, with data.document_mask
             with autocast():
-                loss = model(x.to(device), y.to(device))
+                loss = model_loss(model, x.to(device), y.to(device), *(t.to(device) for t in ids))
             total += loss * y.numel()
             count += y.numel()
         sums.append(torch.stack([total, total.new_tensor(count)]))
@@ -426,11 +426,18 @@ def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None 
     if world.main:
         barrier(world)
     micro, accum = cfg.batch_split(world.world_size)
-    loader = TokenLoader(sources, cfg.data.seq_len, cfg.train.global_batch_size, micro, seed=cfg.train.seed,
-                         rank=world.rank, world_size=world.world_size)
-    loader.check_validation()  # a validation split too short fails now, not after training
     total_steps = cfg.total_steps()
     planned = growth_steps(cfg, total_steps)  # an impossible stage timing: an error before anything is written
+
+    # A run keeps the sampling it started with ('auto': the checkpoint's, epoch for a fresh run). Read
+    # from the checkpoint's config now, so that the loader's checks below fail before
+    # start_or_resume may clear the run folder (--force); its checksums are verified there.
+    resuming = find_resume(cfg)
+    cfg.data.sampling = run_sampling(load_config_of(resuming) if resuming else None, cfg)
+    loader = TokenLoader(sources, cfg.data.seq_len, cfg.train.global_batch_size, micro, seed=cfg.train.seed,
+                         rank=world.rank, world_size=world.world_size, sampling=cfg.data.sampling,
+                         document_mask=cfg.data.document_mask)
+    loader.check_validation()  # a validation split too short fails now, not after training
 
     state, resume_from, changes = start_or_resume(cfg, world, run_dir, lock)
     if resume_from is not None and state.step >= total_steps:
@@ -512,6 +519,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
                 group["lr"] = lr
             micro_batches = [tuple(t.to(device, non_blocking=True) for t in batches.batch(state.step, m))
                              for m in range(accum)]
+            for name, epoch in loader.epochs_begun(state.step):  # in the log's numbering: the step that reads it
+                progress.message(f"step {state.step + 1}: data source {name} begins epoch {epoch}, in a new order")
             loss, grad_norm, bad = train_step(model, optimizer, micro_batches, job.autocast, cfg.optim.grad_clip,
                                               world, cfg.parallel.defer_grad_sync)
             state.step += 1
@@ -633,8 +642,9 @@ def say_stopped(stop: StopSignal, step: int, saved: Path, progress: Progress, wo
         print(note, file=sys.stderr, flush=True)
 
 
-def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return model(x, y)
+def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    return model(x, y, document_ids=document_ids)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],
@@ -653,10 +663,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     """
     accum = len(micro_batches)
     loss_sum = None
-    for micro, (x, y) in enumerate(micro_batches):
+    for micro, (x, y, *ids) in enumerate(micro_batches):
         set_gradient_sync(model, micro == accum - 1 or not defer_grad_sync)
         with autocast():
-            loss = loss_fn(model, x, y)
+            loss = loss_fn(model, x, y, *ids)
         (loss / accum).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     loss = loss_sum / accum  # this rank's mean; FSDP averages the gradients over ranks
@@ -689,7 +699,7 @@ def grow_next_stage(cfg: Config, job: Job, model: Transformer, optimizer, device
     probe_rows = loader.micro_batch * world.world_size  # one micro-batch on each process
 
     def batch(k):  # LiGO's training data: fresh batches of the step, not the run's own
-        x, y = loader.extra_batch(state.step, k)
+        x, y = loader.extra_batch(state.step, k)[:2]  # growth/learned.py trains on (x, y) without document ids
         return x.to(device), y.to(device)
 
     event = grow_stage(cfg, job.stages[state.stage], job.models[state.stage + 1], model, optimizer,

@@ -275,3 +275,21 @@ def test_a_mixture_run_resumes_exactly_and_refuses_a_changed_weight(folders, mix
     same = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "same") if "loss" in r}
     assert same == part
 
+
+def test_a_run_keeps_its_sampling_when_resumed_and_says_when_an_epoch_begins(folders, tmp_path, capsys):
+    # a run made with random sampling (as every run before "epoch"), resumed with the default 'auto'
+    job = [f'data.path="{folders["math"]}"', "checkpoint.every_steps=4"]
+    run(load_config(None, JOB + job + ['data.sampling="random"', f'logging.run_dir="{tmp_path / "full"}"']))
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000004"
+    run(load_config(None, JOB + job + [f'checkpoint.resume="{ckpt}"', f'logging.run_dir="{tmp_path / "part"}"']))
+    full, part = ({r["step"]: r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r} for d in ("full", "part"))
+    assert sorted(part) == [5, 6, 7, 8] and all(full[s] == part[s] for s in part)
+    assert "sampling = \"random\"" in (tmp_path / "part" / "config.toml").read_text()
+    capsys.readouterr()
+    # a new run: epoch sampling; math holds 7,200 train tokens, 224 windows of 32 + 1: 7 steps of 32 rows, so
+    # step 8 (rows 224 to 255) reads the second epoch
+    run(load_config(None, JOB + job + ["train.global_batch_size=32", "logging.progress=true",
+                                       f'logging.run_dir="{tmp_path / "epochs"}"']))
+    assert "sampling = \"epoch\"" in (tmp_path / "epochs" / "config.toml").read_text()
+    err = capsys.readouterr().err
+    assert err.count("begins epoch") == 1 and "step 8: data source math begins epoch 2, in a new order" in err
