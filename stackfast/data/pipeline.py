@@ -29,7 +29,10 @@ from stackfast.data.tokenizer import Tokenizer
 from stackfast.errors import DataError
 from stackfast.files import write_folder
 
-BATCH_DOCUMENTS, BATCH_CHARS = 256, 1 << 22  # tokenize's unit of work: whichever is reached first
+# tokenize's unit of work: whichever is reached first. While a batch is encoded its text, a
+# Hugging Face tokenizer's encodings and the ids as Python ints are all held: at 1M
+# characters, ~60 MB above the imports (~240 MB at 4M, 4.4 characters a token of code).
+BATCH_DOCUMENTS, BATCH_CHARS = 256, 1 << 20
 
 
 def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str | Path, *,
@@ -155,17 +158,24 @@ def in_batches(stream: Iterable[tuple[Path, str, bool]]) -> Iterator[list[tuple[
 
 def encode_pieces(tok: Tokenizer, batch: list[tuple[Path, str, bool]]) -> np.ndarray:
     """The batch's pieces as one token array, a document's last piece followed by end-of-text if any."""
-    dtype = token_dtype(tok.vocab_size)
-    pieces = [np.zeros(0, dtype=dtype)]
-    for (source, _, last), ids in zip(batch, tok.encode_batch([text for _, text, _ in batch])):
-        if last and tok.eos_id is not None:
-            ids = list(ids) + [tok.eos_id]
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.size and (arr.max() >= tok.vocab_size or arr.min() < 0):
-            raise DataError(f"{source}: tokenizer produced id {int(arr.max())} >= vocab size "
-                            f"{tok.vocab_size}")
-        pieces.append(arr.astype(dtype))
-    return np.concatenate(pieces)
+    eos = tok.eos_id is not None
+    encoded = tok.encode_batch([text for _, text, _ in batch])
+    ends = np.cumsum([len(ids) + (eos and last) for (_, _, last), ids in zip(batch, encoded)])
+    # Filled piece by piece (one conversion in C each), not concatenated from an array per
+    # piece; int64 until the ids are checked, since narrowing would wrap a bad one around.
+    tokens = np.empty(int(ends[-1]), dtype=np.int64)
+    start = 0
+    for (_, _, last), ids, end in zip(batch, encoded, ends):
+        tokens[start:start + len(ids)] = ids
+        if eos and last:
+            tokens[end - 1] = tok.eos_id
+        start = end
+    del encoded
+    if tokens.max(initial=0) >= tok.vocab_size or tokens.min(initial=0) < 0:
+        bad = int(np.argmax((tokens >= tok.vocab_size) | (tokens < 0)))
+        source = batch[int(np.searchsorted(ends, bad, side="right"))][0]
+        raise DataError(f"{source}: tokenizer produced id {int(tokens[bad])} >= vocab size {tok.vocab_size}")
+    return tokens.astype(token_dtype(tok.vocab_size))
 
 
 def encode_in_order(batches: Iterable[list[tuple[Path, str, bool]]], tok: Tokenizer,
