@@ -82,12 +82,12 @@ SIDES = {"limit": limit, "limit-fast": functools.partial(limit, encode="encode_b
 
 def run_side(side: str, corpus: Path, tokenizer: Path, out: Path) -> dict:
     """One side in a fresh process: its wall seconds, CPU seconds and peak resident memory."""
+    from stackfast.data.pipeline import BATCH_DOCUMENTS  # here, not in the children: the limit imports no stackfast
+    command = [sys.executable, "-m", "stackfast.bench.bench_tokenize_limit",
+               "--side", side, str(corpus), str(tokenizer), str(out), str(BATCH_DOCUMENTS)]
     cpu = _children_cpu_s()
     start = time.perf_counter()
-    from stackfast.data.pipeline import BATCH_DOCUMENTS  # here, not in the children: the limit imports no stackfast
-    command = [sys.executable, "-m", "stackfast.bench.bench_tokenize_limit", "--side", side, str(corpus), str(tokenizer), str(out), str(BATCH_DOCUMENTS)]
-    done = subprocess.run(command,
-                          capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     cpu = _children_cpu_s() - cpu
     if done.returncode != 0:
@@ -106,7 +106,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--vocab", type=int, default=32000, help="the BPE's vocabulary size (default 32000)")
     parser.add_argument("--reps", type=int, default=3, help="runs of each side, in turn (default 3)")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--side", nargs=5, metavar=("SIDE", "CORPUS", "TOKENIZER", "OUT", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", nargs=5, metavar=("SIDE", "CORPUS", "TOKENIZER", "OUT", "BATCH"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:  # a child: one side, then its peak memory
         side, corpus, tokenizer, out, batch = args.side

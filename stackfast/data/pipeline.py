@@ -84,7 +84,9 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
         raise DataError("part: parts split the input files; documents given directly have none")
     out_dir = Path(out_dir)
     check_output(out_dir, inputs, force)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer, allow_special_tokens=allow_special_tokens)
+    tok = tokenizer
+    if not isinstance(tok, Tokenizer):
+        tok = Tokenizer(tok, allow_special_tokens=allow_special_tokens)
     dtype = token_dtype(tok.vocab_size)
     reading = Reading(text_field, strict, utf8_errors)
     index: dict = {}

@@ -47,7 +47,7 @@ class Tokenizer:
                 raise DataError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
             self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
             self.eos_id = next((tok.token_to_id(n) for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
-            tok.encode_special_tokens = not allow_special_tokens  # True: special tokens' strings are text
+            tok.encode_special_tokens = not allow_special_tokens  # True (tokenizers >= 0.15.1): their strings are text
             # encode_batch_fast (tokenizers >= 0.21): the same ids, without the character offsets
             encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
             self._encode = lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
