@@ -29,7 +29,8 @@ def input_part(inputs: Iterable[str | Path], patterns: Iterable[str], part: tupl
     """
     i, count = part
     seen: set = set()  # the files listed so far, across the inputs
-    listed = [(file, item) for item in inputs for file in unique_files(input_files([item], patterns), repeated, seen)]
+    listed = [(file, item) for item in inputs
+              for file in unique_files(input_files([item], patterns), repeated, seen)]
     if len(listed) < count:
         raise DataError(f"part {i}/{count}: the inputs hold {len(listed)} files; parts split the list of files, "
                         f"so at most {len(listed)} parts")

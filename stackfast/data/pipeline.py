@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import json
 import multiprocessing
-import ctypes
 import os
 import shutil
 import signal
