@@ -88,7 +88,8 @@ def cmd_tokenize(args) -> int:
     index = tokenize(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
                      shard_tokens=args.shard_tokens, force=args.force,
                      patterns=args.pattern or DEFAULT_PATTERNS, utf8_errors=args.utf8_errors,
-                     text_field=args.text_field, strict=args.strict, workers=workers, part=part)
+                     text_field=args.text_field, strict=args.strict, workers=workers, part=part,
+                     allow_special_tokens=args.allow_special_tokens)
     n_train = sum(s["tokens"] for s in index["train"])
     n_val = sum(s["tokens"] for s in index["val"])
     print(f"wrote {args.out}: {n_train} train + {n_val} val tokens ({index['dtype']}, vocab "
@@ -98,6 +99,10 @@ def cmd_tokenize(args) -> int:
         rows, field, first = index["skipped"]["rows"], index["skipped"]["text_field"], index["skipped"]["first"]
         print(f"note: skipped {rows} row{'s' * (rows != 1)} without a string '{field}' field (first: {first}); "
               f"--strict refuses them", file=sys.stderr)
+    if "repeated" in index:
+        files, first = index["repeated"]["files"], index["repeated"]["first"]
+        print(f"note: {files} input file{'s' * (files != 1)} given more than once (first: {first}), each "
+              f"tokenized once, at its first place", file=sys.stderr)
     return 0
 
 
@@ -521,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utf8-errors", choices=("strict", "replace"), default="strict",
                    help="a file that is not UTF-8: refuse it (strict, the default) or read its bad bytes as U+FFFD")
     p.add_argument("--tokenizer", help="'bytes', a tokenizer.json or a SentencePiece .model")
+    p.add_argument("--allow-special-tokens", action="store_true",
+                   help="read a tokenizer.json's special tokens written in the text (e.g. '<|endoftext|>') as "
+                        "their ids; by default they are text, and end-of-text comes only between documents")
     p.add_argument("--out", help="output folder (must be new or empty unless --force)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share (default 0.01)")
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")

@@ -254,6 +254,8 @@ def test_not_utf8_text_names_the_byte_across_reads(tmp_path, monkeypatch):
     (lambda i: i["val"][0].update(tokens=None), r"val\[0\].tokens NoneType"),
     (lambda i: i["train"][0].update(file="../../etc/passwd"), r"train\[0\].file '../../etc/passwd' is not a file"),
     (lambda i: i["tokenizer"].update(file="/tmp/x.json"), "tokenizer.file '/tmp/x.json' is not a file"),
+    (lambda i: i.update(val_fraction="0.1"), "val_fraction str '0.1'"),
+    (lambda i: i.update(val_fraction=0.7), r"val_fraction 0.7 \(expected 0 < x < 0.5\)"),
 ])
 def test_index_with_a_missing_or_wrong_key_names_the_file_and_key(corpus, tmp_path, change, message):
     tokenize([corpus], "bytes", tmp_path / "ds")

@@ -255,3 +255,221 @@ def test_tokenize_benchmark_runs_at_a_tiny_size(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["mb_per_s"] > 0 for r in rows) and rows[0]["text_mb"] >= 0.2
     saved = json.loads((tmp_path / "tokenize-cpu.json").read_text())
     assert saved["rows"][1]["ratio_vs_workers_1"] > 0 and "standard library" in saved["rows"][0]["corpus"]
+
+
+def test_a_tiny_tokenize_limit_benchmark_writes_the_same_ids(tmp_path):
+    from stackfast.bench import bench_tokenize_limit
+    rows = bench_tokenize_limit.main(["--mb", "0.1", "--vocab", "300", "--reps", "1", "--out", str(tmp_path)])
+    assert [r["what"] for r in rows] == ["limit", "limit-fast", "stackfast"] and all(r["same_ids"] for r in rows)
+    assert rows[0]["wall_ratio"] == 1 and all(r["peak_rss_mb"] > 10 and r["cpu_s"] > 0 for r in rows)
+
+
+# Special tokens written in the text: text, unless --allow-special-tokens.
+SPECIAL_DOCUMENTS = ["code that prints <|endoftext|> and </s> and <s>", "a second <|endoftext|></s> document"]
+
+
+def hf_tokenizer(path: Path, specials: list[str]) -> Path:
+    """A byte-level BPE whose special tokens are `specials` (GPT-2's <|endoftext|>, Llama's <s> and </s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(SPECIAL_DOCUMENTS * 5, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("specials", [["<|endoftext|>"], ["<s>", "</s>"]], ids=["gpt2", "llama"])
+def test_special_token_strings_in_a_document_are_text(tmp_path, specials, monkeypatch, capsys):
+    """One end-of-text per document, only after it; the text decodes back. With
+    --allow-special-tokens the strings are the tokens (the tokenizers library's default),
+    in one process as in the workers (batches of one document: the workers encode)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    import stackfast.data.pipeline as pipeline
+    path = hf_tokenizer(tmp_path / "tokenizer.json", specials)
+    eos = HFTokenizer.from_file(str(path)).token_to_id(specials[-1])
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in SPECIAL_DOCUMENTS))
+
+    def ids(out, *flags):
+        assert tokenize_cli("--input", corpus, "--tokenizer", path, "--out", out, "--val-fraction", "0.01",
+                            *flags) == 0
+        return np.concatenate([s.tokens for s in TokenData(out).train + TokenData(out).val]).tolist()
+
+    monkeypatch.setattr(pipeline, "BATCH_DOCUMENTS", 1)
+    text = ids(tmp_path / "text", "--workers", "1")
+    assert [i for i, t in enumerate(text) if t == eos] == [text.index(eos), len(text) - 1]  # two boundaries
+    decoder = HFTokenizer.from_file(str(path))
+    first = text.index(eos)
+    assert [decoder.decode(text[:first]), decoder.decode(text[first + 1:-1])] == SPECIAL_DOCUMENTS
+    assert ids(tmp_path / "text2", "--workers", "2") == text
+    assert TokenData(tmp_path / "text").index["tokenizer"]["allow_special_tokens"] is False
+
+    allowed = ids(tmp_path / "allowed", "--workers", "1", "--allow-special-tokens")
+    assert allowed.count(eos) == 2 + sum(t.count(specials[-1]) for t in SPECIAL_DOCUMENTS)
+    assert ids(tmp_path / "allowed2", "--workers", "2", "--allow-special-tokens") == allowed
+    assert TokenData(tmp_path / "allowed").index["tokenizer"]["allow_special_tokens"] is True
+
+
+def test_sentencepiece_reads_its_control_symbols_as_text_with_or_without_the_flag(tmp_path):
+    """A Llama-style SentencePiece model (</s> is end-of-text, a control symbol): SentencePiece
+    never matches control symbols in text, so '</s>' written in a document stays text."""
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "train.txt").write_text("\n".join(SPECIAL_DOCUMENTS * 20) + "\n")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=60, model_type="bpe", minloglevel=2)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in SPECIAL_DOCUMENTS))
+    streams = []
+    for allow in (False, True):
+        out = tmp_path / f"out-{allow}"
+        index = tokenize([corpus], str(tmp_path / "sp.model"), out, val_fraction=0.01, allow_special_tokens=allow)
+        streams.append(np.concatenate([s.tokens for s in TokenData(out).train + TokenData(out).val]).tolist())
+        assert streams[-1].count(index["tokenizer"]["eos_id"]) == 2 and streams[-1][-1] == index["tokenizer"]["eos_id"]
+    assert streams[0] == streams[1]
+
+
+def test_null_parquet_rows_are_no_documents_with_a_tokenizer_that_has_end_of_text(tmp_path, bpe):
+    """The bytes tokenizer has no end-of-text, so an empty document would leave no trace: here
+    it would add one end-of-text id."""
+    pq.write_table(pa.table({"text": ["alpha ", None, None, "gamma "]}), tmp_path / "a.parquet")
+    index = tokenize([tmp_path / "a.parquet"], str(bpe), tmp_path / "ds", val_fraction=0.01)
+    data = TokenData(tmp_path / "ds")
+    ids = np.concatenate([s.tokens for s in data.train + data.val]).tolist()
+    assert ids.count(index["tokenizer"]["eos_id"]) == 2 and index["skipped"]["rows"] == 2
+
+
+def test_bad_table_and_json_inputs_are_one_line(tmp_path, capsys):
+    """Two columns named like --text-field; a .jsonl line nested past Python's recursion limit,
+    and one holding an integer of more digits than Python converts: one line each."""
+    t = pa.table([pa.array(["a", "b"]), pa.array(["c", "d"])], names=["text", "text"])
+    pq.write_table(t, tmp_path / "dup.parquet")
+    assert tokenize_cli("--input", tmp_path / "dup.parquet", "--tokenizer", "bytes", "--out", tmp_path / "o") == 2
+    assert error_line(capsys) == (f"{tmp_path / 'dup.parquet'}: 2 columns named 'text', which to read is not "
+                                  f"clear; rename them, or choose another column with --text-field")
+    cases = {"deep": "[" * 100_000 + "]" * 100_000, "digits": '{"text": "a", "n": ' + "7" * 5000 + "}"}
+    for name, line in cases.items():
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
+        assert tokenize_cli("--input", tmp_path / f"{name}.jsonl", "--tokenizer", "bytes", "--out",
+                            tmp_path / "o") == 2
+        assert error_line(capsys).startswith(f"{tmp_path / f'{name}.jsonl'}:2: invalid JSON (")
+    assert not (tmp_path / "o").exists()
+
+
+def test_arrow_ipc_files_and_streams_and_a_jsonl_byte_order_mark(tmp_path):
+    table = pa.table({"text": ["first row ", None, "second row"]})
+    with pa.OSFile(str(tmp_path / "file.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)  # two record batches
+    with pa.OSFile(str(tmp_path / "stream.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    for name in ("file", "stream"):
+        index = tokenize([tmp_path / f"{name}.arrow"], "bytes", tmp_path / name, val_fraction=0.1)
+        assert stream(tmp_path / name) == b"first row second row" and index["skipped"]["rows"] == 1
+    (tmp_path / "bad.arrow").write_bytes(b"ARROW1\0\0 and then nothing")
+    with pytest.raises(DataError, match=r"bad\.arrow: not a readable Arrow file \("):
+        tokenize([tmp_path / "bad.arrow"], "bytes", tmp_path / "bad")
+    (tmp_path / "bom.jsonl").write_bytes("\ufeff".encode() + b'{"text": "caf\xc3\xa9 "}\n{"text": "au lait"}\n')
+    tokenize([tmp_path / "bom.jsonl"], "bytes", tmp_path / "bom", val_fraction=0.1)
+    assert stream(tmp_path / "bom") == "café au lait".encode()
+
+
+def test_a_file_given_twice_is_tokenized_once_and_said(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha text ")
+    (corpus / "b.txt").write_text("beta text")
+    (tmp_path / "link.txt").symlink_to(corpus / "b.txt")
+    assert tokenize_cli("--input", corpus / "a.txt", corpus, corpus / "a.txt", tmp_path / "link.txt",
+                        "--tokenizer", "bytes", "--out", tmp_path / "ds", "--val-fraction", "0.1") == 0
+    assert stream(tmp_path / "ds") == b"alpha text beta text"  # a.txt at its first place, b.txt once
+    assert capsys.readouterr().err.strip() == (f"note: 3 input files given more than once (first: "
+                                               f"{corpus / 'a.txt'}), each tokenized once, at its first place")
+    assert TokenData(tmp_path / "ds").index["repeated"] == {"files": 3, "first": str(corpus / "a.txt")}
+    # Parts list each file once too: the parts of the repeated inputs are those of the folder.
+    for inputs, name in (([corpus, corpus / "b.txt"], "twice"), ([corpus], "once")):
+        for i in range(2):
+            tokenize(inputs, "bytes", tmp_path / name / str(i), part=(i, 2), val_fraction=0.1)
+    for i in range(2):
+        assert stream(tmp_path / "twice" / str(i)) == stream(tmp_path / "once" / str(i))
+
+
+def test_merge_refuses_parts_of_different_validation_fractions(tmp_path, capsys):
+    make_parts(tmp_path, count=2)
+    parts = tmp_path / "parts"
+    tokenize([tmp_path / "corpus"], "bytes", parts / "q1", part=(1, 2), val_fraction=0.2, shard_tokens=64)
+    assert main(["tokenize", "--merge", str(parts / "all"), str(parts / "p0"), str(parts / "q1")]) == 2
+    assert error_line(capsys) == (f"{parts / 'q1'} and {parts / 'p0'} are not parts of one tokenize: their "
+                                  f"--val-fraction differ (0.2 vs 0.1)")
+    assert main(["tokenize", "--merge", str(parts / "all"), str(parts / "p0"), str(parts / "p1")]) == 0
+    assert TokenData(parts / "all").index["val_fraction"] == 0.1
+
+
+ENDLESS = """
+import sys, time
+from pathlib import Path
+import stackfast.data.pipeline as pipeline
+
+def documents():  # a corpus that never ends: tokenize is always mid-way
+    for i in range(10 ** 9):
+        time.sleep(0.01)
+        if i == 50:  # read 2 x 2 batches at most ahead of those encoded: the workers are at work
+            print("mid-way", flush=True)
+        yield Path("endless"), f"document {i} " * 20
+
+if __name__ == "__main__":  # not again in the spawned workers, which import this file
+    pipeline.BATCH_DOCUMENTS = 1
+    pipeline.tokenize([], "bytes", sys.argv[1], documents=documents(), workers=2)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_workers_and_resource_tracker_end_with_their_parent(tmp_path, signal_name):
+    """kill -9 (or a plain kill) of tokenize --workers 2 mid-way: its two workers and the
+    resource tracker of their queues are gone within seconds, not left running for good."""
+    import os
+    import signal
+    import subprocess
+    import time
+    (tmp_path / "endless.py").write_text(ENDLESS)
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "endless.py"), str(tmp_path / "out")],
+                              env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE)
+    children = []
+    try:
+        # (A worker still starting dies with its parent anyway: its start-up reads from it.)
+        assert parent.stdout.readline() == b"mid-way\n"
+        children = _children(parent.pid)
+        assert len(children) == 3, children  # 2 workers + the tracker
+        parent.send_signal(getattr(signal, signal_name))
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, children)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)]
+    finally:
+        for pid in [parent.pid, *children]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -9,14 +9,14 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from stackfast.data.readers import input_files
+from stackfast.data.readers import input_files, unique_files
 from stackfast.data.shards import FORMAT, MERGED_FORMAT, TokenData, check_output
 from stackfast.errors import DataError
 from stackfast.files import write_folder
 
 
 def input_part(inputs: Iterable[str | Path], patterns: Iterable[str], part: tuple[int, int],
-               text_field: str) -> tuple[list[Path], dict]:
+               text_field: str, repeated: list[Path]) -> tuple[list[Path], dict]:
     """The input files of part I of N, and the part's record for the index.
 
     Parts are contiguous runs of the input files in the order tokenize reads them (inputs
@@ -24,10 +24,13 @@ def input_part(inputs: Iterable[str | Path], patterns: Iterable[str], part: tupl
     I*n//N to (I+1)*n//N - 1, so the merged parts keep the order of one run. The record holds
     I, N and a fingerprint of the whole file list, each file's name (relative to the folder
     of the input that holds it, so machines may mount the data at different places) and
-    size, and of the text field: `merge` joins only the parts of one list.
+    size, and of the text field: `merge` joins only the parts of one list. A file given more
+    than once is listed once, at its first place (see unique_files, which fills `repeated`).
     """
     i, count = part
-    listed = [(file, item) for item in inputs for file in input_files([item], patterns)]
+    seen: set = set()  # the files listed so far, across the inputs
+    listed = [(file, item) for item in inputs
+              for file in unique_files(input_files([item], patterns), repeated, seen)]
     if len(listed) < count:
         raise DataError(f"part {i}/{count}: the inputs hold {len(listed)} files; parts split the list of files, "
                         f"so at most {len(listed)} parts")
@@ -60,8 +63,12 @@ def merge(out_dir: str | Path, parts: Iterable[str | Path], *, force: bool = Fal
                             f"`stackfast tokenize --part I/N`)")
 
     def identity(data: TokenData) -> dict:  # what the parts of one tokenize share
+        # Each part's validation split is its own tail: parts of different fractions would
+        # make a merged split that is no fraction of anything.
         return {"part counts": data.index["part"]["count"], "input files": data.index["part"]["inputs"],
-                "tokenizers": data.index["tokenizer"]["fingerprint"], "vocab sizes": data.vocab_size}
+                "tokenizers": data.index["tokenizer"]["fingerprint"], "vocab sizes": data.vocab_size,
+                "--allow-special-tokens": data.index["tokenizer"].get("allow_special_tokens", "unrecorded"),
+                "--val-fraction": data.index.get("val_fraction", "unrecorded")}
     first = opened[0]
     for data in opened[1:]:
         for key, value in identity(data).items():
@@ -84,6 +91,8 @@ def merge(out_dir: str | Path, parts: Iterable[str | Path], *, force: bool = Fal
         index.update({"format": MERGED_FORMAT, "dtype": first.index["dtype"], "vocab_size": first.vocab_size,
                       "tokenizer": first.index["tokenizer"], "train": [], "val": [], "total_tokens": 0,
                       "parts": []})
+        if "val_fraction" in first.index:
+            index["val_fraction"] = first.index["val_fraction"]
         for data in (by_index[i] for i in range(count)):
             # Resolved: '..' in the index is followed on disk, through symbolic links.
             folder = Path(os.path.relpath(data.folder.resolve(), out_dir.resolve())).as_posix()

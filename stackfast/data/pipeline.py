@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
 import shutil
 import signal
+import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -20,23 +23,28 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from stackfast.data.parts import input_part
-from stackfast.data.readers import DEFAULT_PATTERNS, Reading, input_files, iter_pieces, split_document
+from stackfast.data.readers import DEFAULT_PATTERNS, Reading, input_files, iter_pieces, split_document, unique_files
 from stackfast.data.shards import FORMAT, check_output
 from stackfast.data.tokenizer import Tokenizer
 from stackfast.errors import DataError
 from stackfast.files import write_folder
 
-BATCH_DOCUMENTS, BATCH_CHARS = 256, 1 << 22  # tokenize's unit of work: whichever is reached first
+# tokenize's unit of work: whichever is reached first. While a batch is encoded its text, a
+# Hugging Face tokenizer's encodings and the ids as Python ints are all held: at 1M
+# characters, ~60 MB above the imports (~240 MB at 4M, 4.4 characters a token of code).
+BATCH_DOCUMENTS, BATCH_CHARS = 256, 1 << 20
 
 
 def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str | Path, *,
              val_fraction: float = 0.01, shard_tokens: int = 1 << 27, force: bool = False,
              documents: Iterable[tuple[Path, str]] | None = None, patterns: Iterable[str] = DEFAULT_PATTERNS,
              utf8_errors: str = "strict", text_field: str = "text", strict: bool = False, workers: int = 1,
-             part: tuple[int, int] | None = None) -> dict:
+             part: tuple[int, int] | None = None, allow_special_tokens: bool = False) -> dict:
     """Tokenize text files into a dataset folder; returns its index.
 
-    Documents are separated by the tokenizer's end-of-text token when it has one. The
+    Documents are separated by the tokenizer's end-of-text token when it has one, and only
+    there: a special token's string in a document is encoded as text unless
+    `allow_special_tokens` (see Tokenizer; a Tokenizer given keeps its own setting). The
     last `val_fraction` of the token stream becomes the validation split. The stream goes
     to disk as it is made: memory holds a few batches of document pieces (a long document is
     encoded PIECE_CHARS characters at a time, a .txt file read in chunks, a table a batch of
@@ -47,7 +55,9 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
     among `inputs` contribute the files whose name matches `patterns` (see input_files);
     `utf8_errors` is 'strict' or 'replace'; `text_field` and `strict` say how documents are
     taken from .jsonl, Parquet and Arrow files (see Reading): the index records the table
-    rows skipped ("skipped").
+    rows skipped ("skipped"). A file given more than once (twice by name, or by name and in a
+    folder given too) is read once, at its first place: the index records the repeats
+    ("repeated").
 
     `workers` processes encode the batches that this one reads, and their tokens are written
     in the batches' order: the folder is the same, byte for byte, at any number of workers.
@@ -74,17 +84,20 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
         raise DataError("part: parts split the input files; documents given directly have none")
     out_dir = Path(out_dir)
     check_output(out_dir, inputs, force)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    tok = tokenizer
+    if not isinstance(tok, Tokenizer):
+        tok = Tokenizer(tok, allow_special_tokens=allow_special_tokens)
     dtype = token_dtype(tok.vocab_size)
     reading = Reading(text_field, strict, utf8_errors)
     index: dict = {}
+    repeated: list[Path] = []  # input files given more than once, read at their first place only
     if documents is not None:
         stream = ((source, piece, last) for source, text in documents for piece, last in split_document([text]))
     elif part is not None:
-        files, part_record = input_part(inputs, patterns, part, text_field)
+        files, part_record = input_part(inputs, patterns, part, text_field, repeated)
         stream = iter_pieces(files, reading)
     else:
-        stream = iter_pieces(input_files(inputs, patterns), reading)
+        stream = iter_pieces(unique_files(input_files(inputs, patterns), repeated), reading)
 
     def write(tmp: Path) -> None:
         train = ShardWriter(tmp, "train", dtype, shard_tokens)
@@ -104,15 +117,18 @@ def tokenize(inputs: list[str | Path], tokenizer: str | Tokenizer, out_dir: str 
             "dtype": np.dtype(dtype).name,
             "vocab_size": tok.vocab_size,
             "tokenizer": {"spec": tok.spec, "fingerprint": tok.fingerprint, "eos_id": tok.eos_id,
-                          "file": tok.file_name},
+                          "file": tok.file_name, "allow_special_tokens": tok.allow_special_tokens},
             "train": train.entries(),
             "val": val.entries(),
             "total_tokens": total,
+            "val_fraction": val_fraction,
         })
         if part is not None:
             index["part"] = part_record
         if reading.skipped:
             index["skipped"] = {"rows": reading.skipped, "first": reading.first_skipped, "text_field": text_field}
+        if repeated:
+            index["repeated"] = {"files": len(repeated), "first": str(repeated[0])}
         if tok.path is not None:
             shutil.copyfile(tok.path, tmp / tok.file_name)
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
@@ -144,17 +160,24 @@ def in_batches(stream: Iterable[tuple[Path, str, bool]]) -> Iterator[list[tuple[
 
 def encode_pieces(tok: Tokenizer, batch: list[tuple[Path, str, bool]]) -> np.ndarray:
     """The batch's pieces as one token array, a document's last piece followed by end-of-text if any."""
-    dtype = token_dtype(tok.vocab_size)
-    pieces = [np.zeros(0, dtype=dtype)]
-    for (source, _, last), ids in zip(batch, tok.encode_batch([text for _, text, _ in batch])):
-        if last and tok.eos_id is not None:
-            ids = list(ids) + [tok.eos_id]
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.size and (arr.max() >= tok.vocab_size or arr.min() < 0):
-            raise DataError(f"{source}: tokenizer produced id {int(arr.max())} >= vocab size "
-                            f"{tok.vocab_size}")
-        pieces.append(arr.astype(dtype))
-    return np.concatenate(pieces)
+    eos = tok.eos_id is not None
+    encoded = tok.encode_batch([text for _, text, _ in batch])
+    ends = np.cumsum([len(ids) + (eos and last) for (_, _, last), ids in zip(batch, encoded)])
+    # Filled piece by piece (one conversion in C each), not concatenated from an array per
+    # piece; int64 until the ids are checked, since narrowing would wrap a bad one around.
+    tokens = np.empty(int(ends[-1]), dtype=np.int64)
+    start = 0
+    for (_, _, last), ids, end in zip(batch, encoded, ends):
+        tokens[start:start + len(ids)] = ids
+        if eos and last:
+            tokens[end - 1] = tok.eos_id
+        start = end
+    del encoded
+    if tokens.max(initial=0) >= tok.vocab_size or tokens.min(initial=0) < 0:
+        bad = int(np.argmax((tokens >= tok.vocab_size) | (tokens < 0)))
+        source = batch[int(np.searchsorted(ends, bad, side="right"))][0]
+        raise DataError(f"{source}: tokenizer produced id {int(tokens[bad])} >= vocab size {tok.vocab_size}")
+    return tokens.astype(token_dtype(tok.vocab_size))
 
 
 def encode_in_order(batches: Iterable[list[tuple[Path, str, bool]]], tok: Tokenizer,
@@ -177,7 +200,8 @@ def encode_in_order(batches: Iterable[list[tuple[Path, str, bool]]], tok: Tokeni
     yield encode_pieces(tok, first)  # here: a corpus of one batch does not wait for workers to start
     pending: collections.deque = collections.deque()
     # Not multiprocessing.Pool: a worker killed (out of memory) leaves it waiting forever.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(os.getpid(),))
     try:
         while True:
             try:
@@ -188,7 +212,7 @@ def encode_in_order(batches: Iterable[list[tuple[Path, str, bool]]], tok: Tokeni
                 raise
             if batch is None:
                 break
-            pending.append(pool.submit(_encode_in_worker, tok.spec, batch))
+            pending.append(pool.submit(_encode_in_worker, tok.spec, tok.allow_special_tokens, batch))
             if len(pending) > 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -205,23 +229,41 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-_worker_tokenizers: dict[str, Tokenizer] = {}  # a worker's tokenizer, loaded by its first batch
+_worker_tokenizers: dict[tuple[str, bool], Tokenizer] = {}  # a worker's tokenizer, loaded by its first batch
+PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent ends
+PARENT_POLL_S = 1.0  # elsewhere, how often a worker checks that its parent is alive
 
 
-def _start_worker() -> None:
+def _start_worker(parent: int) -> None:
     """A tokenize worker: one thread (the workers share the cores; a Hugging Face tokenizer
-    would start a thread per core in each), no Ctrl-C of its own (the parent stops the pool)."""
+    would start a thread per core in each), no Ctrl-C of its own (the parent stops the pool),
+    and no life of its own: it ends with its parent, whatever ended that (kill -9 included),
+    so that neither it nor the pool's resource tracker (which ends when the last process
+    holding its pipe does) is left behind."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        threading.Thread(target=_end_with_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent ended before the line above could take effect
+        os._exit(1)
 
 
-def _encode_in_worker(spec: str, batch: list[tuple[Path, str, bool]]) -> np.ndarray:
+def _end_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        threading.Event().wait(PARENT_POLL_S)
+    os._exit(1)
+
+
+def _encode_in_worker(spec: str, allow_special_tokens: bool, batch: list[tuple[Path, str, bool]]) -> np.ndarray:
     # Loaded here, not in the pool's initializer, whose error would reach the parent as a
     # broken pool: an error here reaches it as itself, with the batch's result.
-    if spec not in _worker_tokenizers:
-        _worker_tokenizers[spec] = Tokenizer(spec)
-    return encode_pieces(_worker_tokenizers[spec], batch)
+    key = (spec, allow_special_tokens)
+    if key not in _worker_tokenizers:
+        _worker_tokenizers[key] = Tokenizer(spec, allow_special_tokens=allow_special_tokens)
+    return encode_pieces(_worker_tokenizers[key], batch)
 
 
 class ShardWriter:

@@ -64,6 +64,21 @@ def input_files(inputs: Iterable[str | Path], patterns: Iterable[str] = DEFAULT_
             raise DataError(f"input not found: {path}")
 
 
+def unique_files(files: Iterable[Path], repeated: list[Path], seen: set | None = None) -> Iterator[Path]:
+    """`files` with each file once, at its first place: a file named twice, or named and found
+    in a folder also given (or reached by another link), would be tokenized twice. The
+    repeats are appended to `repeated`, for the user to be told; `seen` (the files' device and
+    inode numbers) carries the files already listed from one call to the next."""
+    seen = set() if seen is None else seen
+    for file in files:
+        st = file.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            repeated.append(file)
+        else:
+            seen.add((st.st_dev, st.st_ino))
+            yield file
+
+
 def hf_dataset_files(folder: Path) -> list[Path]:
     """The data files of a dataset saved by Hugging Face `datasets` (save_to_disk), as its
     state.json lists them: not every .arrow file there (`map` leaves cache-*.arrow files)."""
@@ -159,7 +174,8 @@ LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 def _read_jsonl(path: Path, utf8_errors: str = "strict", field: str = "text") -> Iterator[tuple[Path, str, bool]]:
     """The documents of a .jsonl file: each line's `field`. `utf8_errors` 'replace' reads bytes
     that are not UTF-8, and lone surrogates of JSON escapes, as U+FFFD; 'strict' refuses them
-    naming the line."""
+    naming the line. A UTF-8 byte order mark opening the file (Windows editors write one) is
+    dropped."""
     # Lines end at \n only: read as bytes, not with splitlines(), which also splits at
     # U+2028, U+0085 and other characters that JSON strings may hold raw.
     with open(path, "rb") as f:
@@ -169,12 +185,18 @@ def _read_jsonl(path: Path, utf8_errors: str = "strict", field: str = "text") ->
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             del line  # a long line is held once as text, not also as bytes
+            if n == 1:
+                decoded = decoded.removeprefix("\ufeff")
             if not decoded.strip():
                 continue
             try:
                 record = json.loads(decoded)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: invalid JSON (nested too deeply to read)") from None
+            except ValueError as e:  # an integer of more digits than Python converts (sys.int_info)
+                raise DataError(f"{path}:{n}: invalid JSON ({first_line(e)})") from None
             del decoded
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise DataError(f"{path}:{n}: expected an object with a string '{field}' field")
@@ -203,22 +225,40 @@ def _pyarrow(path: Path):
     return pyarrow
 
 
+ARROW_FILE_MAGIC = b"ARROW1"  # how an Arrow IPC file begins; an Arrow IPC stream has no such mark
+
+
 def _read_table(path: Path, reading: Reading) -> Iterator[tuple[Path, str, bool]]:
-    """The documents of a Parquet file or an Arrow stream (the .arrow files of a Hugging Face
-    dataset): each row's `reading.text_field`. A Parquet file is read TABLE_ROWS rows at a
-    time (pyarrow decodes one row group at a time), an Arrow stream one record batch at a
-    time: memory does not grow with the file. Rows count from 0, as `dataset[row]`."""
+    """The documents of a Parquet file or an Arrow IPC stream or file (a Hugging Face
+    dataset's .arrow files are streams; pyarrow.ipc.new_file and Feather v2 write files):
+    each row's `reading.text_field`. A Parquet file is read TABLE_ROWS rows at a time
+    (pyarrow decodes one row group at a time), an Arrow one record batch at a time: memory
+    does not grow with the file. Rows count from 0, as `dataset[row]`."""
     pa = _pyarrow(path)
     field, parquet = reading.text_field, path.suffix == ".parquet"
+    what = "Parquet file" if parquet else "Arrow stream"
     try:
         with pa.OSFile(str(path)) as source:
-            table = pa.parquet.ParquetFile(source) if parquet else pa.ipc.open_stream(source)
-            columns = (table.schema_arrow if parquet else table.schema).names
+            if parquet:
+                table = pa.parquet.ParquetFile(source)
+                schema, batches = table.schema_arrow, table.iter_batches(batch_size=TABLE_ROWS, columns=[field])
+            elif source.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC:
+                what = "Arrow file"
+                table = pa.ipc.open_file(source)
+                schema, batches = table.schema, (table.get_batch(i) for i in range(table.num_record_batches))
+            else:
+                source.seek(0)
+                table = pa.ipc.open_stream(source)
+                schema, batches = table.schema, table
+            columns = schema.names
             if field not in columns:
                 raise DataError(f"{path}: no column '{field}' (columns: {', '.join(columns)}); "
                                 f"choose one with --text-field")
+            if columns.count(field) > 1:
+                raise DataError(f"{path}: {columns.count(field)} columns named '{field}', which to read is not "
+                                f"clear; rename them, or choose another column with --text-field")
             row = 0
-            for batch in table.iter_batches(batch_size=TABLE_ROWS, columns=[field]) if parquet else table:
+            for batch in batches:
                 rows = f"{path} rows {row}-{row + batch.num_rows - 1}"
                 for value in _column_values(batch.column(field), reading.utf8_errors, rows):
                     if isinstance(value, str):
@@ -232,9 +272,8 @@ def _read_table(path: Path, reading: Reading) -> Iterator[tuple[Path, str, bool]
                         reading.skipped += 1
                         reading.first_skipped = reading.first_skipped or f"{path} row {row}"
                     row += 1
-    except pa.ArrowException as e:  # not Parquet or not an Arrow stream, truncated, corrupt
-        raise DataError(f"{path}: not a readable {'Parquet file' if parquet else 'Arrow stream'} "
-                        f"({first_line(e)})") from None
+    except pa.ArrowException as e:  # not Parquet or not Arrow, truncated, corrupt
+        raise DataError(f"{path}: not a readable {what} ({first_line(e)})") from None
 
 
 def _column_values(column, utf8_errors: str, rows: str) -> list:

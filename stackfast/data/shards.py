@@ -136,6 +136,8 @@ def check_index(index, index_path: Path) -> None:
             files.append((f"{split}[{i}].file", require(entry, "file", (str,), f"{split}[{i}].file")))
             if require(entry, "tokens", (int,), f"{split}[{i}].tokens") < 0:
                 raise DataError(f"{index_path}: corrupt index: {split}[{i}].tokens {entry['tokens']} < 0")
+    if "val_fraction" in index and not 0.0 < require(index, "val_fraction", (float,), "val_fraction") < 0.5:
+        raise DataError(f"{index_path}: corrupt index: val_fraction {index['val_fraction']} (expected 0 < x < 0.5)")
     if "part" in index:  # a part of `tokenize --part I/N`
         part = require(index, "part", (dict,), "part")
         count = require(part, "count", (int,), "part.count")

@@ -16,10 +16,17 @@ class Tokenizer:
     """A tokenizer behind one interface: `encode_batch`, `vocab_size`, `eos_id`, `fingerprint`.
 
     spec is 'bytes', a path to a Hugging Face tokenizer.json, or a SentencePiece .model.
+
+    Text is text: a special token's string inside a document (`<|endoftext|>` in a code
+    corpus, `</s>`) is encoded as the characters it is, so the end-of-text id appears only
+    where tokenize puts it, between documents. `allow_special_tokens` reads a Hugging Face
+    tokenizer's special tokens in the text as their ids instead (the library's default), for
+    corpora that mean them. SentencePiece never reads its control symbols (`<s>`, `</s>`)
+    from text, so for a .model both settings encode the same.
     """
 
-    def __init__(self, spec: str):
-        self.spec = spec
+    def __init__(self, spec: str, *, allow_special_tokens: bool = False):
+        self.spec, self.allow_special_tokens = spec, allow_special_tokens
         self.path: Path | None = None
         if spec == "bytes":
             self.vocab_size, self.eos_id, self.fingerprint = 256, None, "bytes"
@@ -40,7 +47,10 @@ class Tokenizer:
                 raise DataError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
             self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
             self.eos_id = next((tok.token_to_id(n) for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
-            self._encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+            tok.encode_special_tokens = not allow_special_tokens  # True (tokenizers >= 0.15.1): their strings are text
+            # encode_batch_fast (tokenizers >= 0.21): the same ids, without the character offsets
+            encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+            self._encode = lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
         elif path.suffix == ".model":
             try:
                 import sentencepiece
