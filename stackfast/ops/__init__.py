@@ -15,7 +15,8 @@ import types
 from stackfast.ops.replicate import extension_info, extension_summary, replicate_, replicate_ref
 
 # Public name -> the module that defines it, imported when the name is first asked for.
-_LAZY = {"attention": "attention", "attention_ref": "attention", "attention_varlen": "attention",
+_LAZY = {"attention": "attention", "attention_ref": "attention",
+         "attention_varlen": "attention",
          "rms_norm": "rms_norm", "rms_norm_ref": "rms_norm",
          "rope": "rope", "rope_ref": "rope",
          "swiglu": "swiglu", "swiglu_ref": "swiglu",
