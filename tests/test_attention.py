@@ -8,6 +8,7 @@ import torch
 from conftest import run_on_views
 
 from stackfast.ops import _launch, attention, attention_ref, attention_varlen
+from stackfast.ops._documents import document_bounds
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one (conftest.py)
 
@@ -189,7 +190,7 @@ def test_custom_ops_pass_opcheck():
     q = torch.randn(1, 5, 2, 16, requires_grad=True)
     k, v = (torch.randn(1, 5, 1, 16, requires_grad=True) for _ in range(2))
     torch.library.opcheck(torch.ops.stackfast.attention_fwd.default, (q, k, v, True, 0.25, None, None))
-    doc_start, doc_end = attention_mod()._document_bounds(torch.tensor([[0, 0, 1, 2, 2]]))
+    doc_start, doc_end = document_bounds(torch.tensor([[0, 0, 1, 2, 2]]))
     torch.library.opcheck(torch.ops.stackfast.attention_fwd.default, (q, k, v, False, 0.25, doc_start, doc_end))
 
 

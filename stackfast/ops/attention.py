@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from stackfast.ops import _launch
+from stackfast.ops._documents import document_bounds, same_document
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 # fp32 (the exact path, for tests) holds every tile in 4 bytes: at head dim 256 no config
@@ -249,7 +250,7 @@ def _keep(offs_rows, offs_cols, seqlen, CAUSAL: tl.constexpr):
 @triton.jit
 def _doc_bounds(doc_start_ptr, doc_end_ptr, batch, offs, seqlen):
     """For rows offs of one sequence: the first position of each row's document and the position
-    past its end, from the (batch, seqlen) int32 tables of _document_bounds (0 and 0 past
+    past its end, from the (batch, seqlen) int32 tables of document_bounds (0 and 0 past
     seqlen: such a padding row keeps no key)."""
     base = batch.to(tl.int64) * seqlen
     start = tl.load(doc_start_ptr + base + offs, mask=offs < seqlen, other=0)
@@ -357,7 +358,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr, doc_end
                      qk_scale, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                      DOC_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # DOC_MASK: doc_start_ptr and doc_end_ptr hold _document_bounds (else None, unread).
+    # DOC_MASK: doc_start_ptr and doc_end_ptr hold document_bounds (else None, unread).
     start_m, batch, head, kv_head = _query_block(GROUP, BLOCK_M)
     n_kv_heads = n_heads // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -667,7 +668,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
                    softmax_scale: float, doc_start: torch.Tensor | None,
                    doc_end: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (o like q, lse (batch, heads, seqlen) fp32 in base 2 with the scale folded in).
-    doc_start, doc_end: _document_bounds of the document ids, or None (no document mask)."""
+    doc_start, doc_end: document_bounds of the document ids, or None (no document mask)."""
     # The kernels index contiguous (batch, seqlen, heads, head_dim) tensors; q, k and v
     # straight out of a projection's .view are contiguous already (no copy).
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -801,21 +802,6 @@ def _validate_document_ids(document_ids, q: torch.Tensor) -> None:
         raise ValueError(f"attention: document_ids is on {document_ids.device}, q on {q.device}")
 
 
-def _document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start, end), int32 (batch, seqlen): for each position the first position of its document
-    and the position past its last; a document is a run of equal ids. No host sync."""
-    batch, seqlen = document_ids.shape
-    position = torch.arange(seqlen, device=document_ids.device, dtype=torch.int32).expand(batch, seqlen)
-    first = torch.ones(batch, seqlen, dtype=torch.bool, device=document_ids.device)
-    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    last = torch.ones_like(first)
-    last[:, :-1] = first[:, 1:]
-    start = torch.where(first, position, 0).cummax(1).values
-    # the nearest document end at or after each position: a running minimum from the right
-    end = torch.where(last, position + 1, seqlen).flip(1).cummin(1).values.flip(1)
-    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               softmax_scale: float | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * softmax_scale [+ causal mask] [+ document mask]) v, in Triton, flash-attn layout.
@@ -837,7 +823,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     doc_start = doc_end = None
     if document_ids is not None:
         _validate_document_ids(document_ids, q)
-        doc_start, doc_end = _document_bounds(document_ids)
+        doc_start, doc_end = document_bounds(document_ids)
     # The op saves its inputs for the backward: contiguous here (a no-op for q, k and v straight
     # out of a projection's .view), so a strided view is copied once and the backward reuses it.
     o, _ = _attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), causal, softmax_scale, doc_start,
@@ -911,11 +897,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         scores = scores.masked_fill(hidden, float("-inf"))
     if document_ids is not None:
         _validate_document_ids(document_ids, q.transpose(1, 2))
-        # documents are runs of equal ids: number them along the row, (batch, seqlen)
-        run = torch.zeros(document_ids.shape, dtype=torch.long, device=q.device)
-        run[:, 1:] = (document_ids[:, 1:] != document_ids[:, :-1]).cumsum(1)
-        other = run[:, None, :, None] != run[:, None, None, :]  # (batch, 1, seqlen, seqlen)
-        scores = scores.masked_fill(other, float("-inf"))
+        scores = scores.masked_fill(~same_document(document_ids)[:, None], float("-inf"))  # over heads
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
@@ -928,7 +910,7 @@ def document_tiles(document_ids, block_m: int, block_n: int, causal: bool,
     blocks; keys_outer=True the dk/dv kernel's, a program per key block over query blocks
     starting at its first query row (not a multiple of BLOCK_M)."""
     ids = np.asarray(document_ids.cpu() if isinstance(document_ids, torch.Tensor) else document_ids)
-    start, end = (np.asarray(t) for t in _document_bounds(torch.from_numpy(ids.astype(np.int64))))
+    start, end = (np.asarray(t) for t in document_bounds(torch.from_numpy(ids.astype(np.int64))))
     seqlen = ids.shape[1]
     masked = plain = 0
     if not keys_outer:
