@@ -937,17 +937,22 @@ def document_tiles(document_ids, block_m: int, block_n: int, causal: bool,
 
 def compile_specs(arch: int) -> list:
     """The kernels of this module for benchmarks/kernel_stats.py (offline compiles): every
-    advertised head dim, bf16 and fp16, causal and not, no GQA (GROUP 1), with the config
-    lists of `arch`; dk/dv also with GQA (GROUP 4), each with the atomic dq and in its
-    deterministic form (no atomic dq, with the dq kernel); fp32 (the exact path of the tests)
-    at every head dim it takes."""
+    advertised head dim, bf16 and fp16, causal and not, without and with the document mask
+    (doc_mask), no GQA (GROUP 1), with the config lists of `arch`; dk/dv also with GQA (GROUP 4),
+    each with the atomic dq and in its deterministic form (no atomic dq, with the dq kernel);
+    fp32 (the exact path of the tests) at every head dim it takes."""
     sizes = ("n_heads", "seqlen")  # 16-divisible at real sizes (32 heads, seqlen 4096)
+    documents = ("doc_start_ptr", "doc_end_ptr")
     specs = []
 
     def add(name, fn, configs, variant, **constexprs):
         dtype = variant["dtype"]
         fp32 = {"lse_ptr", "delta_ptr"} | ({"dq_ptr"} if constexprs.get("ATOMIC_DQ") else set())
-        signature = {a: "*fp32" if a in fp32 else f"*{dtype}" for a in fn.arg_names if a.endswith("_ptr")}
+        signature = {a: "*fp32" if a in fp32 else "*i32" if a in documents else f"*{dtype}"
+                     for a in fn.arg_names if a.endswith("_ptr")}
+        if not constexprs.get("DOC_MASK", True):  # the launcher passes None: a constexpr, unread
+            constexprs.update(dict.fromkeys(documents))
+            signature = {a: t for a, t in signature.items() if a not in documents}
         hinted = (*signature, *sizes)
         signature.update({a: "i32" for a in sizes})
         signature.update({a: "fp32" for a in ("qk_scale", "sm_scale") if a in fn.arg_names})
@@ -959,22 +964,24 @@ def compile_specs(arch: int) -> list:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         for head_dim in head_dims:
             for causal in (True, False):
-                variant = {"head_dim": head_dim, "dtype": dtype, "causal": causal, "group": 1}
-                common = {"HEAD_DIM": head_dim, "CAUSAL": causal, "UPCAST": False,
-                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                for doc_mask in (False, True):
+                    variant = {"head_dim": head_dim, "dtype": dtype, "causal": causal, "doc_mask": doc_mask,
+                               "group": 1}
+                    common = {"HEAD_DIM": head_dim, "CAUSAL": causal, "DOC_MASK": doc_mask, "UPCAST": False,
+                              "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
 
-                def configs(kernel):
-                    return configs_for(kernel, arch, head_dim, torch_dtype)
+                    def configs(kernel):
+                        return configs_for(kernel, arch, head_dim, torch_dtype)
 
-                add("fwd", _attn_fwd_kernel, configs("fwd"), variant, GROUP=1, **common)
-                for atomic in (True, False):
-                    name = "dkdv" if atomic else "dkdv-deterministic"
-                    wgmma = _wgmma(arch, torch_dtype)
-                    add(name, _attn_bwd_dkdv_kernel, configs("dkdv"), variant, GROUP=1, ATOMIC_DQ=atomic,
-                        WGMMA=wgmma, **common)
-                    add(name, _attn_bwd_dkdv_kernel, configs("dkdv-gqa"), {**variant, "group": 4}, GROUP=4,
-                        ATOMIC_DQ=atomic, WGMMA=wgmma, **common)
-                add("dq", _attn_bwd_dq_kernel, configs("dq"), variant, GROUP=1, **common)
+                    add("fwd", _attn_fwd_kernel, configs("fwd"), variant, GROUP=1, **common)
+                    for atomic in (True, False):
+                        name = "dkdv" if atomic else "dkdv-deterministic"
+                        wgmma = _wgmma(arch, torch_dtype)
+                        add(name, _attn_bwd_dkdv_kernel, configs("dkdv"), variant, GROUP=1, ATOMIC_DQ=atomic,
+                            WGMMA=wgmma, **common)
+                        add(name, _attn_bwd_dkdv_kernel, configs("dkdv-gqa"), {**variant, "group": 4}, GROUP=4,
+                            ATOMIC_DQ=atomic, WGMMA=wgmma, **common)
+                    add("dq", _attn_bwd_dq_kernel, configs("dq"), variant, GROUP=1, **common)
             add("preprocess", _bwd_preprocess_kernel, (), {"head_dim": head_dim, "dtype": dtype}, HEAD_DIM=head_dim,
                 BLOCK_M=_PREPROCESS_BLOCK)
             specs[-1] = dataclasses.replace(specs[-1], configs=(({}, 4, 1),))
