@@ -82,7 +82,8 @@ def test_deterministic_mode_uses_the_dq_kernel(monkeypatch, seqlen, head_dim):
     d_out = torch.randn(1, seqlen, 4, head_dim, dtype=torch.float16).double()
     launched = []
     original = module._launcher
-    monkeypatch.setattr(module, "_launcher", lambda kernel, q: launched.append(kernel) or original(kernel, q))
+    monkeypatch.setattr(module, "_launcher",
+                        lambda kernel, q, doc_mask: launched.append(kernel) or original(kernel, q, doc_mask))
     atomic = _forward_backward(attention, q, k, v, d_out)
     assert launched == ["fwd", "dkdv-gqa"]
     was = torch.are_deterministic_algorithms_enabled()
@@ -106,12 +107,12 @@ def test_dkdv_kernel_gets_the_dq_orientation_of_its_architecture(monkeypatch):
     on sm_80 the swapped form spilled."""
     module = attention_mod()
     launches = []
-    monkeypatch.setattr(module, "_launcher", lambda kernel, q: _RecordKwargs(kernel, launches))
+    monkeypatch.setattr(module, "_launcher", lambda kernel, q, doc_mask: _RecordKwargs(kernel, launches))
     monkeypatch.setattr(module, "_bwd_preprocess_kernel", _RecordKwargs("preprocess", launches))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         q = torch.zeros(1, 8, 2, 64, dtype=dtype)
         lse = torch.zeros(1, 2, 8)
-        module._attention_bwd(q, q, q, q, q, lse, True, 0.125)
+        module._attention_bwd(q, q, q, q, q, lse, True, 0.125, None, None)
     hopper = module._arch(q.device) >= 90
     assert [kwargs["WGMMA"] for kernel, kwargs in launches if kernel == "dkdv"] == [hopper, hopper, False]
     assert module._wgmma(90, torch.bfloat16) and module._wgmma(90, torch.float16)
@@ -254,17 +255,17 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch, batch, heads, kv_head
     grids = []
     block = 16  # the smallest blocks of any config: the most programs
     meta = {"BLOCK_M": block, "BLOCK_N": block}
-    monkeypatch.setattr(module, "_launcher", lambda kernel, q: _RecordLaunch(kernel, grids, meta))
+    monkeypatch.setattr(module, "_launcher", lambda kernel, q, doc_mask: _RecordLaunch(kernel, grids, meta))
     monkeypatch.setattr(module, "_bwd_preprocess_kernel", _RecordLaunch("preprocess", grids, {}))
     seqlen, head_dim = 3, 16  # a short sequence: a few MB of tensors
     q = torch.empty(batch, seqlen, heads, head_dim, dtype=torch.float16)
     k = torch.empty(batch, seqlen, kv_heads, head_dim, dtype=torch.float16)
-    o, lse = module._attention_fwd(q, k, k, True, 0.25)
-    module._attention_bwd(q, q, k, k, o, lse, True, 0.25)
+    o, lse = module._attention_fwd(q, k, k, True, 0.25, None, None)
+    module._attention_bwd(q, q, k, k, o, lse, True, 0.25, None, None)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        module._attention_bwd(q, q, k, k, o, lse, True, 0.25)
+        module._attention_bwd(q, q, k, k, o, lse, True, 0.25, None, None)
     finally:
         torch.use_deterministic_algorithms(was)
     blocks = -(-seqlen // block)

@@ -146,6 +146,10 @@ FP32_CONFIGS["dkdv"][90][16] = [(16, 16, 8, 1)]
 # since the (blocks, heads, batch) grid (no division in the kernels), 32x16 4-warp dq spilled
 # 32 B at head dim 128, causal, on sm_90 (and 8-warp 8 B); 16x16 does not
 FP32_CONFIGS["dq"][90][128] = [(16, 16, 4, 2)]
+# The document-masked kernels (DOC_MASK) take the same configs but where the mask's registers
+# made the default spill (benchmarks/kernel_stats.py --doc-mask true): (kernel, arch, head dim)
+# -> configs. sm_80 dq at head dim 128: 64x64 with 4 warps spilled 40 B masked (255 registers).
+DOC_MASK_CONFIGS = {("dq", 80, 128): [(64, 64, 8, 2)]}
 _INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv-gqa": (32, 64, 4, 1),
                         "dq": (64, 32, 4, 1)}
 # dk/dv at head dim 256 in the GPUs' sm_90 shape (BLOCK_M > BLOCK_N: untransposed scores), so the
@@ -156,8 +160,10 @@ _INTERPRETER_CONFIGS_BY_HEAD_DIM = {256: {"dkdv": (64, 32, 4, 1), "dkdv-gqa": (6
 _TUNE_KEY = ["seqlen", "HEAD_DIM", "CAUSAL", "GROUP", "DOC_MASK"]
 
 
-def configs_for(kernel: str, arch: int, head_dim: int, dtype: torch.dtype) -> list:
+def configs_for(kernel: str, arch: int, head_dim: int, dtype: torch.dtype, doc_mask: bool = False) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list of `kernel` on sm_<arch>."""
+    if doc_mask and dtype != torch.float32 and (kernel, arch, head_dim) in DOC_MASK_CONFIGS:
+        return DOC_MASK_CONFIGS[kernel, arch, head_dim]
     return (FP32_CONFIGS if dtype == torch.float32 else CONFIGS)[kernel][arch][head_dim]
 
 
@@ -176,14 +182,14 @@ def _wgmma(arch: int, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def _tuner(kernel: str, arch: int, head_dim: int, dtype: torch.dtype):
-    """The autotuned launcher of `kernel` for one architecture, head dim and dtype."""
+def _tuner(kernel: str, arch: int, head_dim: int, dtype: torch.dtype, doc_mask: bool):
+    """The autotuned launcher of `kernel` for one architecture, head dim, dtype and document mask."""
     fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dkdv-gqa": _attn_bwd_dkdv_kernel,
           "dq": _attn_bwd_dq_kernel}[kernel]
     # the atomic dq buffer is summed into: zeroed before each timing run of a config
     extra = {"reset_to_zero": ["dq_ptr"]} if kernel.startswith("dkdv") else {}
     interpreter = _INTERPRETER_CONFIGS_BY_HEAD_DIM.get(head_dim, {}).get(kernel, _INTERPRETER_CONFIGS[kernel])
-    configs = _configs(configs_for(kernel, arch, head_dim, dtype), interpreter)
+    configs = _configs(configs_for(kernel, arch, head_dim, dtype, doc_mask), interpreter)
     return triton.autotune(configs=configs, key=_TUNE_KEY, **extra)(fn)
 
 
@@ -262,9 +268,11 @@ def _doc_bounds(doc_start_ptr, doc_end_ptr, batch, offs, seqlen):
 def _doc_keep(offs_rows, offs_cols, start, end, CAUSAL: tl.constexpr):
     """(rows, cols) mask of the score entries a query row of a document keeps: the keys of its
     own document, [start, end) (so inside the sequence), and when causal none after it."""
-    keep = (offs_cols[None, :] >= start[:, None]) & (offs_cols[None, :] < end[:, None])
-    if CAUSAL:
+    keep = offs_cols[None, :] >= start[:, None]
+    if CAUSAL:  # a key at or before its query is before the end of the query's document: end unread
         keep = keep & (offs_rows[:, None] >= offs_cols[None, :])
+    else:
+        keep = keep & (offs_cols[None, :] < end[:, None])
     return keep
 
 
@@ -456,9 +464,11 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_sta
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
             p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M): P transposed
             if DOC_MASK:  # _doc_keep transposed
-                keep_t = (offs_n[:, None] >= doc_start[None, :]) & (offs_n[:, None] < doc_end[None, :])
+                keep_t = offs_n[:, None] >= doc_start[None, :]
                 if DIAGONAL:
                     keep_t = keep_t & (offs_m[None, :] >= offs_n[:, None])
+                else:
+                    keep_t = keep_t & (offs_n[:, None] < doc_end[None, :])
                 p_t = tl.where(keep_t, p_t, 0.0)
             elif DIAGONAL:
                 p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
@@ -654,8 +664,8 @@ def _batch_slices(batch: int) -> list[slice]:
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
-def _launcher(kernel: str, q: torch.Tensor):
-    return _tuner(kernel, _arch(q.device), q.shape[-1], q.dtype)
+def _launcher(kernel: str, q: torch.Tensor, doc_mask: bool):
+    return _tuner(kernel, _arch(q.device), q.shape[-1], q.dtype, doc_mask)
 
 
 def _rows(table: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -679,13 +689,14 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     if o.numel() == 0:  # batch 0 or seqlen 0: nothing to launch (nor to autotune)
         return o, lse
     options = _kernel_options(q, k)
+    doc_mask = doc_start is not None
     for rows in _batch_slices(batch):
         def grid(meta, n=rows.stop - rows.start):
             return launch_grid(seqlen, meta["BLOCK_M"], n_heads, n)
 
-        _launcher("fwd", q)[grid](q[rows], k[rows], v[rows], o[rows], lse[rows], _rows(doc_start, rows),
-                                  _rows(doc_end, rows), n_heads, seqlen, softmax_scale * LOG2E, CAUSAL=causal,
-                                  DOC_MASK=doc_start is not None, **options)
+        _launcher("fwd", q, doc_mask)[grid](q[rows], k[rows], v[rows], o[rows], lse[rows], _rows(doc_start, rows),
+                                            _rows(doc_end, rows), n_heads, seqlen, softmax_scale * LOG2E,
+                                            CAUSAL=causal, DOC_MASK=doc_mask, **options)
     return o, lse
 
 
@@ -712,7 +723,8 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     # atomic path: unscaled dq summed in fp32; deterministic path: written by the dq kernel
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic_dq else torch.empty_like(q)
-    options = {**_kernel_options(q, k), "CAUSAL": causal, "DOC_MASK": doc_start is not None}
+    doc_mask = doc_start is not None
+    options = {**_kernel_options(q, k), "CAUSAL": causal, "DOC_MASK": doc_mask}
     scales = (softmax_scale * LOG2E, softmax_scale)
     for rows in _batch_slices(batch):
         n = rows.stop - rows.start
@@ -722,7 +734,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         def dkdv_grid(meta, n=n):
             return launch_grid(seqlen, meta["BLOCK_N"], n_kv_heads, n)
 
-        _launcher("dkdv" if n_heads == n_kv_heads else "dkdv-gqa", q)[dkdv_grid](
+        _launcher("dkdv" if n_heads == n_kv_heads else "dkdv-gqa", q, doc_mask)[dkdv_grid](
             q[rows], k[rows], v[rows], do[rows], lse[rows], delta[rows], dk[rows], dv[rows], dq[rows],
             _rows(doc_start, rows), _rows(doc_end, rows), n_heads, seqlen, *scales, ATOMIC_DQ=atomic_dq,
             WGMMA=_wgmma(_arch(q.device), q.dtype), **options)
@@ -730,9 +742,9 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
             def dq_grid(meta, n=n):
                 return launch_grid(seqlen, meta["BLOCK_M"], n_heads, n)
 
-            _launcher("dq", q)[dq_grid](q[rows], k[rows], v[rows], do[rows], lse[rows], delta[rows], dq[rows],
-                                        _rows(doc_start, rows), _rows(doc_end, rows), n_heads, seqlen, *scales,
-                                        **options)
+            _launcher("dq", q, doc_mask)[dq_grid](q[rows], k[rows], v[rows], do[rows], lse[rows], delta[rows],
+                                                  dq[rows], _rows(doc_start, rows), _rows(doc_end, rows), n_heads,
+                                                  seqlen, *scales, **options)
     if atomic_dq:
         return (dq * softmax_scale).to(q.dtype), dk, dv
     return dq, dk, dv
@@ -971,7 +983,7 @@ def compile_specs(arch: int) -> list:
                               "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
 
                     def configs(kernel):
-                        return configs_for(kernel, arch, head_dim, torch_dtype)
+                        return configs_for(kernel, arch, head_dim, torch_dtype, doc_mask)
 
                     add("fwd", _attn_fwd_kernel, configs("fwd"), variant, GROUP=1, **common)
                     for atomic in (True, False):
