@@ -142,9 +142,10 @@ def builtin_document_ids(batch: int, seqlen: int) -> torch.Tensor:
     return torch.from_numpy(document_ids(*builtin_stream(), seqlen)[:batch])
 
 
-def documents(device: torch.device, case=DOCUMENT_CASE, ids: torch.Tensor | None = None) -> list[dict]:
-    """Causal attention fwd+bwd, bf16, without and with document masking (and flash-attn varlen)."""
-    batch, heads, kv_heads, seqlen, head_dim = case
+def documents(device: torch.device, ids: torch.Tensor | None = None) -> list[dict]:
+    """Causal attention fwd+bwd, bf16, at DOCUMENT_CASE, without and with document masking (and
+    flash-attn varlen); the documents of `ids` (batch, seqlen), or of the built-in corpus."""
+    batch, heads, kv_heads, seqlen, head_dim = DOCUMENT_CASE
     ids = (builtin_document_ids(batch, seqlen) if ids is None else ids).to(device)
     q = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=torch.bfloat16,
