@@ -195,13 +195,15 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.stackfast.attention_fwd.default, (q, k, v, False, 0.25, doc_start, doc_end))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("documents", [False, True])
+def test_torch_compile_fullgraph(documents):
     torch.manual_seed(0)
     q = torch.randn(1, 20, 4, 32, requires_grad=True)
     k, v = (torch.randn(1, 20, 2, 32, requires_grad=True) for _ in range(2))
+    ids = torch.tensor([[0] * 7 + [1] * 13]) if documents else None
 
     def layer(q, k, v):
-        return (attention(q, k, v) ** 2).sum()
+        return (attention(q, k, v, document_ids=ids) ** 2).sum()
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
