@@ -25,6 +25,14 @@ the blocks that cross the diagonal (masked); the forward and dq kernels also mas
 past the end of the sequence, while the dk/dv kernel's padding rows (keys or queries past the
 end, loaded as zeros) add nothing that is stored, so it masks neither (see _dkdv_one_head).
 
+Document masking (document_ids, see `attention`): a DOC_MASK constexpr (the unmasked kernels
+compile as before) and two (batch, seqlen) int32 tables, the first position of each position's
+document and the position past its last (document_bounds). Since documents are contiguous, the
+key blocks a query block can share a document with are one range, from the block holding its
+first row's document start to its last row's document end (causal: its last row), and the
+query blocks of a key block likewise: the loops run over that range only, every tile of it
+masked, so the tiles between documents are never computed (document_tiles counts them).
+
 Configs are listed per architecture (sm_80: A100, 163 KB of shared memory per block;
 sm_90: H100/H200, 227 KB) and head dim; `compile_specs` hands them to
 benchmarks/kernel_stats.py, whose offline compiles (registers, spills, shared memory)
@@ -889,6 +897,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
                   document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch attention with attention's signature and layout (materialises the scores).
 
+    document_ids: as `attention`'s (the same-document mask, materialised).
     upcast=False computes in the input dtype, op by op, like plain PyTorch code does;
     upcast=True computes in float64 (on any device) and returns float64: the accuracy
     reference, not cast back, since casting would hide the errors that tests measure.
