@@ -247,7 +247,7 @@ class Transformer(nn.Module):
             if document_ids.shape != input_ids.shape:
                 raise ValueError(f"document_ids must be shaped like the tokens {tuple(input_ids.shape)}, got "
                                  f"{tuple(document_ids.shape)}")
-            if getattr(self.config, "rope_reset", False):  # the field may be absent in older configs
+            if self.config.rope_reset:
                 from stackfast.ops._documents import document_bounds
                 start, _ = document_bounds(document_ids)
                 position = torch.arange(S, device=input_ids.device) - start  # (B, S), from 0 in each document

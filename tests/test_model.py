@@ -156,8 +156,7 @@ def test_packed_documents_give_the_logits_of_each_document_alone(kernels):
     alone does (the Triton path under the interpreter on CPU). RoPE is relative, so the logits
     alone cannot tell whether positions restarted: the tables the layers get show it."""
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", kernels=kernels)
-    cfg.rope_reset = True  # read with getattr: configs made before the field lack it
+    cfg = ModelConfig.from_preset("tiny", kernels=kernels, rope_reset=True)
     model = Transformer(cfg).eval()
     tables = []
     model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: tables.append(args[1]))

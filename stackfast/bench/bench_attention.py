@@ -138,8 +138,8 @@ def benchmark(device: torch.device, quick: bool = False) -> list[dict]:
 
 def builtin_document_ids(batch: int, seqlen: int) -> torch.Tensor:
     """(batch, seqlen): the document ids of the built-in corpus's first windows."""
-    from stackfast.bench.document_tiles import builtin_stream, document_ids
-    return torch.from_numpy(document_ids(*builtin_stream(), seqlen)[:batch])
+    from stackfast.bench.document_tiles import builtin_stream, window_document_ids
+    return torch.from_numpy(window_document_ids(*builtin_stream(), seqlen)[:batch])
 
 
 def documents(device: torch.device, ids: torch.Tensor | None = None) -> list[dict]:

@@ -41,10 +41,10 @@ def short_documents_stream(tokens: int, seed: int = 0) -> tuple[np.ndarray, int]
     return stream[:tokens], 1
 
 
-def document_ids(stream: np.ndarray, eos: int, seqlen: int) -> np.ndarray:
-    """(windows, seqlen): per position the count of EOS before it in its window."""
-    rows = stream[: len(stream) // seqlen * seqlen].reshape(-1, seqlen) == eos
-    return np.concatenate([np.zeros((len(rows), 1), np.int64), np.cumsum(rows, 1)[:, :-1]], 1)
+def window_document_ids(stream: np.ndarray, eos: int, seqlen: int) -> np.ndarray:
+    """(windows, seqlen): the loader's document ids of each non-overlapping window."""
+    from stackfast.data.sampling import document_ids
+    return document_ids(stream[: len(stream) // seqlen * seqlen].reshape(-1, seqlen), eos)
 
 
 def rows(corpus: str, stream: np.ndarray, eos: int) -> list[dict]:
@@ -52,7 +52,7 @@ def rows(corpus: str, stream: np.ndarray, eos: int) -> list[dict]:
     bwd_m, bwd_n = CONFIGS["dkdv"][ARCH][HEAD_DIM][0][:2]
     out = []
     for seqlen in SEQLENS:
-        ids = document_ids(stream, eos, seqlen)
+        ids = window_document_ids(stream, eos, seqlen)
         fwd, fwd_plain = document_tiles(ids, fwd_m, fwd_n, causal=True)
         bwd, bwd_plain = document_tiles(ids, bwd_m, bwd_n, causal=True, keys_outer=True)
         out.append({"corpus": corpus, "seqlen": seqlen, "windows": len(ids),
