@@ -533,3 +533,5 @@ def test_bad_cu_seqlens(cu_seqlens, message):
         attention_varlen(q, q, q, good, torch.tensor([0, 3, 8], dtype=torch.int32), 8, 8)
     with pytest.raises(ValueError, match="below the longest sequence"):
         attention_varlen(q, q, q, good, good, 3, 8)
+    with pytest.raises(ValueError, match=r"must be 3-D \(total_tokens, heads, head_dim\), got \(8, 2, 16\), \(1, 8"):
+        attention_varlen(q, q[None], q, good, good, 8, 8)

@@ -876,11 +876,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     attention only: cu_seqlens_k must equal cu_seqlens_q. Runs `attention` on one row of all
     the tokens with the sequences as its documents. Unlike flash-attention, causal defaults to
     True (as `attention`'s). Returns q's shape and dtype."""
-    if q.ndim != 3:
-        raise ValueError(f"attention_varlen: q, k and v must be 3-D (total_tokens, heads, head_dim), got q "
-                         f"{tuple(q.shape)}")
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"attention_varlen: q, k and v must be 3-D (total_tokens, heads, head_dim), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     bounds = _validate_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    if _validate_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0] if k.ndim == 3 else -1) != bounds:
+    if _validate_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0]) != bounds:
         raise ValueError("attention_varlen: cu_seqlens_k must equal cu_seqlens_q (self-attention only)")
     longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
     if min(max_seqlen_q, max_seqlen_k) < longest:
