@@ -99,10 +99,12 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, seq, heads, head_dim) by position; cos/sin are (seq, head_dim)."""
+    """Rotate x (batch, seq, heads, head_dim) by position; cos/sin are (seq, head_dim), or
+    (batch, seq, head_dim) when the rows have positions of their own (rope_reset)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (S, 1, D) broadcasts over heads
+    # (S, 1, D) or (B, S, 1, D): broadcasts over heads
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     return x * cos + rotated * sin
 
 
@@ -117,7 +119,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.kernels = cfg.kernels
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """document_ids (B, S): each query attends only to its own document (see Transformer)."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
@@ -131,11 +135,18 @@ class Attention(nn.Module):
         # gets no tensor-core speed and outgrows an A100's shared memory at head dim 128.
         if use_kernel("attention", self.kernels, x.device) and (self.kernels == "triton" or q.dtype != torch.float32):
             from stackfast.ops import attention
-            out = attention(q, k, v, causal=True)  # flash-attn layout (B, S, H, D) in and out
+            # flash-attn layout (B, S, H, D) in and out
+            out = attention(q, k, v, causal=True, document_ids=document_ids)
         else:
             # SDPA wants (B, H, S, D); enable_gqa shares each kv head across its query group.
+            # Documents: the causal mask and the same-document mask as one (B, 1, S, S) boolean.
+            mask = None
+            if document_ids is not None:
+                from stackfast.ops._documents import same_document
+                causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+                mask = (same_document(document_ids) & causal)[:, None]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True,
+                                                 attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=self.n_heads != self.n_kv_heads)
             out = out.transpose(1, 2)
         return self.o_proj(out.reshape(B, S, self.n_heads * self.head_dim))
@@ -166,8 +177,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, document_ids)
         # The residual add is fused into the second norm: h = x + attn_out, normed = norm(h).
         normed, h = self.post_attention_layernorm(attn_out, residual=x)
         return h + self.mlp(normed)
@@ -218,16 +230,31 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         return self
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab) or, with `targets`, the mean cross-entropy loss (fp32)."""
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) or, with `targets`, the mean cross-entropy loss (fp32).
+
+        document_ids (batch, seq) integers, non-decreasing in each row, mark the documents
+        packed into a row (a run of equal ids is one document): attention stays inside each
+        document, and with the config's rope_reset RoPE positions restart at 0 at each
+        document's first token, so a packed row computes what each document alone would."""
         S = input_ids.shape[1]
         if S > self.config.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len {self.config.max_seq_len}")
         self.check_kernels_once(input_ids.device)
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]  # (S, head_dim)
+        if document_ids is not None:
+            if document_ids.shape != input_ids.shape:
+                raise ValueError(f"document_ids must be shaped like the tokens {tuple(input_ids.shape)}, got "
+                                 f"{tuple(document_ids.shape)}")
+            if self.config.rope_reset:
+                from stackfast.ops._documents import document_bounds
+                start, _ = document_bounds(document_ids)
+                position = torch.arange(S, device=input_ids.device) - start  # (B, S), from 0 in each document
+                cos, sin = self.rope_cos[position], self.rope_sin[position]  # (B, S, head_dim)
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, document_ids)
         h = self.norm(h)
         if targets is None:
             return self.lm_head(h)

@@ -1,4 +1,5 @@
 """stackfast.ops.attention (Triton; the interpreter on CPU) against its fp64 reference."""
+import contextlib
 import importlib
 import math
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from conftest import run_on_views
 
-from stackfast.ops import _launch, attention, attention_ref
+from stackfast.ops import _launch, attention, attention_ref, attention_varlen
+from stackfast.ops._documents import document_bounds
 
 pytestmark = pytest.mark.usefixtures("on_kernel_device")  # the GPU when there is one (conftest.py)
 
@@ -80,7 +82,8 @@ def test_deterministic_mode_uses_the_dq_kernel(monkeypatch, seqlen, head_dim):
     d_out = torch.randn(1, seqlen, 4, head_dim, dtype=torch.float16).double()
     launched = []
     original = module._launcher
-    monkeypatch.setattr(module, "_launcher", lambda kernel, q: launched.append(kernel) or original(kernel, q))
+    monkeypatch.setattr(module, "_launcher",
+                        lambda kernel, q, doc_mask: launched.append(kernel) or original(kernel, q, doc_mask))
     atomic = _forward_backward(attention, q, k, v, d_out)
     assert launched == ["fwd", "dkdv-gqa"]
     was = torch.are_deterministic_algorithms_enabled()
@@ -104,12 +107,12 @@ def test_dkdv_kernel_gets_the_dq_orientation_of_its_architecture(monkeypatch):
     on sm_80 the swapped form spilled."""
     module = attention_mod()
     launches = []
-    monkeypatch.setattr(module, "_launcher", lambda kernel, q: _RecordKwargs(kernel, launches))
+    monkeypatch.setattr(module, "_launcher", lambda kernel, q, doc_mask: _RecordKwargs(kernel, launches))
     monkeypatch.setattr(module, "_bwd_preprocess_kernel", _RecordKwargs("preprocess", launches))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         q = torch.zeros(1, 8, 2, 64, dtype=dtype)
         lse = torch.zeros(1, 2, 8)
-        module._attention_bwd(q, q, q, q, q, lse, True, 0.125)
+        module._attention_bwd(q, q, q, q, q, lse, True, 0.125, None, None)
     hopper = module._arch(q.device) >= 90
     assert [kwargs["WGMMA"] for kernel, kwargs in launches if kernel == "dkdv"] == [hopper, hopper, False]
     assert module._wgmma(90, torch.bfloat16) and module._wgmma(90, torch.float16)
@@ -187,16 +190,20 @@ def test_custom_ops_pass_opcheck():
     torch.manual_seed(0)
     q = torch.randn(1, 5, 2, 16, requires_grad=True)
     k, v = (torch.randn(1, 5, 1, 16, requires_grad=True) for _ in range(2))
-    torch.library.opcheck(torch.ops.stackfast.attention_fwd.default, (q, k, v, True, 0.25))
+    torch.library.opcheck(torch.ops.stackfast.attention_fwd.default, (q, k, v, True, 0.25, None, None))
+    doc_start, doc_end = document_bounds(torch.tensor([[0, 0, 1, 2, 2]]))
+    torch.library.opcheck(torch.ops.stackfast.attention_fwd.default, (q, k, v, False, 0.25, doc_start, doc_end))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("documents", [False, True])
+def test_torch_compile_fullgraph(documents):
     torch.manual_seed(0)
     q = torch.randn(1, 20, 4, 32, requires_grad=True)
     k, v = (torch.randn(1, 20, 2, 32, requires_grad=True) for _ in range(2))
+    ids = torch.tensor([[0] * 7 + [1] * 13]) if documents else None
 
     def layer(q, k, v):
-        return (attention(q, k, v) ** 2).sum()
+        return (attention(q, k, v, document_ids=ids) ** 2).sum()
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
@@ -250,17 +257,17 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch, batch, heads, kv_head
     grids = []
     block = 16  # the smallest blocks of any config: the most programs
     meta = {"BLOCK_M": block, "BLOCK_N": block}
-    monkeypatch.setattr(module, "_launcher", lambda kernel, q: _RecordLaunch(kernel, grids, meta))
+    monkeypatch.setattr(module, "_launcher", lambda kernel, q, doc_mask: _RecordLaunch(kernel, grids, meta))
     monkeypatch.setattr(module, "_bwd_preprocess_kernel", _RecordLaunch("preprocess", grids, {}))
     seqlen, head_dim = 3, 16  # a short sequence: a few MB of tensors
     q = torch.empty(batch, seqlen, heads, head_dim, dtype=torch.float16)
     k = torch.empty(batch, seqlen, kv_heads, head_dim, dtype=torch.float16)
-    o, lse = module._attention_fwd(q, k, k, True, 0.25)
-    module._attention_bwd(q, q, k, k, o, lse, True, 0.25)
+    o, lse = module._attention_fwd(q, k, k, True, 0.25, None, None)
+    module._attention_bwd(q, q, k, k, o, lse, True, 0.25, None, None)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        module._attention_bwd(q, q, k, k, o, lse, True, 0.25)
+        module._attention_bwd(q, q, k, k, o, lse, True, 0.25, None, None)
     finally:
         torch.use_deterministic_algorithms(was)
     blocks = -(-seqlen // block)
@@ -363,3 +370,168 @@ def test_flash_attention_error_rule(dtype, batch, seqlen, heads, kv_heads, head_
         atol = 2 * (rounded + 0.3 - 0.3 - rounded).abs().max().item()
         err, torch_err = _max_error(out, ref64), _max_error(torch_out, ref64)
         assert err <= factor * torch_err + atol, f"{name}: error {err:.3g}, PyTorch's {torch_err:.3g}, atol {atol:.3g}"
+
+
+# Document masking. Rows of document ids (non-decreasing), each a pattern the kernels must get
+# right: 1-token documents, documents crossing the interpreter's tile edges (32 and 64), one
+# document, a row made only of EOS (every token its own document).
+def document_rows(seqlen, *kinds):
+    rows = {"ones": [0, 1, 2] + [3] * 30 + list(range(4, 10)),  # 1-token documents, then longer
+            "edges": [0] * 31 + [1] * 2 + [2] * 31 + [3] * 2 + [4] * 40,  # ends at 30, 32, 63, 65
+            "one": [7] * seqlen,
+            "eos": list(range(seqlen))}
+    return torch.tensor([(rows[kind] + [rows[kind][-1] + 1] * seqlen)[:seqlen] for kind in kinds])
+
+
+# (dtype, seqlen, heads, kv_heads, head_dim, causal, rows)
+DOC_CASES = [
+    (torch.float32, 97, 2, 2, 64, True, ("ones", "edges")),
+    (torch.float32, 130, 2, 1, 32, False, ("edges", "eos")),
+    (torch.float16, 130, 4, 2, 64, True, ("one", "eos")),      # GQA
+    (torch.bfloat16, 97, 4, 1, 128, False, ("ones", "one")),   # GQA group 4, not causal
+    (torch.float16, 70, 2, 2, 256, True, ("edges", "ones")),    # dk/dv's untransposed layout
+    (torch.bfloat16, 45, 4, 2, 256, False, ("eos", "edges")),
+]
+
+
+@pytest.mark.parametrize("dtype, seqlen, heads, kv_heads, head_dim, causal, rows", DOC_CASES)
+def test_document_mask_matches_fp64_reference(dtype, seqlen, heads, kv_heads, head_dim, causal, rows):
+    """Output and dq, dk, dv against the fp64 masked reference by flash-attn's rule (2x PyTorch's
+    own error for the output, 3x for the gradients, plus the reference's rounding)."""
+    torch.manual_seed(0)
+    ids = document_rows(seqlen, *rows)
+    q = torch.randn(len(rows), seqlen, heads, head_dim, dtype=dtype)
+    k, v = (torch.randn(len(rows), seqlen, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+    d_out = torch.randn(len(rows), seqlen, heads, head_dim, dtype=dtype).double()
+    got = _forward_backward(attention, q, k, v, d_out, causal=causal, document_ids=ids)
+    torch_lowprec = _forward_backward(attention_ref, q, k, v, d_out, causal=causal, document_ids=ids)
+    ref = _forward_backward(attention_ref, q, k, v, d_out, causal=causal, document_ids=ids, upcast=True)
+    for name, factor, out, torch_out, ref64 in zip(["out", "dq", "dk", "dv"], [2, 3, 3, 3], got, torch_lowprec, ref):
+        rounded = ref64.to(dtype)
+        atol = 2 * (rounded + 0.3 - 0.3 - rounded).abs().max().item() + ATOL[dtype]
+        err, torch_err = _max_error(out, ref64), _max_error(torch_out, ref64)
+        assert err <= factor * torch_err + atol, f"{name}: error {err:.3g}, PyTorch's {torch_err:.3g}, atol {atol:.3g}"
+
+
+def test_document_mask_deterministic_dq_kernel():
+    """The dq kernel of torch.use_deterministic_algorithms(True) masks (and skips) too."""
+    torch.manual_seed(0)
+    ids = document_rows(97, "edges", "ones")
+    q = torch.randn(2, 97, 4, 32)
+    k, v = (torch.randn(2, 97, 2, 32) for _ in range(2))
+    d_out = torch.randn(2, 97, 4, 32).double()
+    ref = _forward_backward(attention_ref, q, k, v, d_out, document_ids=ids, upcast=True)
+    with deterministic_algorithms():
+        got = _forward_backward(attention, q, k, v, d_out, document_ids=ids)
+    for out, ref64 in zip(got, ref):
+        assert _max_error(out, ref64) < 1e-5
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def count_dots(monkeypatch):
+    """A list that grows by one at every tl.dot the interpreter runs."""
+    from triton.runtime import interpreter
+    calls = []
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    return calls
+
+
+@pytest.mark.skipif(not _launch.INTERPRET, reason="counts the interpreter's dots")
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernels_skip_the_tiles_document_tiles_counts(monkeypatch, causal):
+    """The kernels compute exactly the tiles document_tiles counts, fewer than without the mask:
+    2 dots per tile in the forward, 5 in dk/dv (with the atomic dq), 3 in the dq kernel."""
+    module = attention_mod()
+    ids = document_rows(130, "edges", "ones", "eos")
+    heads = 2
+    q, k, v = (torch.randn(3, 130, heads, 32, requires_grad=True) for _ in range(3))
+    dots = count_dots(monkeypatch)
+    out = attention(q, k, v, causal=causal, document_ids=ids)
+    fwd_m, fwd_n = module._INTERPRETER_CONFIGS["fwd"][:2]
+    masked, plain = module.document_tiles(ids, fwd_m, fwd_n, causal)
+    assert masked < plain and len(dots) == 2 * heads * masked
+    dots.clear()
+    out.sum().backward()
+    bwd_m, bwd_n = module._INTERPRETER_CONFIGS["dkdv"][:2]
+    masked, plain = module.document_tiles(ids, bwd_m, bwd_n, causal, keys_outer=True)
+    assert masked < plain and len(dots) == 5 * heads * masked
+    dots.clear()
+    with deterministic_algorithms():  # dk/dv without its dq matmul, then the dq kernel
+        attention(q, k, v, causal=causal, document_ids=ids).sum().backward()
+    dq_m, dq_n = module._INTERPRETER_CONFIGS["dq"][:2]
+    assert len(dots) == 2 * heads * module.document_tiles(ids, fwd_m, fwd_n, causal)[0] + heads * (
+        4 * masked + 3 * module.document_tiles(ids, dq_m, dq_n, causal)[0])
+
+
+def test_document_tiles_without_documents_is_the_plain_count():
+    """One document per row: every tile of the plain kernel (causal: the lower triangle), no skip."""
+    module = attention_mod()
+    ids = torch.zeros(2, 200, dtype=torch.long)
+    assert module.document_tiles(ids, 64, 32, False) == (2 * 4 * 7, 2 * 4 * 7)
+    # causal forward: query block i (rows 64i..) reads key blocks up to its last row
+    assert module.document_tiles(ids, 64, 32, True) == (2 * (2 + 4 + 6 + 7),) * 2
+    assert module.document_tiles(ids, 32, 64, True, keys_outer=True) == (2 * (7 + 5 + 3 + 1),) * 2
+    # every token its own document: causal, the diagonal tiles alone
+    masked, plain = module.document_tiles(torch.arange(200)[None], 64, 32, True)
+    assert (masked, plain) == (7, 19)
+
+
+def test_varlen_equals_attention_per_sequence():
+    """attention_varlen on sequences laid end to end (one empty) = attention on each alone."""
+    torch.manual_seed(0)
+    lengths = [5, 0, 40, 52]
+    cu_seqlens = torch.tensor([0, 5, 5, 45, 97], dtype=torch.int32)
+    q = torch.randn(97, 4, 64)
+    k, v = (torch.randn(97, 2, 64) for _ in range(2))
+    for causal in (True, False):
+        got = attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max(lengths), max(lengths), causal=causal)
+        want = torch.cat([attention(q[None, a:b], k[None, a:b], v[None, a:b], causal=causal)[0]
+                          for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()) if b > a])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.zeros(2, 8, dtype=torch.long), r"document_ids must be \(batch, seqlen\) = \(1, 8\), got \(2, 8\)"),
+    (torch.zeros(8, dtype=torch.long), r"must be \(batch, seqlen\)"),
+    (torch.zeros(1, 8), "must be an integer tensor, got torch.float32"),
+    (torch.zeros(1, 8, dtype=torch.bool), "must be an integer tensor, got torch.bool"),
+    ([[0] * 8], "must be a tensor, got list"),
+])
+def test_bad_document_ids(ids, message):
+    q = torch.zeros(1, 8, 2, 16)
+    for fn in (attention, attention_ref):
+        with pytest.raises(ValueError, match=message):
+            fn(q, q, q, document_ids=ids)
+
+
+@pytest.mark.parametrize("cu_seqlens, message", [
+    (torch.tensor([0, 4, 8]), "must be a 1-D int32 tensor, got torch.int64"),
+    (torch.tensor([[0, 4, 8]], dtype=torch.int32), "must be a 1-D int32 tensor"),
+    (torch.tensor([1, 4, 8], dtype=torch.int32), "must start at 0"),
+    (torch.tensor([0, 5, 4, 8], dtype=torch.int32), "must be non-decreasing"),
+    (torch.tensor([0, 4, 7], dtype=torch.int32), "must end at the total token count 8, got 7"),
+])
+def test_bad_cu_seqlens(cu_seqlens, message):
+    q = torch.zeros(8, 2, 16)
+    with pytest.raises(ValueError, match=message):
+        attention_varlen(q, q, q, cu_seqlens, cu_seqlens, 8, 8)
+    good = torch.tensor([0, 4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_k must equal cu_seqlens_q"):
+        attention_varlen(q, q, q, good, torch.tensor([0, 3, 8], dtype=torch.int32), 8, 8)
+    with pytest.raises(ValueError, match="below the longest sequence"):
+        attention_varlen(q, q, q, good, good, 3, 8)
+    with pytest.raises(ValueError, match=r"must be 3-D \(total_tokens, heads, head_dim\), got \(8, 2, 16\), \(1, 8"):
+        attention_varlen(q, q[None], q, good, good, 8, 8)

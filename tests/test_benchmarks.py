@@ -116,6 +116,7 @@ def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_kernels, "ATTENTION_CHECKS", [(1, 2, 1, 40, 16, True)])
     monkeypatch.setattr(gpu_kernels, "RMS_NORM_CHECKS", [(5, 80, True)])
     monkeypatch.setattr(bench_attention, "QUICK_CASES", [(1, 2, 1, 33, 16)])
+    monkeypatch.setattr(bench_attention, "DOCUMENT_CASE", (1, 1, 1, 96, 16))
     monkeypatch.setattr(bench_rms_norm, "ROWS", 8)
     monkeypatch.setattr(bench_rms_norm, "HIDDEN", 64)
     monkeypatch.setattr(bench_fused, "GPU_CHECKS", bench_fused.SMOKE_CASES)
@@ -133,6 +134,9 @@ def test_gpu_suite_kernel_parts_rehearsed_at_toy_sizes(monkeypatch, tmp_path):
     attention = [r for r in results["attention"] if r["impl"] == "stackfast"]
     assert {r["pass"] for r in attention} == {"fwd", "fwd+bwd"}
     assert all(r["tflops"] > 0 and (r["baseline"] is None or r["ratio"] > 0) for r in attention)
+    documents = {r["impl"]: r for r in results["attention"] if "documents" in r}
+    assert documents.keys() == {"stackfast-causal", "stackfast-documents"}  # built-in corpus rows
+    assert documents["stackfast-documents"]["skipped"] >= 0 and documents["stackfast-documents"]["ratio"] > 0
     norm = {(r["impl"], r["pass"]) for r in results["rms_norm"]}
     assert {("stackfast", "fwd+bwd"), ("F.rms_norm", "fwd+bwd"), ("torch.compile", "fwd+bwd")} <= norm
     fused = {(r["op"], r["impl"], r["pass"]) for r in results["fused"]}

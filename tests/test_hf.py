@@ -123,3 +123,16 @@ def test_other_architectures_are_refused():
         apply_stackfast_kernels(model)
     with pytest.raises(ValueError, match="hidden_act 'gelu' is not SwiGLU"):
         apply_stackfast_kernels(tiny(hidden_act="gelu"))
+
+
+def test_patched_model_pickles(tmp_path):
+    """torch.save(model) of a patched model, then torch.load: still patched, the same logits
+    (the patched forwards are partials of module-level functions, not bound methods)."""
+    patched = apply_stackfast_kernels(tiny())
+    torch.save(patched, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)  # a whole module: this test only
+    assert is_patched(loaded)
+    x, labels = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, patched(input_ids=x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(input_ids=x, labels=labels).loss, patched(input_ids=x, labels=labels).loss)

@@ -318,3 +318,26 @@ def test_twenty_adamw_steps_follow_the_unpatched_losses():
     diff = (curves[1] - curves[0]).abs()
     assert diff.max() <= 1e-5, \
         f"step {int(diff.argmax())}: {diff.max():.3g} ({curves[1].tolist()} vs {curves[0].tolist()})"
+
+
+def test_packed_position_ids_are_masked_per_document(llama):
+    """Rows packed from several sequences, marked by position_ids restarting at 0 (one row
+    packed, one not, a 1-token document): the patched model masks per document as
+    transformers' flash-attention path does, equal to the unpatched SDPA model given the
+    equivalent block-diagonal causal 4-D mask (logits, loss, every gradient). Unpatched
+    without that mask, the documents attend to each other (the test would see it)."""
+    plain, patched = llama
+    x, labels = batch(12)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5], list(range(12))])
+    documents = (position_ids == 0).cumsum(-1)
+    mask = (documents[:, :, None] == documents[:, None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    want = plain(input_ids=x, position_ids=position_ids, attention_mask=mask[:, None])
+    got = patched(input_ids=x, position_ids=position_ids)
+    assert_close(got.logits, want.logits, "logits")
+    across = plain(input_ids=x, position_ids=position_ids).logits
+    assert not torch.allclose(across, want.logits, atol=1e-3)
+    ours = loss_and_grads(patched, input_ids=x, position_ids=position_ids, labels=labels)
+    theirs = loss_and_grads(plain, input_ids=x, position_ids=position_ids, attention_mask=mask[:, None],
+                            labels=labels)
+    assert_close(ours[0], theirs[0], "loss")
+    assert_same_grads(ours[1], theirs[1])

@@ -148,3 +148,28 @@ def test_auto_kernels_on_a_gpu_use_every_fused_op(monkeypatch):
     calls.clear()
     Transformer(ModelConfig.from_preset("tiny", kernels="torch"))(x, x)
     assert calls == []
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_packed_documents_give_the_logits_of_each_document_alone(kernels):
+    """A row packing two documents, with document_ids and rope_reset, computes what each document
+    alone does (the Triton path under the interpreter on CPU). RoPE is relative, so the logits
+    alone cannot tell whether positions restarted: the tables the layers get show it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", kernels=kernels, rope_reset=True)
+    model = Transformer(cfg).eval()
+    tables = []
+    model.layers[0].self_attn.register_forward_pre_hook(lambda module, args: tables.append(args[1]))
+    first, second = torch.randint(0, 4096, (1, 7)), torch.randint(0, 4096, (1, 10))
+    packed = torch.cat([first, second], dim=1)
+    document_ids = torch.tensor([[0] * 7 + [1] * 10])
+    with torch.no_grad():
+        alone = torch.cat([model(first), model(second)], dim=1)
+        got = model(packed, document_ids=document_ids)
+        attending_across = model(packed)
+    torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(attending_across[:, 7:], alone[:, 7:], rtol=1e-3, atol=1e-3)
+    positions = torch.tensor([list(range(7)) + list(range(10))])
+    assert torch.equal(tables[2], model.rope_cos[positions])  # (1, 17, head_dim): from 0 in each document
+    with pytest.raises(ValueError, match=r"document_ids must be shaped like the tokens \(1, 17\)"):
+        model(packed, document_ids=document_ids[:, :5])

@@ -6,6 +6,12 @@ TFLOP/s, bf16, causal, with ratios to the best SDPA backend measured in the same
 
 Without CUDA it runs a tiny correctness check under the Triton interpreter instead.
 FLOPs: forward 4*B*H*S^2*D (half of it when causal); backward 2.5x the forward.
+
+Document masking (one shape, DOCUMENT_CASE): causal attention without and with the document
+ids of rows of the built-in corpus (a new document after each EOS), and flash-attn's
+flash_attn_varlen_func on the same documents where flash-attn imports; each row's TFLOP/s
+counts the causal FLOPs (the convention of the MFU), its ratio is to the unmasked kernel, and
+`skipped` is the share of the forward's tiles the mask skips (document_tiles).
 """
 import contextlib
 import os
@@ -19,12 +25,14 @@ if not torch.cuda.is_available():
 
 from stackfast.bench import harness
 from stackfast.ops import attention, attention_ref
+from stackfast.ops.attention import CONFIGS, document_tiles
 
 # (batch, heads, kv_heads, seqlen, head_dim), all causal. The quick set (what `stackfast
 # bench` runs): head dims 128 and 64 without GQA, and GQA with 32 query heads on 8 kv heads.
 CASES = [(4, 32, 32, 4096, 128), (8, 32, 32, 2048, 64), (8, 32, 32, 2048, 128), (2, 32, 32, 8192, 128),
          (4, 32, 8, 4096, 128)]
 QUICK_CASES = CASES[:2] + CASES[-1:]
+DOCUMENT_CASE = (4, 32, 32, 8192, 128)  # (batch, heads, kv_heads, seqlen, head_dim), causal
 
 
 def attention_flops(batch, heads, seqlen, head_dim, causal, backward):
@@ -125,6 +133,52 @@ def benchmark(device: torch.device, quick: bool = False) -> list[dict]:
                 row["baseline"] = best["impl"] if best else None
                 row["ratio"] = row["tflops"] / best["tflops"] if best else None
         rows += case_rows
+    return rows + documents(device)
+
+
+def builtin_document_ids(batch: int, seqlen: int) -> torch.Tensor:
+    """(batch, seqlen): the document ids of the built-in corpus's first windows."""
+    from stackfast.bench.document_tiles import builtin_stream, window_document_ids
+    return torch.from_numpy(window_document_ids(*builtin_stream(), seqlen)[:batch])
+
+
+def documents(device: torch.device, ids: torch.Tensor | None = None) -> list[dict]:
+    """Causal attention fwd+bwd, bf16, at DOCUMENT_CASE, without and with document masking (and
+    flash-attn varlen); the documents of `ids` (batch, seqlen), or of the built-in corpus."""
+    batch, heads, kv_heads, seqlen, head_dim = DOCUMENT_CASE
+    ids = (builtin_document_ids(batch, seqlen) if ids is None else ids).to(device)
+    q = torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=torch.bfloat16,
+                        requires_grad=True) for _ in range(2))
+    impls = {"stackfast-causal": lambda q, k, v: attention(q, k, v),
+             "stackfast-documents": lambda q, k, v: attention(q, k, v, document_ids=ids)}
+    try:
+        from flash_attn import flash_attn_varlen_func
+        # the documents of every row laid end to end: lengths where the id changes
+        flat = (ids + torch.arange(batch, device=device)[:, None] * (int(ids.max()) + 1)).flatten()
+        lengths = torch.unique_consecutive(flat, return_counts=True)[1]
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max())
+        impls["flash-attn-varlen"] = lambda q, k, v: flash_attn_varlen_func(
+            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, longest, longest, causal=True).view_as(q)
+    except ImportError as error:
+        print(f"skipped flash-attn-varlen: not importable ({error})")
+    block_m, block_n = CONFIGS["fwd"][90 if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+                                      else 80][head_dim][0][:2]
+    computed, plain = document_tiles(ids, block_m, block_n, causal=True)
+    d_out = torch.randn_like(q)
+    rows = []
+    for name, fn in impls.items():
+        def step(fn=fn):
+            return torch.autograd.grad(fn(q, k, v), (q, k, v), d_out)
+        timing = harness.measure(step, device=device, warmup=3, reps=10)
+        rows.append({"op": "attention", "impl": name, "batch": batch, "heads": heads, "kv_heads": kv_heads,
+                     "seqlen": seqlen, "head_dim": head_dim, "causal": True, "pass": "fwd+bwd",
+                     "documents": int((ids[:, -1] - ids[:, 0] + 1).sum()), "skipped": round(1 - computed / plain, 4),
+                     **timing, "tflops": harness.tflops(attention_flops(batch, heads, seqlen, head_dim, True, True),
+                                                        timing["median_ms"])})
+    for row in rows:
+        row["baseline"], row["ratio"] = "stackfast-causal", row["tflops"] / rows[0]["tflops"]
     return rows
 
 
@@ -160,7 +214,7 @@ def check(device: torch.device, dtype: torch.dtype, cases) -> list[dict]:
 
 CHECK_COLUMNS = ["op", "check", "dtype", "heads", "kv_heads", "seqlen", "head_dim", "causal",
                  "max_err", "ok"]
-BENCH_COLUMNS = ["impl", "batch", "heads", "kv_heads", "seqlen", "head_dim", "pass",
+BENCH_COLUMNS = ["impl", "batch", "heads", "kv_heads", "seqlen", "head_dim", "pass", "documents", "skipped",
                  "median_ms", "tflops", "baseline", "ratio"]
 
 

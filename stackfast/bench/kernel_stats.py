@@ -12,7 +12,7 @@ shared memory allow, and the wgmma / mma.sync / TMA (cp.async.bulk.tensor) instr
 in the PTX.
 
     python benchmarks/kernel_stats.py --arch 80,90 [--json] [--kernels attention.fwd]
-        [--dtypes bf16] [--head-dims 128] [--jobs 2]
+        [--dtypes bf16] [--head-dims 128] [--doc-mask true] [--jobs 2]
 
 --json prints one JSON object per config (keys: kernel, arch, head_dim, dtype, config,
 default, registers, spill_bytes, shared_bytes, fits, ctas_per_sm, wgmma, mma, tma, and the
@@ -54,7 +54,7 @@ SMEM_PER_SM = {80: 167936, 90: 233472}
 REGS_PER_SM = 65536
 THREADS_PER_SM = 2048
 PTX_COUNTS = {"wgmma": r"\bwgmma\.mma_async\b", "mma": r"\bmma\.sync\b", "tma": r"\bcp\.async\.bulk\.tensor\b"}
-COLUMNS = ["kernel", "arch", "head_dim", "dtype", "causal", "group", "hidden", "config", "default", "registers",
+COLUMNS = ["kernel", "arch", "head_dim", "dtype", "causal", "doc_mask", "group", "hidden", "config", "default", "registers",
            "spill_bytes", "shared_bytes", "fits", "ctas_per_sm", "wgmma", "mma", "tma", "compile_s"]
 
 
@@ -128,7 +128,7 @@ def problems(rows: list[dict]) -> list[str]:
     out = []
     groups: dict = {}
     for row in rows:
-        key = tuple((k, row[k]) for k in row if k not in COLUMNS[7:] and k not in (
+        key = tuple((k, row[k]) for k in row if k not in COLUMNS[8:] and k not in (
             "spill_stores", "spill_loads", "error"))
         groups.setdefault(key, []).append(row)
     for key, group in groups.items():
@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="", help="comma-separated, e.g. bf16,fp16 (default: all advertised)")
     parser.add_argument("--head-dims", default="", help="comma-separated (default: all advertised)")
     parser.add_argument("--causal", choices=["true", "false"], help="only causal (or only non-causal) variants")
+    parser.add_argument("--doc-mask", choices=["true", "false"],
+                        help="only the document-masked (or only the unmasked) attention variants")
     parser.add_argument("--default-only", action="store_true", help="only the first config of each kernel")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compiles (processes)")
     args = parser.parse_args(argv)
@@ -161,7 +163,8 @@ def main(argv=None) -> int:
         return ((not kernels or any(spec.kernel.startswith(k) for k in kernels.split(",")))
                 and (not dtypes or spec.variant.get("dtype") in dtypes.split(","))
                 and (not dims or spec.variant.get("head_dim") in {int(d) for d in dims.split(",")})
-                and (args.causal is None or spec.variant.get("causal", True) == (args.causal == "true")))
+                and (args.causal is None or spec.variant.get("causal", True) == (args.causal == "true"))
+                and (args.doc_mask is None or spec.variant.get("doc_mask", False) == (args.doc_mask == "true")))
 
     jobs = [(module, arch, i, j) for arch in archs for module in modules()
             for i, spec in enumerate(specs(module, arch)) if wanted(spec)

@@ -16,6 +16,7 @@ from stackfast.ops.replicate import extension_info, extension_summary, replicate
 
 # Public name -> the module that defines it, imported when the name is first asked for.
 _LAZY = {"attention": "attention", "attention_ref": "attention",
+         "attention_varlen": "attention",
          "rms_norm": "rms_norm", "rms_norm_ref": "rms_norm",
          "rope": "rope", "rope_ref": "rope",
          "swiglu": "swiglu", "swiglu_ref": "swiglu",
@@ -51,6 +52,6 @@ sys.modules[__name__].__class__ = _Ops
 
 # Every public name: the eager ones imported above and the lazy ones (tests/test_packaging.py
 # checks that this list, _LAZY and dir() agree).
-__all__ = ["apply_stackfast_kernels", "attention", "attention_ref", "extension_info", "extension_summary",
+__all__ = ["apply_stackfast_kernels", "attention", "attention_ref", "attention_varlen", "extension_info", "extension_summary",
            "linear_cross_entropy", "linear_cross_entropy_ref", "patch_llama", "patch_mistral", "patch_qwen2",
            "replicate_", "replicate_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref", "swiglu", "swiglu_ref"]

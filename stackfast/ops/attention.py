@@ -25,6 +25,14 @@ the blocks that cross the diagonal (masked); the forward and dq kernels also mas
 past the end of the sequence, while the dk/dv kernel's padding rows (keys or queries past the
 end, loaded as zeros) add nothing that is stored, so it masks neither (see _dkdv_one_head).
 
+Document masking (document_ids, see `attention`): a DOC_MASK constexpr (the unmasked kernels
+compile as before) and two (batch, seqlen) int32 tables, the first position of each position's
+document and the position past its last (document_bounds). Since documents are contiguous, the
+key blocks a query block can share a document with are one range, from the block holding its
+first row's document start to its last row's document end (causal: its last row), and the
+query blocks of a key block likewise: the loops run over that range only, every tile of it
+masked, so the tiles between documents are never computed (document_tiles counts them).
+
 Configs are listed per architecture (sm_80: A100, 163 KB of shared memory per block;
 sm_90: H100/H200, 227 KB) and head dim; `compile_specs` hands them to
 benchmarks/kernel_stats.py, whose offline compiles (registers, spills, shared memory)
@@ -39,11 +47,13 @@ import functools
 import math
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from stackfast.ops import _launch
+from stackfast.ops._documents import document_bounds, same_document
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 # fp32 (the exact path, for tests) holds every tile in 4 bytes: at head dim 256 no config
@@ -144,6 +154,10 @@ FP32_CONFIGS["dkdv"][90][16] = [(16, 16, 8, 1)]
 # since the (blocks, heads, batch) grid (no division in the kernels), 32x16 4-warp dq spilled
 # 32 B at head dim 128, causal, on sm_90 (and 8-warp 8 B); 16x16 does not
 FP32_CONFIGS["dq"][90][128] = [(16, 16, 4, 2)]
+# The document-masked kernels (DOC_MASK) take the same configs but where the mask's registers
+# made the default spill (benchmarks/kernel_stats.py --doc-mask true): (kernel, arch, head dim)
+# -> configs. sm_80 dq at head dim 128: 64x64 with 4 warps spilled 40 B masked (255 registers).
+DOC_MASK_CONFIGS = {("dq", 80, 128): [(64, 64, 8, 2)]}
 _INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv-gqa": (32, 64, 4, 1),
                         "dq": (64, 32, 4, 1)}
 # dk/dv at head dim 256 in the GPUs' sm_90 shape (BLOCK_M > BLOCK_N: untransposed scores), so the
@@ -151,11 +165,13 @@ _INTERPRETER_CONFIGS = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dkdv-gqa
 # dim 64 (see _dkdv_inner)
 _INTERPRETER_CONFIGS_BY_HEAD_DIM = {256: {"dkdv": (64, 32, 4, 1), "dkdv-gqa": (64, 32, 4, 1)}}
 # Few configs: every new key costs one compile and one timing per config (seconds).
-_TUNE_KEY = ["seqlen", "HEAD_DIM", "CAUSAL", "GROUP"]
+_TUNE_KEY = ["seqlen", "HEAD_DIM", "CAUSAL", "GROUP", "DOC_MASK"]
 
 
-def configs_for(kernel: str, arch: int, head_dim: int, dtype: torch.dtype) -> list:
+def configs_for(kernel: str, arch: int, head_dim: int, dtype: torch.dtype, doc_mask: bool = False) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list of `kernel` on sm_<arch>."""
+    if doc_mask and dtype != torch.float32 and (kernel, arch, head_dim) in DOC_MASK_CONFIGS:
+        return DOC_MASK_CONFIGS[kernel, arch, head_dim]
     return (FP32_CONFIGS if dtype == torch.float32 else CONFIGS)[kernel][arch][head_dim]
 
 
@@ -174,14 +190,14 @@ def _wgmma(arch: int, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def _tuner(kernel: str, arch: int, head_dim: int, dtype: torch.dtype):
-    """The autotuned launcher of `kernel` for one architecture, head dim and dtype."""
+def _tuner(kernel: str, arch: int, head_dim: int, dtype: torch.dtype, doc_mask: bool):
+    """The autotuned launcher of `kernel` for one architecture, head dim, dtype and document mask."""
     fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dkdv-gqa": _attn_bwd_dkdv_kernel,
           "dq": _attn_bwd_dq_kernel}[kernel]
     # the atomic dq buffer is summed into: zeroed before each timing run of a config
     extra = {"reset_to_zero": ["dq_ptr"]} if kernel.startswith("dkdv") else {}
     interpreter = _INTERPRETER_CONFIGS_BY_HEAD_DIM.get(head_dim, {}).get(kernel, _INTERPRETER_CONFIGS[kernel])
-    configs = _configs(configs_for(kernel, arch, head_dim, dtype), interpreter)
+    configs = _configs(configs_for(kernel, arch, head_dim, dtype, doc_mask), interpreter)
     return triton.autotune(configs=configs, key=_TUNE_KEY, **extra)(fn)
 
 
@@ -246,6 +262,46 @@ def _keep(offs_rows, offs_cols, seqlen, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _doc_bounds(doc_start_ptr, doc_end_ptr, batch, offs, seqlen):
+    """For rows offs of one sequence: the first position of each row's document and the position
+    past its end, from the (batch, seqlen) int32 tables of document_bounds (0 and 0 past
+    seqlen: such a padding row keeps no key)."""
+    base = batch.to(tl.int64) * seqlen
+    start = tl.load(doc_start_ptr + base + offs, mask=offs < seqlen, other=0)
+    end = tl.load(doc_end_ptr + base + offs, mask=offs < seqlen, other=0)
+    return start, end
+
+
+@triton.jit
+def _doc_keep(offs_rows, offs_cols, start, end, CAUSAL: tl.constexpr):
+    """(rows, cols) mask of the score entries a query row of a document keeps: the keys of its
+    own document, [start, end) (so inside the sequence), and when causal none after it."""
+    keep = offs_cols[None, :] >= start[:, None]
+    if CAUSAL:  # a key at or before its query is before the end of the query's document: end unread
+        keep = keep & (offs_rows[:, None] >= offs_cols[None, :])
+    else:
+        keep = keep & (offs_cols[None, :] < end[:, None])
+    return keep
+
+
+@triton.jit
+def _doc_key_range(doc_start_ptr, doc_end_ptr, batch, start_m, seqlen, CAUSAL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks [lo, hi) that query rows start_m + [0, BLOCK_M) can share a document with:
+    from the key block holding the start of the first row's document to the end of the last
+    row's document (causal: the last row). The ids are non-decreasing, so every key block
+    outside is skipped, and every block inside holds a key some row keeps."""
+    base = batch.to(tl.int64) * seqlen
+    last = tl.minimum(start_m + BLOCK_M, seqlen) - 1
+    lo = (tl.load(doc_start_ptr + base + start_m) // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = last + 1
+    else:
+        hi = tl.load(doc_end_ptr + base + last)
+    return lo, hi
+
+
+@triton.jit
 def _query_block(GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """(start_m, batch, head, kv_head) of this program in the (query blocks, heads, batch) grid
     of launch_grid. The last query blocks (the heaviest when causal) are started first."""
@@ -277,11 +333,12 @@ def _key_ranges(start_m, seqlen, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen, n_kv_heads,
-               qk_scale, lo, hi, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               qk_scale, lo, hi, doc_start, doc_end, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+               DOC_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi): updates acc (BLOCK_M, HEAD_DIM), the row sums
-    l_i and the row maxima m_i (base-2 units)."""
+    l_i and the row maxima m_i (base-2 units). DOC_MASK: the mask is _doc_keep's, from the
+    rows' document bounds doc_start, doc_end."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_tile_pair(k_ptr, v_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads,
@@ -290,8 +347,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen, n
         if MASK:
             # Additive mask (diagonal and last blocks only): -1e6 in base-2 units is an exact
             # 0 after exp2. Every row has a finite maximum: key 0 is visible to every row
-            # (also to the padding rows past seqlen) and lies in the first block.
-            qk = qk * qk_scale + tl.where(_keep(offs_m, offs_n, seqlen, CAUSAL), 0.0, -1.0e6)
+            # (also to the padding rows past seqlen) and lies in the first block. With
+            # DOC_MASK a row may keep no key of a block before its document's first: its
+            # maximum is then about -1e6, and the first kept key (the row itself, at the
+            # latest) rescales what it summed by exp2(-1e6 - m) = 0.
+            if DOC_MASK:
+                keep = _doc_keep(offs_m, offs_n, doc_start, doc_end, CAUSAL)
+            else:
+                keep = _keep(offs_m, offs_n, seqlen, CAUSAL)
+            qk = qk * qk_scale + tl.where(keep, 0.0, -1.0e6)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             qk = qk - m_new[:, None]
         else:
@@ -306,10 +370,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen, n
 
 
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_heads, seqlen, qk_scale,
-                     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, doc_start_ptr, doc_end_ptr, n_heads, seqlen,
+                     qk_scale, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                     DOC_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # DOC_MASK: doc_start_ptr and doc_end_ptr hold document_bounds (else None, unread).
     start_m, batch, head, kv_head = _query_block(GROUP, BLOCK_M)
     n_kv_heads = n_heads // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -319,13 +384,20 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, n_heads, seqlen, qk_sc
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    full_end, masked_end = _key_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
-                               n_kv_heads, qk_scale, 0, full_end, CAUSAL, False, HEAD_DIM,
-                               BLOCK_N, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
-                               n_kv_heads, qk_scale, full_end, masked_end, CAUSAL, True, HEAD_DIM,
-                               BLOCK_N, UPCAST, DOT_PRECISION)
+    if DOC_MASK:  # only the key blocks of the rows' documents, every one masked
+        doc_start, doc_end = _doc_bounds(doc_start_ptr, doc_end_ptr, batch, offs_m, seqlen)
+        lo, hi = _doc_key_range(doc_start_ptr, doc_end_ptr, batch, start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                                   n_kv_heads, qk_scale, lo, hi, doc_start, doc_end, CAUSAL, True, True,
+                                   HEAD_DIM, BLOCK_N, UPCAST, DOT_PRECISION)
+    else:
+        full_end, masked_end = _key_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                                   n_kv_heads, qk_scale, 0, full_end, 0, 0, CAUSAL, False, False,
+                                   HEAD_DIM, BLOCK_N, UPCAST, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                                   n_kv_heads, qk_scale, full_end, masked_end, 0, 0, CAUSAL, True, False,
+                                   HEAD_DIM, BLOCK_N, UPCAST, DOT_PRECISION)
 
     o = acc / l_i[:, None]
     o_ptrs = _tile_ptrs(o_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM)
@@ -353,12 +425,14 @@ _PREPROCESS_BLOCK = 32  # rows per program (64 spilled 8 bytes at head dim 128 i
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head, offs_n,
-                seqlen, n_heads, qk_scale, lo, hi, DIAGONAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, WGMMA: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr, doc_end_ptr,
+                batch, head, offs_n, seqlen, n_heads, qk_scale, lo, hi, DIAGONAL: tl.constexpr,
+                DOC_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, WGMMA: tl.constexpr):
     """Accumulate into dk, dv the query blocks [lo, hi) of one query head, and with ATOMIC_DQ
-    add each block's dq (unscaled) to the fp32 buffer at dq_ptr. DIAGONAL: the causal mask.
+    add each block's dq (unscaled) to the fp32 buffer at dq_ptr. DIAGONAL: the causal mask;
+    DOC_MASK: the document mask of the query rows (_doc_keep; with DIAGONAL, causal too).
 
     The matmuls are oriented (at compile time, from the block shape) so that on sm_90 each
     result has M >= 64 rows: wgmma's M is a multiple of 64 (a warpgroup's rows), and Triton
@@ -377,10 +451,14 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, 
         q, do = _load_tile_pair(q_ptr, do_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM,
                               UPCAST)
         lse, delta = _load_row_stats(lse_ptr, delta_ptr, row_base, offs_m, seqlen)
+        if DOC_MASK:
+            doc_start, doc_end = _doc_bounds(doc_start_ptr, doc_end_ptr, batch, offs_m, seqlen)
         if BLOCK_M > BLOCK_N:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             p = tl.math.exp2(qk * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
-            if DIAGONAL:
+            if DOC_MASK:
+                p = tl.where(_doc_keep(offs_m, offs_n, doc_start, doc_end, DIAGONAL), p, 0.0)
+            elif DIAGONAL:
                 p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
             dv += tl.dot(tl.trans(do), p.to(do.dtype), input_precision=DOT_PRECISION)  # dv^T
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -393,7 +471,14 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, 
         else:
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
             p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M): P transposed
-            if DIAGONAL:
+            if DOC_MASK:  # _doc_keep transposed
+                keep_t = offs_n[:, None] >= doc_start[None, :]
+                if DIAGONAL:
+                    keep_t = keep_t & (offs_m[None, :] >= offs_n[:, None])
+                else:
+                    keep_t = keep_t & (offs_n[:, None] < doc_end[None, :])
+                p_t = tl.where(keep_t, p_t, 0.0)
+            elif DIAGONAL:
                 p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -410,10 +495,11 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, 
 
 
 @triton.jit
-def _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head, start_n,
-                   offs_n, seqlen, n_heads, qk_scale, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, WGMMA: tl.constexpr):
+def _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr, doc_end_ptr,
+                   batch, head, start_n, offs_n, seqlen, n_heads, qk_scale, CAUSAL: tl.constexpr,
+                   DOC_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   ATOMIC_DQ: tl.constexpr, WGMMA: tl.constexpr):
     """All the query blocks of one query head. Causal: the queries before start_n see none of
     these keys; the query blocks that overlap the key block [start_n, start_n + BLOCK_N) cross
     the diagonal (masked), the later ones see all of it. When BLOCK_M > BLOCK_N the key block
@@ -421,31 +507,44 @@ def _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batc
     (pipelined) loop cost registers that spilled at head dim 256, and the mask is two
     instructions per score against 2 * 5 * 256 matmul FLOPs there.
     Query rows past seqlen (in the last block) need no mask: their q, do, lse and delta load as
-    0, so P is 1 and dS 0 there, which adds 0 to dk and dv, and their dq is not stored."""
-    if CAUSAL and BLOCK_M > BLOCK_N:
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
-                             offs_n, seqlen, n_heads, qk_scale, start_n, seqlen, True, HEAD_DIM,
+    0, so P is 1 and dS 0 there, which adds 0 to dk and dv, and their dq is not stored.
+    DOC_MASK: only the query rows that share a document with these keys, from the first key's
+    document start (causal: start_n) to the end of the last key's document, every block masked;
+    the query blocks outside are skipped."""
+    if DOC_MASK:
+        base = batch.to(tl.int64) * seqlen
+        hi = tl.load(doc_end_ptr + base + tl.minimum(start_n + BLOCK_N, seqlen) - 1)
+        if CAUSAL:
+            lo = start_n
+        else:
+            lo = tl.load(doc_start_ptr + base + start_n)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr, doc_end_ptr,
+                             batch, head, offs_n, seqlen, n_heads, qk_scale, lo, hi, CAUSAL, True, HEAD_DIM,
+                             BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ, WGMMA)
+    elif CAUSAL and BLOCK_M > BLOCK_N:
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr, doc_end_ptr, batch,
+                             head, offs_n, seqlen, n_heads, qk_scale, start_n, seqlen, True, False, HEAD_DIM,
                              BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ, WGMMA)
     elif CAUSAL:
         full_start = tl.minimum(start_n + BLOCK_N, seqlen)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
-                             offs_n, seqlen, n_heads, qk_scale, start_n, full_start, True, HEAD_DIM,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr, doc_end_ptr, batch,
+                             head, offs_n, seqlen, n_heads, qk_scale, start_n, full_start, True, False, HEAD_DIM,
                              BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ, WGMMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
-                             offs_n, seqlen, n_heads, qk_scale, full_start, seqlen, False, HEAD_DIM,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr, doc_end_ptr, batch,
+                             head, offs_n, seqlen, n_heads, qk_scale, full_start, seqlen, False, False, HEAD_DIM,
                              BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ, WGMMA)
     else:
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch, head,
-                             offs_n, seqlen, n_heads, qk_scale, 0, seqlen, False, HEAD_DIM, BLOCK_M,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr, doc_end_ptr, batch,
+                             head, offs_n, seqlen, n_heads, qk_scale, 0, seqlen, False, False, HEAD_DIM, BLOCK_M,
                              BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ, WGMMA)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
-                          n_heads, seqlen, qk_scale, sm_scale,
+                          doc_start_ptr, doc_end_ptr, n_heads, seqlen, qk_scale, sm_scale,
                           HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          DOC_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           ATOMIC_DQ: tl.constexpr, WGMMA: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
     # Grid: (key blocks, kv_heads, batch) (launch_grid). WGMMA: sm_90 and later (see _dkdv_inner).
@@ -463,15 +562,15 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if GROUP == 1:  # no head loop (compile time)
-        dk, dv = _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch,
-                                kv_head, start_n, offs_n, seqlen, n_heads, qk_scale, CAUSAL,
-                                HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ,
+        dk, dv = _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr,
+                                doc_end_ptr, batch, kv_head, start_n, offs_n, seqlen, n_heads, qk_scale,
+                                CAUSAL, DOC_MASK, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ,
                                 WGMMA)
     else:
         for head in range(kv_head * GROUP, kv_head * GROUP + GROUP):  # GQA: sum over the group
-            dk, dv = _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, batch,
-                                    head, start_n, offs_n, seqlen, n_heads, qk_scale, CAUSAL,
-                                    HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ,
+            dk, dv = _dkdv_one_head(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr,
+                                    doc_end_ptr, batch, head, start_n, offs_n, seqlen, n_heads, qk_scale,
+                                    CAUSAL, DOC_MASK, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, ATOMIC_DQ,
                                     WGMMA)
     if BLOCK_M > BLOCK_N:
         dk = tl.trans(dk)
@@ -488,17 +587,19 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_pt
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen, n_kv_heads,
-              qk_scale, lo, hi, CAUSAL: tl.constexpr, MASK: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """Accumulate into dq (BLOCK_M, HEAD_DIM) the key blocks [lo, hi)."""
+              qk_scale, lo, hi, doc_start, doc_end, CAUSAL: tl.constexpr, MASK: tl.constexpr,
+              DOC_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate into dq (BLOCK_M, HEAD_DIM) the key blocks [lo, hi) (masks as _fwd_inner's)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_tile_pair(k_ptr, v_ptr, batch, kv_head, offs_n, seqlen, n_kv_heads,
                               HEAD_DIM, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
-        if MASK:
+        if DOC_MASK:
+            p = tl.where(_doc_keep(offs_m, offs_n, doc_start, doc_end, CAUSAL), p, 0.0)
+        elif MASK:
             p = tl.where(_keep(offs_m, offs_n, seqlen, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -507,10 +608,10 @@ def _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqle
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, doc_start_ptr, doc_end_ptr,
                         n_heads, seqlen, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        DOC_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The deterministic path's dq (see the module docstring).
     start_m, batch, head, kv_head = _query_block(GROUP, BLOCK_M)
@@ -522,13 +623,20 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     lse, delta = _load_row_stats(lse_ptr, delta_ptr, row_base, offs_m, seqlen)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    full_end, masked_end = _key_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
-                   n_kv_heads, qk_scale, 0, full_end, CAUSAL, False, HEAD_DIM, BLOCK_N, UPCAST,
-                   DOT_PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
-                   n_kv_heads, qk_scale, full_end, masked_end, CAUSAL, True, HEAD_DIM, BLOCK_N,
-                   UPCAST, DOT_PRECISION)
+    if DOC_MASK:  # as the forward: only the key blocks of the rows' documents
+        doc_start, doc_end = _doc_bounds(doc_start_ptr, doc_end_ptr, batch, offs_m, seqlen)
+        lo, hi = _doc_key_range(doc_start_ptr, doc_end_ptr, batch, start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                       n_kv_heads, qk_scale, lo, hi, doc_start, doc_end, CAUSAL, True, True, HEAD_DIM,
+                       BLOCK_N, UPCAST, DOT_PRECISION)
+    else:
+        full_end, masked_end = _key_ranges(start_m, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                       n_kv_heads, qk_scale, 0, full_end, 0, 0, CAUSAL, False, False, HEAD_DIM,
+                       BLOCK_N, UPCAST, DOT_PRECISION)
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptr, v_ptr, batch, kv_head, offs_m, seqlen,
+                       n_kv_heads, qk_scale, full_end, masked_end, 0, 0, CAUSAL, True, False, HEAD_DIM,
+                       BLOCK_N, UPCAST, DOT_PRECISION)
     dq_ptrs = _tile_ptrs(dq_ptr, batch, head, offs_m, seqlen, n_heads, HEAD_DIM)
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=offs_m[:, None] < seqlen)
 
@@ -564,14 +672,21 @@ def _batch_slices(batch: int) -> list[slice]:
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
-def _launcher(kernel: str, q: torch.Tensor):
-    return _tuner(kernel, _arch(q.device), q.shape[-1], q.dtype)
+def _launcher(kernel: str, q: torch.Tensor, doc_mask: bool):
+    return _tuner(kernel, _arch(q.device), q.shape[-1], q.dtype, doc_mask)
+
+
+def _rows(table: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """A batch slice of a document table (None: no document mask)."""
+    return None if table is None else table[rows]
 
 
 @torch.library.custom_op("stackfast::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (o like q, lse (batch, heads, seqlen) fp32 in base 2 with the scale folded in)."""
+                   softmax_scale: float, doc_start: torch.Tensor | None,
+                   doc_end: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (o like q, lse (batch, heads, seqlen) fp32 in base 2 with the scale folded in).
+    doc_start, doc_end: document_bounds of the document ids, or None (no document mask)."""
     # The kernels index contiguous (batch, seqlen, heads, head_dim) tensors; q, k and v
     # straight out of a projection's .view are contiguous already (no copy).
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -582,25 +697,28 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     if o.numel() == 0:  # batch 0 or seqlen 0: nothing to launch (nor to autotune)
         return o, lse
     options = _kernel_options(q, k)
+    doc_mask = doc_start is not None
     for rows in _batch_slices(batch):
         def grid(meta, n=rows.stop - rows.start):
             return launch_grid(seqlen, meta["BLOCK_M"], n_heads, n)
 
-        _launcher("fwd", q)[grid](q[rows], k[rows], v[rows], o[rows], lse[rows], n_heads, seqlen,
-                                  softmax_scale * LOG2E, CAUSAL=causal, **options)
+        _launcher("fwd", q, doc_mask)[grid](q[rows], k[rows], v[rows], o[rows], lse[rows], _rows(doc_start, rows),
+                                            _rows(doc_end, rows), n_heads, seqlen, softmax_scale * LOG2E,
+                                            CAUSAL=causal, DOC_MASK=doc_mask, **options)
     return o, lse
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, softmax_scale):
+def _(q, k, v, causal, softmax_scale, doc_start, doc_end):
     batch, seqlen, n_heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, n_heads, seqlen), dtype=torch.float32)
 
 
 @torch.library.custom_op("stackfast::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   o: torch.Tensor, lse: torch.Tensor, causal: bool,
-                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   o: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
+                   doc_start: torch.Tensor | None,
+                   doc_end: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) shaped like q, k, v. dq is summed with fp32 atomics (run-to-run
     differences of fp32 rounding) unless torch.use_deterministic_algorithms(True) is on."""
     do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
@@ -613,7 +731,8 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     # atomic path: unscaled dq summed in fp32; deterministic path: written by the dq kernel
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic_dq else torch.empty_like(q)
-    options = _kernel_options(q, k)
+    doc_mask = doc_start is not None
+    options = {**_kernel_options(q, k), "CAUSAL": causal, "DOC_MASK": doc_mask}
     scales = (softmax_scale * LOG2E, softmax_scale)
     for rows in _batch_slices(batch):
         n = rows.stop - rows.start
@@ -623,36 +742,37 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         def dkdv_grid(meta, n=n):
             return launch_grid(seqlen, meta["BLOCK_N"], n_kv_heads, n)
 
-        _launcher("dkdv" if n_heads == n_kv_heads else "dkdv-gqa", q)[dkdv_grid](
-            q[rows], k[rows], v[rows], do[rows], lse[rows], delta[rows], dk[rows], dv[rows], dq[rows], n_heads,
-            seqlen, *scales, CAUSAL=causal, ATOMIC_DQ=atomic_dq, WGMMA=_wgmma(_arch(q.device), q.dtype),
-            **options)
+        _launcher("dkdv" if n_heads == n_kv_heads else "dkdv-gqa", q, doc_mask)[dkdv_grid](
+            q[rows], k[rows], v[rows], do[rows], lse[rows], delta[rows], dk[rows], dv[rows], dq[rows],
+            _rows(doc_start, rows), _rows(doc_end, rows), n_heads, seqlen, *scales, ATOMIC_DQ=atomic_dq,
+            WGMMA=_wgmma(_arch(q.device), q.dtype), **options)
         if not atomic_dq:
             def dq_grid(meta, n=n):
                 return launch_grid(seqlen, meta["BLOCK_M"], n_heads, n)
 
-            _launcher("dq", q)[dq_grid](q[rows], k[rows], v[rows], do[rows], lse[rows], delta[rows], dq[rows],
-                                        n_heads, seqlen, *scales, CAUSAL=causal, **options)
+            _launcher("dq", q, doc_mask)[dq_grid](q[rows], k[rows], v[rows], do[rows], lse[rows], delta[rows],
+                                                  dq[rows], _rows(doc_start, rows), _rows(doc_end, rows), n_heads,
+                                                  seqlen, *scales, **options)
     if atomic_dq:
         return (dq * softmax_scale).to(q.dtype), dk, dv
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, softmax_scale):
+def _(do, q, k, v, o, lse, causal, softmax_scale, doc_start, doc_end):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.softmax_scale = inputs
+    q, k, v, ctx.causal, ctx.softmax_scale, doc_start, doc_end = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, doc_start, doc_end)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -690,28 +810,94 @@ def supports(head_dim: int, dtype: torch.dtype) -> bool:
     return head_dim in (FP32_HEAD_DIMS if dtype == torch.float32 else HEAD_DIMS)
 
 
+def _validate_document_ids(document_ids, q: torch.Tensor) -> None:
+    if not isinstance(document_ids, torch.Tensor):
+        raise ValueError(f"attention: document_ids must be a tensor, got {type(document_ids).__name__}")
+    if document_ids.shape != q.shape[:2]:
+        raise ValueError(f"attention: document_ids must be (batch, seqlen) = {tuple(q.shape[:2])}, got "
+                         f"{tuple(document_ids.shape)}")
+    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+        raise ValueError(f"attention: document_ids must be an integer tensor, got {document_ids.dtype}")
+    if document_ids.device != q.device:
+        raise ValueError(f"attention: document_ids is on {document_ids.device}, q on {q.device}")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * softmax_scale [+ causal mask]) v, in Triton, flash-attn layout.
+              softmax_scale: float | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale [+ causal mask] [+ document mask]) v, in Triton, flash-attn layout.
 
     q: (batch, seqlen, heads, head_dim); k, v: (batch, seqlen, kv_heads, head_dim) with
     heads a multiple of kv_heads. softmax_scale defaults to 1/sqrt(head_dim). Returns q's
     shape and dtype. fp16/bf16 compute with fp32 accumulation.
+
+    document_ids: (batch, seqlen) integers, the document of each position of sequences packed
+    from several (non-decreasing in each row, e.g. the count of EOS tokens before it); a query
+    then attends only to the keys of its own document, a run of equal ids (an id that comes
+    back after another starts a new document), and the kernels skip the tiles of queries and
+    keys that share none (see document_tiles).
     """
     _validate(q, k, v)
     _launch.check_device("attention", q, k, v)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    doc_start = doc_end = None
+    if document_ids is not None:
+        _validate_document_ids(document_ids, q)
+        doc_start, doc_end = document_bounds(document_ids)
     # The op saves its inputs for the backward: contiguous here (a no-op for q, k and v straight
     # out of a projection's .view), so a strided view is copied once and the backward reuses it.
-    o, _ = _attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), causal, softmax_scale)
+    o, _ = _attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), causal, softmax_scale, doc_start,
+                          doc_end)
     return o
 
 
+def _validate_cu_seqlens(name: str, cu_seqlens, total: int) -> list[int]:
+    """cu_seqlens as a list (a host sync), after the checks flash-attention's convention implies."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.dtype != torch.int32:
+        what = (f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor)
+                else type(cu_seqlens).__name__)
+        raise ValueError(f"attention_varlen: {name} must be a 1-D int32 tensor, got {what}")
+    bounds = cu_seqlens.tolist()
+    if not bounds or bounds[0] != 0:
+        raise ValueError(f"attention_varlen: {name} must start at 0, got {bounds[:1]}")
+    if any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"attention_varlen: {name} must be non-decreasing, got {bounds}")
+    if bounds[-1] != total:
+        raise ValueError(f"attention_varlen: {name} must end at the total token count {total}, got {bounds[-1]}")
+    return bounds
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                     softmax_scale: float | None = None, causal: bool = True) -> torch.Tensor:
+    """flash-attention's varlen form (flash_attn_varlen_func) of `attention`: the sequences laid
+    end to end, q (total_tokens, heads, head_dim), k and v (total_tokens, kv_heads, head_dim),
+    sequence i at rows cu_seqlens[i]:cu_seqlens[i + 1] (int32, from 0 to total_tokens). Self-
+    attention only: cu_seqlens_k must equal cu_seqlens_q. Runs `attention` on one row of all
+    the tokens with the sequences as its documents. Unlike flash-attention, causal defaults to
+    True (as `attention`'s). Returns q's shape and dtype."""
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"attention_varlen: q, k and v must be 3-D (total_tokens, heads, head_dim), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    bounds = _validate_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    if _validate_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0]) != bounds:
+        raise ValueError("attention_varlen: cu_seqlens_k must equal cu_seqlens_q (self-attention only)")
+    longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+    if min(max_seqlen_q, max_seqlen_k) < longest:
+        raise ValueError(f"attention_varlen: max_seqlen_q / max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are "
+                         f"below the longest sequence ({longest})")
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=q.device)
+    document_ids = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+    return attention(q[None], k[None], v[None], causal=causal, softmax_scale=softmax_scale,
+                     document_ids=document_ids[None])[0]
+
+
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                  softmax_scale: float | None = None, upcast: bool = False) -> torch.Tensor:
+                  softmax_scale: float | None = None, upcast: bool = False,
+                  document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch attention with attention's signature and layout (materialises the scores).
 
+    document_ids: as `attention`'s (the same-document mask, materialised).
     upcast=False computes in the input dtype, op by op, like plain PyTorch code does;
     upcast=True computes in float64 (on any device) and returns float64: the accuracy
     reference, not cast back, since casting would hide the errors that tests measure.
@@ -726,26 +912,68 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     k = k.transpose(1, 2).repeat_interleave(group, dim=1)
     v = v.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-2, -1)) * softmax_scale  # (batch, heads, seqlen, seqlen)
+    seqlen = q.shape[2]
     if causal:
-        seqlen = q.shape[2]
         hidden = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))
+    if document_ids is not None:
+        _validate_document_ids(document_ids, q.transpose(1, 2))
+        scores = scores.masked_fill(~same_document(document_ids)[:, None], float("-inf"))  # over heads
     return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def document_tiles(document_ids, block_m: int, block_n: int, causal: bool,
+                   keys_outer: bool = False) -> tuple[int, int]:
+    """(tiles computed with the document mask, tiles computed without it) by the attention
+    kernels for these document ids ((batch, seqlen), numpy or torch), per head: exact, on the
+    CPU. A tile is one (BLOCK_M query rows, BLOCK_N keys) block pair. keys_outer=False counts the
+    forward's (and the deterministic dq kernel's) loops, a program per query block over key
+    blocks; keys_outer=True the dk/dv kernel's, a program per key block over query blocks
+    starting at its first query row (not a multiple of BLOCK_M)."""
+    ids = np.asarray(document_ids.cpu() if isinstance(document_ids, torch.Tensor) else document_ids)
+    start, end = (np.asarray(t) for t in document_bounds(torch.from_numpy(ids.astype(np.int64))))
+    seqlen = ids.shape[1]
+    masked = plain = 0
+    if not keys_outer:
+        first = np.arange(0, seqlen, block_m)
+        last = np.minimum(first + block_m, seqlen) - 1
+        lo = start[:, first] // block_n  # in blocks
+        hi = last + 1 if causal else end[:, last]
+        masked = int((-(-hi // block_n) - lo).sum())
+        plain_hi = last + 1 if causal else np.full_like(first, seqlen)
+        plain = ids.shape[0] * int((-(-plain_hi // block_n)).sum())
+        return masked, plain
+    first = np.arange(0, seqlen, block_n)
+    last = np.minimum(first + block_n, seqlen) - 1
+    lo = first if causal else start[:, first]
+    masked = int((-(-(end[:, last] - lo) // block_m)).sum())
+    if not causal:
+        plain_rows = np.full(len(first), -(-seqlen // block_m))
+    elif block_m > block_n:  # one loop from the key block to the end
+        plain_rows = -(-(seqlen - first) // block_m)
+    else:  # the loop over the diagonal blocks, then the one below it
+        plain_rows = -(-(last + 1 - first) // block_m) + -(-(seqlen - last - 1) // block_m)
+    return masked, ids.shape[0] * int(plain_rows.sum())
 
 
 def compile_specs(arch: int) -> list:
     """The kernels of this module for benchmarks/kernel_stats.py (offline compiles): every
-    advertised head dim, bf16 and fp16, causal and not, no GQA (GROUP 1), with the config
-    lists of `arch`; dk/dv also with GQA (GROUP 4), each with the atomic dq and in its
-    deterministic form (no atomic dq, with the dq kernel); fp32 (the exact path of the tests)
-    at every head dim it takes."""
+    advertised head dim, bf16 and fp16, causal and not, without and with the document mask
+    (doc_mask), no GQA (GROUP 1), with the config lists of `arch`; dk/dv also with GQA (GROUP 4),
+    each with the atomic dq and in its deterministic form (no atomic dq, with the dq kernel);
+    fp32 (the exact path of the tests) at every head dim it takes."""
     sizes = ("n_heads", "seqlen")  # 16-divisible at real sizes (32 heads, seqlen 4096)
+    documents = ("doc_start_ptr", "doc_end_ptr")
     specs = []
 
     def add(name, fn, configs, variant, **constexprs):
         dtype = variant["dtype"]
         fp32 = {"lse_ptr", "delta_ptr"} | ({"dq_ptr"} if constexprs.get("ATOMIC_DQ") else set())
-        signature = {a: "*fp32" if a in fp32 else f"*{dtype}" for a in fn.arg_names if a.endswith("_ptr")}
+        signature = {a: "*fp32" if a in fp32 else "*i32" if a in documents else f"*{dtype}"
+                     for a in fn.arg_names if a.endswith("_ptr")}
+        if not constexprs.get("DOC_MASK", True):  # the launcher passes None: a constexpr, unread
+            constexprs.update(dict.fromkeys(documents))
+            signature = {a: t for a, t in signature.items() if a not in documents}
         hinted = (*signature, *sizes)
         signature.update({a: "i32" for a in sizes})
         signature.update({a: "fp32" for a in ("qk_scale", "sm_scale") if a in fn.arg_names})
@@ -757,22 +985,24 @@ def compile_specs(arch: int) -> list:
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         for head_dim in head_dims:
             for causal in (True, False):
-                variant = {"head_dim": head_dim, "dtype": dtype, "causal": causal, "group": 1}
-                common = {"HEAD_DIM": head_dim, "CAUSAL": causal, "UPCAST": False,
-                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                for doc_mask in (False, True):
+                    variant = {"head_dim": head_dim, "dtype": dtype, "causal": causal, "doc_mask": doc_mask,
+                               "group": 1}
+                    common = {"HEAD_DIM": head_dim, "CAUSAL": causal, "DOC_MASK": doc_mask, "UPCAST": False,
+                              "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
 
-                def configs(kernel):
-                    return configs_for(kernel, arch, head_dim, torch_dtype)
+                    def configs(kernel):
+                        return configs_for(kernel, arch, head_dim, torch_dtype, doc_mask)
 
-                add("fwd", _attn_fwd_kernel, configs("fwd"), variant, GROUP=1, **common)
-                for atomic in (True, False):
-                    name = "dkdv" if atomic else "dkdv-deterministic"
-                    wgmma = _wgmma(arch, torch_dtype)
-                    add(name, _attn_bwd_dkdv_kernel, configs("dkdv"), variant, GROUP=1, ATOMIC_DQ=atomic,
-                        WGMMA=wgmma, **common)
-                    add(name, _attn_bwd_dkdv_kernel, configs("dkdv-gqa"), {**variant, "group": 4}, GROUP=4,
-                        ATOMIC_DQ=atomic, WGMMA=wgmma, **common)
-                add("dq", _attn_bwd_dq_kernel, configs("dq"), variant, GROUP=1, **common)
+                    add("fwd", _attn_fwd_kernel, configs("fwd"), variant, GROUP=1, **common)
+                    for atomic in (True, False):
+                        name = "dkdv" if atomic else "dkdv-deterministic"
+                        wgmma = _wgmma(arch, torch_dtype)
+                        add(name, _attn_bwd_dkdv_kernel, configs("dkdv"), variant, GROUP=1, ATOMIC_DQ=atomic,
+                            WGMMA=wgmma, **common)
+                        add(name, _attn_bwd_dkdv_kernel, configs("dkdv-gqa"), {**variant, "group": 4}, GROUP=4,
+                            ATOMIC_DQ=atomic, WGMMA=wgmma, **common)
+                    add("dq", _attn_bwd_dq_kernel, configs("dq"), variant, GROUP=1, **common)
             add("preprocess", _bwd_preprocess_kernel, (), {"head_dim": head_dim, "dtype": dtype}, HEAD_DIM=head_dim,
                 BLOCK_M=_PREPROCESS_BLOCK)
             specs[-1] = dataclasses.replace(specs[-1], configs=(({}, 4, 1),))

@@ -5,11 +5,18 @@
     loss = model(input_ids=x, labels=x).loss
 
 What is replaced (forward methods only: no module, parameter or buffer is added, removed or
-renamed, so the state dict and checkpoints are untouched):
+renamed, so the state dict and checkpoints are untouched; a patched instance holds its
+forwards as functools.partial of this module's functions, so torch.save / torch.load and
+deepcopy keep the patch):
 - every RMSNorm: stackfast.ops.rms_norm;
 - every attention: q/k/v projections, stackfast.ops.rope on q and k (the tables Hugging
   Face computed: position_ids, rope scaling and attention_scaling are honoured), then
   stackfast.ops.attention (causal, GQA, flash-attn layout, no (B, H, S, D) transposes).
+  Packed inputs, marked as transformers marks them by `position_ids` restarting at 0 inside
+  a row, are masked per document as transformers' flash-attention path does (a document
+  begins at each position 0; the kernels skip the tiles between documents); where
+  transformers builds that mask itself (SDPA without a cache: `use_cache=False`) the module's
+  own forward runs, on that mask.
   The module's own forward runs instead where the kernel would not give the same result:
   an explicit attention mask (padding, or an implementation that materialises the causal
   mask, e.g. 'eager'), a KV cache holding earlier tokens (generation; an empty one is
@@ -37,7 +44,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
-import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +58,9 @@ SUPPORTED = {
 _ORIGINAL: dict[tuple[type, str], object] = {}  # (class, "forward") -> the forward patch_* replaced
 # transformers' names for the KV cache argument, newest first (4.x: past_key_value(s); 5.x: cache)
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+# (a weak reference to the last position_ids seen, their document ids): every layer of one
+# model call gets the same position_ids tensor, so the host sync of _document_ids is once per call
+_LAST_DOCUMENTS: list = [None, None]
 
 
 def _original_forward(module):
@@ -105,6 +115,20 @@ def _kernel_applies(module, hidden_states, attention_mask, cache) -> bool:
             and (window is None or hidden_states.shape[1] <= window))
 
 
+def _document_ids(position_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Document ids (batch, seqlen) of rows packed from several sequences, marked by position_ids
+    restarting at 0 inside a row (a document begins at each 0); None when no row restarts."""
+    if position_ids is None:
+        return None
+    ref, ids = _LAST_DOCUMENTS
+    if ref is not None and ref() is position_ids:
+        return ids
+    starts = position_ids.expand(batch, -1) == 0  # sometimes (1, seqlen) for the whole batch
+    ids = starts.cumsum(-1) if bool(starts[:, 1:].any()) else None  # host sync
+    _LAST_DOCUMENTS[:] = [weakref.ref(position_ids), ids]
+    return ids
+
+
 def attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                       cache=None, **kwargs):
     given_as_cache = cache is not None
@@ -126,7 +150,8 @@ def attention_forward(self, hidden_states: torch.Tensor, position_embeddings=Non
     q, k = rope(q, k, cos, sin)
     if cache is not None:  # Hugging Face caches (B, kv_heads, S, head_dim) after RoPE
         cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-    out = attention(q, k, v, causal=True, softmax_scale=self.scaling)
+    out = attention(q, k, v, causal=True, softmax_scale=self.scaling,
+                    document_ids=_document_ids(kwargs.get("position_ids"), batch))
     return self.o_proj(out.reshape(batch, seqlen, -1)), None
 
 
@@ -219,7 +244,9 @@ def apply_stackfast_kernels(model: torch.nn.Module) -> torch.nn.Module:
         for cls, forward in forwards.items():
             # a subclass with a forward of its own computes something else: it keeps its forward
             if isinstance(module, cls) and type(module).forward is cls.forward:
-                module.forward = types.MethodType(forward, module)  # an instance attribute, not a parameter
+                # an instance attribute, not a parameter; a partial of a module-level function
+                # pickles (a bound method would be looked up by name on load, and not found)
+                module.forward = functools.partial(forward, module)
     return model
 
 
@@ -254,5 +281,6 @@ def patch_qwen2(undo: bool = False) -> None:
 
 def is_patched(model: torch.nn.Module) -> bool:
     """Whether this model's RMSNorm, attention, MLP and loss run stackfast's kernels."""
-    return getattr(model.forward, "__func__", None) is causal_lm_forward
+    forward = model.forward  # a partial (apply_stackfast_kernels) or a bound method (patch_llama)
+    return getattr(forward, "func", getattr(forward, "__func__", None)) is causal_lm_forward
 
