@@ -642,9 +642,9 @@ def say_stopped(stop: StopSignal, step: int, saved: Path, progress: Progress, wo
         print(note, file=sys.stderr, flush=True)
 
 
-def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-               document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    return model(x, y, document_ids=document_ids)
+def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *document_ids: torch.Tensor) -> torch.Tensor:
+    """The mean loss of a micro-batch; `document_ids`, with data.document_mask, is the model's third argument."""
+    return model(x, y, *document_ids)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[tuple],

@@ -32,7 +32,8 @@ def test_toy_run_loss_falls_and_logs_every_step(tmp_path):
     cfg = tiny_config(tmp_path)
     assert train_rows[-1]["flops"] == pytest.approx(summary["tokens"] * cfg.model.flops_per_token(64))
     assert (tmp_path / "config.toml").read_text() == cfg.to_toml().replace(
-        "max_steps = 0", "max_steps = 40").replace("eval_every = 100", "eval_every = 20")
+        "max_steps = 0", "max_steps = 40").replace("eval_every = 100", "eval_every = 20").replace(
+        'sampling = "auto"', 'sampling = "epoch"')  # the resolved config: a fresh run reads by epoch
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
