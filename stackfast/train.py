@@ -52,6 +52,7 @@ from stackfast.checkpoint import (STEP_DIR, AsyncSaver, CheckpointError, latest_
                                   remove_stale_saves, save_checkpoint, verify_checksums)
 from stackfast.config import Config, ConfigError, StackfastError, load_config
 from stackfast.data import Prefetcher, TokenLoader, open_sources
+from stackfast.data.sampling import attended_share
 from stackfast.errors import StopNow, WriteError, report_errors
 from stackfast.files import PLACE_ERRNOS
 from stackfast.float8 import (check_convertible, check_float8, describe as describe_float8, precompute_scales,
@@ -265,6 +266,7 @@ class StepRecord:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     bad: torch.Tensor
+    attended: float | None = None  # with data.document_mask: the share of causal attention kept (host)
 
 
 class PendingSteps:
@@ -297,7 +299,8 @@ class PendingSteps:
         for record, (loss, norm, bad) in zip(records, rows):
             self.log.write({"step": record.step, "tokens": record.tokens, "flops": record.flops, "loss": loss,
                             "lr": record.lr, "grad_norm": norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                            **({"skipped": True} if bad else {})})
+                            **({"skipped": True} if bad else {}),
+                            **({"attended": record.attended} if record.attended is not None else {})})
         self.last_loss = rows[-1][0]
         self.progress.update(records[-1].step, self.last_loss, tokens_per_s, mfu)
         for record, (_, _, bad) in zip(records, rows):  # in step order: a good step ends a bad run
@@ -517,8 +520,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
             lr = scheduled_lr(cfg, state.step, total_steps, job.grow_at)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [tuple(t.to(device, non_blocking=True) for t in batches.batch(state.step, m))
-                             for m in range(accum)]
+            host_batches = [batches.batch(state.step, m) for m in range(accum)]
+            micro_batches = [tuple(t.to(device, non_blocking=True) for t in b) for b in host_batches]
             for name, epoch in loader.epochs_begun(state.step):  # in the log's numbering: the step that reads it
                 progress.message(f"step {state.step + 1}: data source {name} begins epoch {epoch}, in a new order")
             loss, grad_norm, bad = train_step(model, optimizer, micro_batches, job.autocast, cfg.optim.grad_clip,
@@ -526,7 +529,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopSignal, lo
             state.step += 1
             state.tokens += tokens_per_step
             state.flops += flops_per_token * tokens_per_step
-            pending.add(StepRecord(state.step, state.tokens, state.flops, lr, loss, grad_norm, bad))
+            pending.add(StepRecord(state.step, state.tokens, state.flops, lr, loss, grad_norm, bad,
+                                   attended_of(host_batches)))
 
             step, done = state.step, state.step == total_steps
             eval_now, save_now = should_eval(cfg, step, done), should_save(cfg, step, done)
@@ -640,6 +644,14 @@ def say_stopped(stop: StopSignal, step: int, saved: Path, progress: Progress, wo
         progress.message(note)
     elif world.main:
         print(note, file=sys.stderr, flush=True)
+
+
+def attended_of(host_batches: list[tuple]) -> float | None:
+    """The share of causal attention the document mask keeps in this process's rows of a step
+    (None without data.document_mask), from the ids on the host: no device sync."""
+    if len(host_batches[0]) < 3:
+        return None
+    return attended_share(torch.cat([b[2] for b in host_batches]).numpy())
 
 
 def model_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *document_ids: torch.Tensor) -> torch.Tensor:

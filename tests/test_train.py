@@ -276,3 +276,43 @@ def test_the_peak_flops_of_a_gpu_is_its_own(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda")) == (tflops * 1e12 if tflops else None)
     assert peak_flops(torch.device("cuda"), override_tflops=500) == 500e12
+
+
+def test_document_masked_training_follows_the_same_trace_on_both_paths_and_logs_the_attended_share(tmp_path):
+    import json
+
+    import numpy as np
+
+    from stackfast.data.sampling import attended_share, document_ids
+    from stackfast.data.shards import FORMAT
+    # byte-like tokens with an end-of-text (id 0) every 5 to 40 tokens: several documents per row
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 256, size=6000).astype(np.uint16)
+    ends = np.cumsum(rng.integers(5, 40, size=400))
+    tokens[ends[ends < tokens.size]] = 0
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    tokens[:5500].tofile(folder / "train_00000.bin")
+    tokens[5500:].tofile(folder / "val_00000.bin")
+    (folder / "index.json").write_text(json.dumps({
+        "format": FORMAT, "dtype": "uint16", "vocab_size": 256, "total_tokens": 6000,
+        "tokenizer": {"spec": "test", "fingerprint": "test", "eos_id": 0},
+        "train": [{"file": "train_00000.bin", "tokens": 5500}], "val": [{"file": "val_00000.bin", "tokens": 500}]}))
+    job = ['model.preset="tiny"', "model.vocab_size=256", "data.seq_len=32", "train.global_batch_size=2",
+           "train.max_steps=4", "train.eval_batches=1", 'train.dtype="fp32"', "logging.progress=false",
+           "logging.tensorboard=false", "logging.log_every=1", f'data.path="{folder}"', "data.document_mask=true",
+           "model.rope_reset=true"]
+    losses = {}
+    for kernels in ("torch", "triton"):  # triton: under the interpreter on a CPU
+        run(load_config(None, job + [f'model.kernels="{kernels}"', f'logging.run_dir="{tmp_path / kernels}"']))
+        rows = [r for r in read_metrics(tmp_path / kernels) if "loss" in r]
+        losses[kernels] = [r["loss"] for r in rows]
+        shares = [r["attended"] for r in rows]
+    assert losses["triton"] == pytest.approx(losses["torch"], abs=1e-4)
+    # without the mask the same run trains on other numbers: the mask reached attention
+    run(load_config(None, job[:-2] + [f'logging.run_dir="{tmp_path / "unmasked"}"']))
+    unmasked = [r for r in read_metrics(tmp_path / "unmasked") if "loss" in r]
+    assert "attended" not in unmasked[0] and [r["loss"] for r in unmasked] != pytest.approx(losses["torch"], abs=1e-4)
+    assert all(0.2 < s < 0.95 for s in shares)  # documents of ~20 tokens in rows of 32
+    # the share: documents of 1, 2 and 3 tokens in a row of 6 keep (1 + 3 + 6) of 21 causal pairs
+    assert attended_share(document_ids(np.array([[0, 5, 0, 5, 6, 7]]), 0)) == pytest.approx(10 / 21)

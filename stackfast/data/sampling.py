@@ -149,3 +149,14 @@ def document_ids(rows: np.ndarray, eos_id: int) -> np.ndarray:
     ids = np.zeros(rows.shape, dtype=np.int64)
     np.cumsum(ends[:, :-1], axis=1, out=ids[:, 1:])
     return ids
+
+
+def attended_share(ids: np.ndarray) -> float:
+    """The share of causal attention's (query, key) pairs that the document mask keeps, for
+    rows of document ids (rows, seq) as document_ids gives them: a document of L tokens keeps
+    L (L + 1) / 2 pairs of the row's S (S + 1) / 2. The FLOP count (and so MFU) counts every
+    causal pair; this says how much of it the masked kernels really compute."""
+    rows, seq = ids.shape
+    # one bin per (row, document): ids start at 0 in every row and never skip one
+    lengths = np.bincount((ids + seq * np.arange(rows)[:, None]).ravel())
+    return float((lengths * (lengths + 1)).sum() / (rows * seq * (seq + 1)))
