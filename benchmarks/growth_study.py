@@ -26,7 +26,7 @@ The size comes from throughput measured at the start (a short probe), by the dem
 (15 tokens per parameter, never under 10): scratch, small alone and the paper's G_stack with
 two seeds where they fit (else one, and the JSON says so), then, while time remains, the
 recipe study's best recipe and G_stack under one schedule. No search fits in minutes: every
-arm runs at the CPU study's best schedule and LR, scaled by sqrt(32 / width) (stated, not
+arm runs at the CPU study's best schedule and LR, scaled by sqrt(16 / width) (stated, not
 tuned). --rehearse runs that path at tiny size (about a minute on a CPU), as CI does.
 
     python benchmarks/growth_study.py --gpu              # one H100/H200, <= 9 minutes

@@ -17,7 +17,7 @@ from typing import Callable
 
 from stackfast import __version__
 from stackfast.config import StackfastError, check_device, describe, load_config
-from stackfast.demo import BEST, CPU_SIZING
+from stackfast.demo import BEST, CPU_SIZING, DEMO_SEEDS
 from stackfast.errors import report_errors
 from stackfast.files import first_line
 from stackfast.growth_operators import OPERATORS, operator_spec
@@ -25,7 +25,7 @@ from stackfast.train import add_train_arguments
 
 
 def cmd_demo(args) -> int:
-    from stackfast.demo import QUICK_DIVISOR, gpu_sizing, run_demo
+    from stackfast.demo import QUICK_DIVISOR, gpu_sizing, run_demo, run_equivalents
     from stackfast.train import resolve_device
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -44,7 +44,7 @@ def cmd_demo(args) -> int:
         from stackfast.data import TokenData, builtin_dataset
         corpus = TokenData(builtin_dataset(byte_level=True)).train_tokens
         print(f"sizing the demo for {torch.cuda.get_device_name(device)}: measuring throughput ...", flush=True)
-        sizing = gpu_sizing(str(device), args.minutes, corpus)
+        sizing = gpu_sizing(str(device), args.minutes, corpus, runs=run_equivalents(args.seeds))
     if args.quick:
         sizing = dataclasses.replace(sizing, flops=sizing.flops / QUICK_DIVISOR)
     if args.flops is not None:
@@ -487,8 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="one peak LR for every run (default: each arm's best schedule and LR in "
                    "the recipe study's search, e.g. " + ", ".join(f"{r} {k} {lr:g}" for r, (k, lr) in
                                                                   CPU_SIZING.settings.items() if r in ("scratch", BEST))
-                   + "; on a GPU scaled by sqrt(32 / width))")
-    p.add_argument("--seeds", type=int, default=2, help="seeds of scratch and G_stack (default 2)")
+                   + f"; on a GPU scaled by sqrt({CPU_SIZING.target.hidden_size} / width))")
+    p.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"seeds, every arm on each, compared paired by "
+                   f"seed (default {DEMO_SEEDS})")
     p.add_argument("--minutes", type=float, default=5.0, help="GPU: the time all runs may take (default 5)")
     p.add_argument("--quick", action="store_true",
                    help="a budget 10x smaller: checks the command in about a minute; says nothing about the method")
