@@ -35,14 +35,19 @@ def test_every_recipe_spends_the_budget(name):
         assert (cfg.model.n_layers, cfg.model.hidden_size) == (2, 32)
     else:
         assert (cfg.model.n_layers, cfg.model.hidden_size) == (target.n_layers, target.hidden_size)
-    if name == "stack_paper":  # 20% of the FLOPs on the 2-layer model, then x4, the schedule restarted
-        assert [m.n_layers for m in models] == [2, 8] and cfg.growth.schedule == "restart"
+    if name in ("stack_paper", "stack_restart"):  # 20% of the FLOPs on the 2-layer model, then x4
+        assert [m.n_layers for m in models] == [2, 8]
+        assert cfg.growth.schedule == {"stack_paper": "paper", "stack_restart": "restart"}[name]
         assert bounds[1] * models[0].flops_per_token(128) * tokens == pytest.approx(0.2 * CPU_SIZING.flops, rel=0.01)
-    if name in ("doublings", "midas"):  # 2 -> 4 -> 8 layers, Prop-1 lengths 1 : 2 : 3, one schedule
+    if name in ("doublings", "middle_repeat"):  # 2 -> 4 -> 8 layers, Prop-1 lengths 1 : 2 : 3, one schedule
         assert [m.n_layers for m in models] == [2, 4, 8] and cfg.growth.schedule == "continue"
         assert bounds[1:3] == [round(total / 6), round(total / 2)]
-    if name == "midas":
+    if name == "middle_repeat":
         assert cfg.growth.stages[1].layers == "middle" and cfg.growth.stages[1].block == 2
+    if name == "midas":  # MIDAS: one middle block of 2 added per stage, 2-4-6-8, Prop-1 lengths 1 : 2 : 3 : 4
+        assert [m.n_layers for m in models] == [2, 4, 6, 8] and cfg.growth.schedule == "continue"
+        assert [(s.layers, s.block, s.factor) for s in cfg.growth.stages] == [("midas", 2, 0)] * 3
+        assert bounds[1:4] == [round(total / 10), round(total * 3 / 10), round(total * 6 / 10)]
 
 
 def test_the_search_steps_out_until_each_best_lr_is_interior(monkeypatch, tmp_path):
@@ -144,6 +149,7 @@ def test_workers_end_with_their_parent(tmp_path, sig):
     import time
     parent = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT, str(tmp_path)],
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    workers = []
     try:
         deadline = time.monotonic() + 120
         while len([d for d in tmp_path.iterdir() if d.is_dir()]) < 2:  # both runs have started training
@@ -157,8 +163,8 @@ def test_workers_end_with_their_parent(tmp_path, sig):
         while any(alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [w for w in workers if alive(w)]
-    finally:
-        for pid in [parent.pid, *children(parent.pid)]:
+    finally:  # whatever happened, nothing of the test is left running
+        for pid in [parent.pid, *children(parent.pid), *workers]:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
