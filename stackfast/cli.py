@@ -483,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="G_stack vs scratch vs small alone at equal FLOPs, with seeds, built-in corpus")
     p.add_argument("--run-dir", help="where runs go (default: a new runs/demo-<date>-<time>)")
     p.add_argument("--flops", type=float, help=f"FLOPs of a run (default {CPU_SIZING.flops:g} on CPU, the sizing "
-                   "study's: about 3.5 minutes for all runs on 2 cores; on a GPU: sized from measured throughput)")
+                   "rule's 20 tokens per target parameter: about 5 minutes for all runs on 2 cores; on a GPU: sized from "
+                   "measured throughput)")
     p.add_argument("--lr", type=float, help="one peak LR for every run (default: each arm's best schedule and LR in "
                    "the recipe study's search, e.g. " + ", ".join(f"{r} {k} {lr:g}" for r, (k, lr) in
                                                                   CPU_SIZING.settings.items() if r in ("scratch", BEST))
