@@ -183,6 +183,9 @@ def test_impossible_stage_timings_are_one_line(tmp_path, capsys, stages, message
     (['growth.operator="depth_zero"', 'growth.stages=[{at = 0.5, layers = "middle"}]'], "takes neither"),
     (['growth.operator="none"'], "growth.stages: set growth.operator"),
     (['schedule.kind="linear"'], "schedule.kind: expected one of 'cosine', 'wsd'"),
+    (['growth.schedule="paper-ish"'], "growth.schedule: expected one of 'paper', 'restart', 'continue'"),
+    (["growth.small_horizon=0.5"], r"growth.small_horizon: the long schedule spans at least .* \(>= 1\), got 0.5"),
+    (["growth.small_warmup=1.5"], r"growth.small_warmup: a share of the small model's stage, in \[0, 1\], got 1.5"),
     (["schedule.decay_share=0"], r"schedule.decay_share: must be in \(0, 1\]"),
     (['schedule.decay_shape="sqrt"'], "schedule.decay_shape: expected one of 'linear', '1-sqrt'"),
 ])
