@@ -251,6 +251,7 @@ def run_many(trials: list[Trial], sizing, runs_dir: Path, device: str = "cpu", w
                       f"{record['run_flops']:.3g} FLOPs  {trial.threads} thread(s)  val loss "
                       f"{record['val_loss']:.4f}  ({record['wall_s']:.0f} s)", flush=True)
     except BaseException:  # a signal, Ctrl-C or a failed run: the other runs stop now, not when they finish
+        # (the executor has no public way to stop work in progress: its processes are killed)
         for process in list((pool._processes or {}).values()):
             process.kill()
         pool.shutdown(wait=False, cancel_futures=True)
