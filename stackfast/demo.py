@@ -37,8 +37,8 @@ from stackfast.config import ModelConfig, StackfastError, load_config
 from stackfast.data import BUILTIN_STDLIB_BYTES
 from stackfast.metrics import read_metrics
 from stackfast.plot import plot_runs
-from stackfast.recipes import (RECIPES, Trial, flop_shares, losses_by_seed, machine, model_overrides, paired,
-                               paired_line, run_many, stage_models, stats)
+from stackfast.recipes import (RECIPES, Trial, flop_shares, load_records, losses_by_seed, machine, model_overrides,
+                               paired, paired_line, run_many, stage_models, stats)
 from stackfast.train import run
 
 # The sizing rule: tokens per target parameter. At 10 and 15 (issue 29) the small model alone
@@ -254,7 +254,8 @@ def run_demo(out_dir: Path, sizing: Sizing = CPU_SIZING, seeds: int = DEMO_SEEDS
         print(f"  warning: under {TOKENS_PER_PARAM:g} tokens per target parameter; at such budgets a small model "
               f"tends to\n  beat a big one whatever growth does (see the 'small alone' run)", flush=True)
     trials = demo_trials(sizing, seeds)
-    done = run_many([t for _, t in trials], sizing, out_dir, device, workers)
+    # runs recorded in out_dir by an earlier call are not run again (the CLI starts in an empty folder)
+    done = run_many([t for _, t in trials], sizing, out_dir, device, workers, load_records(out_dir))
     runs = [{**done[t], "arm": arm} for arm, t in trials]
     summary = summarize(runs)
     result = {"sizing": sizing.describe(), "device": device, "machine": machine(), "seeds": seeds, "runs": runs,
