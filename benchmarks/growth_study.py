@@ -1,17 +1,21 @@
 """Growth studies at equal FLOPs under one protocol (stackfast/recipes.py): every arm gets the
 same search over schedule (cosine, WSD) and peak LR, extended until each best LR is interior
-(seed 1), then 3 fresh seeds (2, 3, 4) at its best setting; the grown arms run at half the
-budget too (the speedup, read from complete runs against the strongest scratch); the
-strongest scratch again at 2 threads (the noise floor: every run is pinned to 1 thread and
-bit-reproducible there, which one repeat checks). Two runs at a time on 2 cores.
+(seed 1), then five fresh seeds (recipes.FINAL_SEEDS) at its best setting; the grown arms run
+at half the budget too (the speedup, read from complete runs against the strongest scratch,
+seed by seed); arms are compared paired by seed, with a Student t interval on the mean
+difference, and a verdict only beyond zero and the noise floor (recipes.paired); the strongest
+scratch again at 2 threads (the noise floor: every run is pinned to 1 thread and
+bit-reproducible on this CPU, which one repeat checks; the results name the CPU). Two runs at
+a time on 2 cores; the workers end with the study, however it is stopped.
 
-CPU, the demo's sizing (stackfast.demo.CPU_SIZING: an 8 x 32 byte-level target, 1e12 FLOPs a
-run, 10 tokens per parameter) on the built-in byte-level corpus:
+CPU, the demo's sizing (stackfast.demo.CPU_SIZING: an 8 x 32 byte-level target, 2e12 FLOPs a
+run, 20 tokens per parameter) on the built-in byte-level corpus:
 
     python benchmarks/growth_study.py             # the operators: scratch, small alone and the
                                                   # paper's eight, each x4 at 20% of the FLOPs
-    python benchmarks/growth_study.py --recipes   # the recipes: the paper's G_stack, G_stack under one
-                                                  # schedule, growth at 50%, two doublings, MIDAS
+    python benchmarks/growth_study.py --recipes   # the recipes: G_stack as the paper ran it, on its
+                                                  # own full schedule, under one schedule, at 50%;
+                                                  # two doublings, MIDAS, the middle-window repeat
     python benchmarks/growth_study.py --recipes scratch doublings --flops 3e11   # a quick look
 
 Each study continues where it stopped (its runs folder keeps a record of every finished run).
@@ -26,7 +30,7 @@ The size comes from throughput measured at the start (a short probe), by the dem
 (15 tokens per parameter, never under 10): scratch, small alone and the paper's G_stack with
 two seeds where they fit (else one, and the JSON says so), then, while time remains, the
 recipe study's best recipe and G_stack under one schedule. No search fits in minutes: every
-arm runs at the CPU study's best schedule and LR, scaled by sqrt(32 / width) (stated, not
+arm runs at the CPU study's best schedule and LR, scaled by sqrt(16 / width) (stated, not
 tuned). --rehearse runs that path at tiny size (about a minute on a CPU), as CI does.
 
     python benchmarks/growth_study.py --gpu              # one H100/H200, <= 9 minutes
@@ -52,9 +56,9 @@ from stackfast.demo import (BEST, CPU_SIZING, TOKENS_PER_PARAM, Sizing, largest_
                             scaled_up, target_model)
 from stackfast.metrics import read_metrics  # noqa: E402
 from stackfast.plot import plot_runs, speedup_vs, val_curve  # noqa: E402
-from stackfast.recipes import (FINAL_SEEDS, GROWTH_RECIPES, LR_LADDER, OPERATOR_RECIPES, RECIPES, Trial,  # noqa: E402
-                               check_recipes, chosen_settings, final_trials, load_records, run_many, search_table,
-                               speedups_per_seed, stats, tune, verdict)
+from stackfast.recipes import (CONFIDENCE, FINAL_SEEDS, GROWTH_RECIPES, LR_LADDER, OPERATOR_RECIPES,  # noqa: E402
+                               RECIPES, Trial, check_recipes, chosen_settings, final_trials, load_records,
+                               losses_by_seed, machine, paired, run_many, search_table, speedups_per_seed, stats, tune)
 from stackfast.train import resolve_device  # noqa: E402
 
 
@@ -94,7 +98,7 @@ def python_sources() -> list[Path]:
 
 
 def report(name: str, runs: list[dict], extra: dict, out: str | None, title: str) -> dict:
-    """The GPU study's per-arm statistics, verdicts (the seed spread; no noise floor is
+    """The GPU study's per-arm statistics, verdicts (paired by seed; no noise floor is
     measured there) and curve speedups; JSON + PNG + a table."""
     arms = list(dict.fromkeys(r["recipe"] for r in runs))
     arm_stats = {arm: stats([r["val_loss"] for r in runs if r["recipe"] == arm]) for arm in arms}
@@ -107,10 +111,13 @@ def report(name: str, runs: list[dict], extra: dict, out: str | None, title: str
                      "tokens": first["tokens"], "flops": first["run_flops"], "final_val_loss": arm_stats[arm]["mean"],
                      "std": arm_stats[arm]["std"],
                      "loss_vs_scratch": arm_stats[arm]["mean"] - arm_stats["scratch"]["mean"],
-                     "vs_scratch": "" if arm == "scratch" else verdict(arm_stats[arm], arm_stats["scratch"], 0.0),
+                     "vs_scratch": "" if arm == "scratch" else paired(
+                         losses_by_seed([r for r in runs if r["recipe"] == arm]),
+                         losses_by_seed([r for r in runs if r["recipe"] == "scratch"]), 0.0)["verdict"],
                      "curve_speedup_pct": None if sp is None else 100 * sp})
     folder = results_folder(out)
-    result = {"environment": environment(), **extra, "arms": arm_stats, "rows": rows, "runs": runs}
+    result = {"environment": environment(), "machine": machine(), **extra, "arms": arm_stats, "rows": rows,
+              "runs": runs}
     path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     firsts = [next(r for r in runs if r["recipe"] == arm) for arm in arms]
@@ -155,13 +162,17 @@ def protocol_study(args, names: list[str], result_name: str, title: str) -> dict
     noise = max(abs(done[a]["val_loss"] - done[b]["val_loss"]) for a, b in zip(scratch, noisy))
     repeat = run_many([scratch[0]], sizing, runs_dir / "repeat", device, 1, {})[scratch[0]]
     reproducible = repeat["val_loss"] == done[scratch[0]]["val_loss"]
+    by_seed = {r: {t.seed: done[t]["val_loss"] for t in ts} for r, ts in finals.items()}
     rows = []
     for r in names:
         st = final_stats[r]
         row = {"recipe": r, "label": RECIPES[r].label, "schedule": chosen[r].kind, "lr": chosen[r].lr,
-               "seeds": len(st["values"]), "final_val_loss": st["mean"], "std": st["std"],
-               "vs_scratch": st["mean"] - final_stats["scratch"]["mean"],
-               "verdict": "" if r == "scratch" else verdict(st, final_stats["scratch"], noise)}
+               "seeds": len(st["values"]), "final_val_loss": st["mean"], "std": st["std"]}
+        for other in ("scratch", "small"):  # paired by seed: the mean difference, its interval, the verdict
+            if r != other and other in by_seed:
+                versus = paired(by_seed[r], by_seed[other], noise)
+                row[f"vs_{other}"], row[f"vs_{other}_interval"] = versus["mean"], versus["interval"]
+                row[f"verdict_vs_{other}"] = versus["verdict"]
         if r in halves:
             sps = speedups_per_seed([done[t] for t in scratch], [done[t] for t in halves[r]],
                                     [done[t] for t in finals[r]])
@@ -170,9 +181,12 @@ def protocol_study(args, names: list[str], result_name: str, title: str) -> dict
                 row["speedup_pct"] = 100 * statistics.fmean(sps)
                 row["speedup_half_range_pct"] = 100 * (max(sps) - min(sps)) / 2
         rows.append(row)
-    result = {"environment": environment(), "sizing": sizing.describe(), "threads": 1, "workers": args.workers,
+    result = {"environment": environment(), "machine": machine(), "sizing": sizing.describe(), "threads": 1,
+              "workers": args.workers,
               "protocol": {"kinds": ["cosine", "wsd"], "search_seed": 1, "final_seeds": list(FINAL_SEEDS),
-                           "lr_ladder": list(LR_LADDER)},
+                           "lr_ladder": list(LR_LADDER), "comparison": f"paired by seed, {100 * CONFIDENCE:.0f}% "
+                           f"Student t interval on the mean difference; a verdict only beyond zero and the noise "
+                           f"floor"},
               "recipes": {r: {"label": RECIPES[r].label, "source": RECIPES[r].source} for r in names},
               "search": search_table(best, done), "noise_floor": noise, "bit_reproducible": reproducible,
               "rows": rows, "runs": list(done.values()), "wall_s": time.perf_counter() - started}
@@ -186,8 +200,9 @@ def protocol_study(args, names: list[str], result_name: str, title: str) -> dict
                         annotate_speedup=False)
     except StackfastError as e:  # matplotlib missing: the JSON stands alone
         png = f"none ({e})"
-    print(markdown_table(rows, ["label", "schedule", "lr", "seeds", "final_val_loss", "std", "vs_scratch", "verdict",
-                                "speedup_pct", "speedup_half_range_pct"]))
+    print(markdown_table(rows, ["label", "schedule", "lr", "seeds", "final_val_loss", "std", "vs_scratch",
+                                "verdict_vs_scratch", "vs_small", "verdict_vs_small", "speedup_pct",
+                                "speedup_half_range_pct"]))
     print(f"noise floor (1 vs 2 threads, same seeds): {noise:.4f}; bit-reproducible at 1 thread: {reproducible}")
     print(f"results: {path}, plot: {png}; {result['wall_s'] / 60:.0f} minutes")
     return result

@@ -6,12 +6,14 @@ stderr, `stackfast: error: ...`, and exit status 2; argparse's own usage errors 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from stackfast import __version__
 from stackfast.config import StackfastError, check_device, describe, load_config
@@ -21,8 +23,7 @@ from stackfast.growth_operators import OPERATORS, operator_spec
 
 
 def cmd_demo(args) -> int:
-    import dataclasses
-    from stackfast.demo import CPU_SIZING, QUICK_DIVISOR, gpu_sizing, run_demo
+    from stackfast.demo import CPU_SIZING, QUICK_DIVISOR, gpu_sizing, run_demo, run_equivalents
     from stackfast.train import resolve_device
     run_dir = Path(args.run_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -41,7 +42,7 @@ def cmd_demo(args) -> int:
         from stackfast.data import TokenData, builtin_dataset
         corpus = TokenData(builtin_dataset(byte_level=True)).train_tokens
         print(f"sizing the demo for {torch.cuda.get_device_name(device)}: measuring throughput ...", flush=True)
-        sizing = gpu_sizing(str(device), args.minutes, corpus)
+        sizing = gpu_sizing(str(device), args.minutes, corpus, runs=run_equivalents(args.seeds))
     if args.quick:
         sizing = dataclasses.replace(sizing, flops=sizing.flops / QUICK_DIVISOR)
     if args.flops is not None:
@@ -108,56 +109,79 @@ def cmd_tokenize(args) -> int:
 
 def cmd_plan(args) -> int:
     from stackfast.config import INT64_MAX, PAPER_LR, config_from_dict, dumps_toml
-    from stackfast.growth import plan
+    from stackfast.growth.guidelines import budget, plan
+    from stackfast.growth.stages import growth_steps, stage_models
     out = _output_file(args.out, args.force) if args.out else None
-    p = plan(args.params, tokens=args.tokens, flops=args.flops)
+    recipe = PLAN_RECIPES[args.recipe]
+    # Only a recipe that grows at the paper's d needs d to fit the budget.
+    p = (plan if recipe.at_d else budget)(args.params, tokens=args.tokens, flops=args.flops)
     if out and not p["tokens"] <= INT64_MAX:  # checked before printing the plan: it could not be written
         raise StackfastError(f"--out: a budget of {p['tokens']:.3g} tokens does not fit train.total_tokens "
                              f"(TOML integers end at {INT64_MAX:.3g})")
-    small, target = p["small"], p["target"]
+    target = p["target"]
+    cfg = config_from_dict({
+        "model": {"preset": p["preset"]},
+        "data": {"path": "data/tokens", "seq_len": 2048},
+        "optim": {"lr": PAPER_LR[p["preset"]]},
+        "schedule": {"warmup_steps": 3000, "min_lr_ratio": 0.1, **recipe.schedule},
+        "train": {"total_tokens": int(min(p["tokens"], INT64_MAX)), "global_batch_size": 1024,
+                  "micro_batch_size": 4},
+        "growth": {"operator": "stack", "small_lr": 1e-3, **recipe.growth(p)},
+        "parallel": {"activation_checkpointing": "full"},
+        "checkpoint": {"every_steps": 1000, "resume": "auto"},
+        "logging": {"run_dir": f"runs/{p['preset']}-{args.recipe}"},
+    })
     print(f"target        {p['target_params'] / 1e9:.3g}B parameters (preset {p['preset']}: "
           f"{target['n_layers']} layers, hidden {target['hidden_size']})")
     print(f"budget        {p['tokens'] / 1e9:.4g}B tokens, {p['flops']:.3g} FLOPs "
           f"({p['tokens_per_param']:.1f} tokens per parameter)")
-    print(f"grow at       d = {p['growth_tokens'] / 1e9:.4g}B tokens (paper's timing formula), "
-          f"factor g = {p['factor']}")
-    growth, schedule, recipe_note = PLAN_RECIPES[args.recipe](p)
-    print(f"recipe        {args.recipe}: {recipe_note}")
-    print(f"small model   {small['n_layers']} layers x hidden {small['hidden_size']} "
-          f"({p['small_params'] / 1e9:.3g}B parameters), stacked {p['factor']}x into the target")
-    print(f"compute       small {p['small_flops']:.3g} + grown {p['grown_flops']:.3g} FLOPs "
-          f"({100 * p['small_flop_share']:.1f}% on the small model)")
+    print(f"recipe        {args.recipe}: {recipe.note}")
+    if recipe.at_d:
+        print(f"grow at       d = {p['growth_tokens'] / 1e9:.4g}B tokens (paper's timing formula), "
+              f"factor g = {p['factor']}")
+    # The stages of the config written: each model's layers, tokens and FLOPs (6 N per token).
+    total = cfg.total_steps()
+    bounds = [0, *growth_steps(cfg, total), total]
+    stage_flops = []
+    for k, model in enumerate(stage_models(cfg)):
+        tokens = (bounds[k + 1] - bounds[k]) * cfg.tokens_per_step()
+        stage_flops.append(6.0 * model.num_params() * tokens)
+        print(f"{'small model' if k == 0 else 'grown model':<13} {model.n_layers} layers x hidden "
+              f"{model.hidden_size} ({model.num_params() / 1e9:.3g}B parameters) for {tokens / 1e9:.4g}B tokens")
+    print(f"compute       {' + '.join(f'{f:.3g}' for f in stage_flops)} FLOPs "
+          f"({100 * sum(stage_flops[:-1]) / sum(stage_flops):.1f}% before the last growth)")
     if p["tokens_per_param"] < 10:
         print("warning       far below ~20 tokens per parameter: a smaller model may beat any grown one here")
     if out:
-        cfg = config_from_dict({
-            "model": {"preset": p["preset"]},
-            "data": {"path": "data/tokens", "seq_len": 2048},
-            "optim": {"lr": PAPER_LR[p["preset"]]},
-            "schedule": {"warmup_steps": 3000, "min_lr_ratio": 0.1, **schedule},
-            "train": {"total_tokens": int(p["tokens"]), "global_batch_size": 1024, "micro_batch_size": 4},
-            "growth": {"operator": "stack", "small_lr": 1e-3, **growth},
-            "parallel": {"activation_checkpointing": "full"},
-            "checkpoint": {"every_steps": 1000, "resume": "auto"},
-            "logging": {"run_dir": f"runs/{p['preset']}-{args.recipe}"},
-        })
         out.write_text("# Written by `stackfast plan`; set data.path to your tokenized corpus.\n"
                        + dumps_toml(cfg.to_dict()))
         print(f"config        {out}")
     return 0
 
 
-# `stackfast plan --recipe`: what the written config's [growth] and [schedule] say. The paper's
-# is the default (measured at 410M-7B); the others are the recipe study's (docs/method.md),
-# measured at CPU scale only, and said so.
+@dataclasses.dataclass(frozen=True)
+class PlanRecipe:
+    """A recipe `stackfast plan --recipe` writes: its [growth] (from the plan) and [schedule]."""
+    note: str
+    growth: Callable[[dict], dict]
+    schedule: dict
+    at_d: bool = True  # grows once at the paper's timing d (which must fit the budget)
+
+
+# The paper's is the default (measured at 410M-7B); the others are the recipe study's
+# (docs/method.md), measured at CPU scale only, and said so.
 PLAN_RECIPES = {
-    "paper": lambda p: ({"factor": p["factor"], "at_tokens": int(p["growth_tokens"]), "schedule": "restart"},
-                        {"kind": "cosine"}, "the paper's: x4 at d, warmup + cosine again after growth"),
-    "wsd": lambda p: ({"factor": p["factor"], "at_tokens": int(p["growth_tokens"]), "schedule": "continue"},
-                      {"kind": "wsd"}, "x4 at d under one warmup-stable-decay schedule (no re-warm)"),
-    "doublings": lambda p: ({"factor": 2, "stages": [{"at": "prop"}, {"at": "prop"}], "schedule": "continue"},
-                            {"kind": "wsd"}, "x2 twice at Prop-1 lengths (1/6 and 1/2 of the tokens) under one "
-                                             "warmup-stable-decay schedule; measured at CPU scale only"),
+    "paper": PlanRecipe("the paper's, as its code runs it: x4 at d; the small model on the first part of a long "
+                        "cosine (near its peak LR when it grows), the grown model a fresh warmup + cosine",
+                        lambda p: {"factor": p["factor"], "at_tokens": int(p["growth_tokens"]), "schedule": "paper"},
+                        {"kind": "cosine"}),
+    "wsd": PlanRecipe("x4 at d under one warmup-stable-decay schedule (no re-warm); measured at CPU scale only",
+                      lambda p: {"factor": p["factor"], "at_tokens": int(p["growth_tokens"]), "schedule": "continue"},
+                      {"kind": "wsd"}),
+    "doublings": PlanRecipe("x2 twice at Prop-1 lengths (1/6 and 1/2 of the tokens) under one warmup-stable-decay "
+                            "schedule (no timing d); measured at CPU scale only",
+                            lambda p: {"factor": 2, "stages": [{"at": "prop"}, {"at": "prop"}], "schedule": "continue"},
+                            {"kind": "wsd"}, at_d=False),
 }
 
 
@@ -205,7 +229,6 @@ def _learning_batches(data_path: str, seq_len: int, vocab_size: int):
 
 
 def cmd_grow(args) -> int:
-    import dataclasses
     from stackfast.checkpoint import is_hf_dir, load_config_of, load_model_source, model_from_weights, save_hf, \
         save_weights_folder
     from stackfast.config import Config, parse_value
@@ -480,7 +503,7 @@ UNVERIFIED_HELP = "read a checkpoint that has no checksums.json (a changed or co
 def build_parser() -> argparse.ArgumentParser:
     # Here, not at the top: this module imports no torch, so that the workers of `stackfast tokenize`,
     # spawned processes that import the command's module again, do not load it.
-    from stackfast.demo import BEST, CPU_SIZING
+    from stackfast.demo import BEST, CPU_SIZING, DEMO_SEEDS
     from stackfast.train import add_train_arguments
     parser = argparse.ArgumentParser(prog="stackfast", description="Pre-train LLMs by model growth (G_stack).")
     parser.add_argument("--version", action="version", version=f"stackfast {__version__}")
@@ -491,12 +514,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="G_stack vs scratch vs small alone at equal FLOPs, with seeds, built-in corpus")
     p.add_argument("--run-dir", help="where runs go (default: a new runs/demo-<date>-<time>)")
     p.add_argument("--flops", type=float, help=f"FLOPs of a run (default {CPU_SIZING.flops:g} on CPU, the sizing "
-                   "study's: about 3.5 minutes for all runs on 2 cores; on a GPU: sized from measured throughput)")
+                   "rule's 20 tokens per target parameter: about 5 minutes for all runs on 2 cores; on a GPU: sized from "
+                   "measured throughput)")
     p.add_argument("--lr", type=float, help="one peak LR for every run (default: each arm's best schedule and LR in "
                    "the recipe study's search, e.g. " + ", ".join(f"{r} {k} {lr:g}" for r, (k, lr) in
                                                                   CPU_SIZING.settings.items() if r in ("scratch", BEST))
-                   + "; on a GPU scaled by sqrt(32 / width))")
-    p.add_argument("--seeds", type=int, default=2, help="seeds of scratch and G_stack (default 2)")
+                   + f"; on a GPU scaled by sqrt({CPU_SIZING.target.hidden_size} / width))")
+    p.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"seeds, every arm on each, compared paired by "
+                   f"seed (default {DEMO_SEEDS})")
     p.add_argument("--minutes", type=float, default=5.0, help="GPU: the time all runs may take (default 5)")
     p.add_argument("--quick", action="store_true",
                    help="a budget 10x smaller: checks the command in about a minute; says nothing about the method")
@@ -549,8 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--tokens", type=float, help="total training tokens, e.g. 300e9")
     budget.add_argument("--flops", type=float, help="total training FLOPs")
     p.add_argument("--recipe", choices=PLAN_RECIPES, default="paper",
-                   help="the growth recipe --out writes: " + "; ".join(f"{name}: {make({'factor': 4, 'growth_tokens': 0})[2]}"
-                                                                     for name, make in PLAN_RECIPES.items()))
+                   help="the growth recipe --out writes: " + "; ".join(f"{name}: {recipe.note}"
+                                                                     for name, recipe in PLAN_RECIPES.items()))
     p.add_argument("--out", help="write a ready-to-run config (TOML) here")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_plan)

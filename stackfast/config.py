@@ -273,7 +273,7 @@ def check_device(name: str, key: str) -> None:
         raise ConfigError(f"{key}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {name!r}")
 
 
-LAYER_CHOICES = ("all", "front", "middle", "back")
+LAYER_CHOICES = ("all", "front", "middle", "back", "midas")
 
 
 @dataclass
@@ -284,7 +284,8 @@ class GrowthStage:
                                 "in (0, 1)), or 'prop' (every stage: Prop-alpha stage lengths, "
                                 "growth.prop_alpha).", "")
     factor: int = doc("This stage's growth factor (0 = growth.factor).", 0)
-    layers: str = doc("stack: the layers this stage repeats ('' = growth.layers).", "")
+    layers: str = doc("stack: the layers this stage repeats ('' = growth.layers; 'midas': one copy of the middle "
+                      "block, no factor).", "")
     block: int = doc("stack: how many layers the partial modes repeat (-1 = growth.block).", -1)
 
 
@@ -310,12 +311,23 @@ class GrowthConfig:
                             "to k ** prop_alpha (MIDAS's Prop-alpha; 1: lengths 1 : 2 : 3 ...).", 1.0)
     optimizer: str = doc("'reset' (fresh AdamW, the paper's choice) or 'replicate' (copy the Adam moments along "
                          "with the layers; " + " and ".join(operators_where("copies_layers")) + " only).", "reset")
-    schedule: str = doc("'restart' (warmup + the [schedule] again over each model's stage, as the paper) or "
-                        "'continue' (one schedule over the whole run, growth events included).", "restart")
+    schedule: str = doc("'paper' (as the paper's code runs it: the small model on the first steps of a long "
+                        "schedule, so it grows near its peak LR (growth.small_warmup, growth.small_horizon); each "
+                        "grown model a fresh warmup and the [schedule] over its stage), 'restart' (every model, the "
+                        "small one too, a complete schedule of its own over its stage: the small model grows at "
+                        "the floor) or 'continue' (one schedule over the whole run, growth events included).",
+                        "paper")
+    small_horizon: float = doc("schedule 'paper': the long schedule the small model starts, as a multiple of its "
+                               "stage (paper: a 300,000-step cosine, stacked at step 5,000: 60).", 60.0)
+    small_warmup: float = doc("schedule 'paper': the small model's warmup as a share of its stage (paper: 3,000 "
+                              "of 5,000 steps: 0.6).", 0.6)
     small_lr: float = doc("Peak LR of the first (smallest) model (paper: 1e-3); 0 = optim.lr.", 0.0)
-    layers: str = doc("G_stack layers to repeat: 'all' (paper's best), 'front', 'middle', 'back'.", "all")
-    block: int = doc("G_stack with layers front/middle/back: how many layers are repeated (0 = half of them; "
-                     "MIDAS copies a middle block).", 0)
+    layers: str = doc("G_stack layers to repeat: 'all' (paper's best), 'front', 'middle', 'back' (a window of "
+                      "`block` layers repeated so the depth grows by the factor), or 'midas' (MIDAS, Saunshi et "
+                      "al. 2024: one copy of the middle block of `block` layers, no factor: each stage adds "
+                      "`block` layers, e.g. 2-4-6-8).", "all")
+    block: int = doc("G_stack with layers front/middle/back: how many layers are repeated (0 = half of them); "
+                     "with 'midas': the block size b (every stage's model is a whole number of blocks).", 0)
     order: str = doc("G_stack order: 'stack' (0 1 .. n-1 0 1 ..) or 'interpolate' (0 0 1 1 ..).", "stack")
     noise: float = doc("Noise alpha of stack and width_direct: W <- (1 - alpha) W + alpha * eps (paper: 0.2 "
                        "helps G_stack slightly; width_direct: a small alpha, e.g. 0.01, lets copied units diverge).",
@@ -332,7 +344,13 @@ class GrowthConfig:
         if isinstance(self.at_tokens, int) and self.at_tokens < 0:
             raise ConfigError(f"growth.at_tokens: must be >= 0, got {self.at_tokens}")
         _choice(self, "growth", "optimizer", ("reset", "replicate"))
-        _choice(self, "growth", "schedule", ("restart", "continue"))
+        _choice(self, "growth", "schedule", ("paper", "restart", "continue"))
+        if self.small_horizon < 1.0:
+            raise ConfigError(f"growth.small_horizon: the long schedule spans at least the small model's stage "
+                              f"(>= 1), got {self.small_horizon}")
+        if not 0.0 <= self.small_warmup <= 1.0:
+            raise ConfigError(f"growth.small_warmup: a share of the small model's stage, in [0, 1], got "
+                              f"{self.small_warmup}")
         _choice(self, "growth", "layers", LAYER_CHOICES)
         _choice(self, "growth", "order", ("stack", "interpolate"))
         _non_negative(self, "growth", ["small_lr", "noise", "learn_steps", "block", "prop_alpha"])
@@ -364,9 +382,14 @@ class GrowthConfig:
             if isinstance(at, int) and at < 0:
                 raise ConfigError(f"{key}.at: a token count must be >= 0, got {at}")
             if isinstance(at, float) and not 0.0 < at < 1.0:
-                raise ConfigError(f"{key}.at: a fraction of the run must be in (0, 1), got {at}")
+                raise ConfigError(f"{key}.at: a fraction of the run must be in (0, 1), got {at}"
+                                  + (f"; for a token count write an integer (at = {int(at)})"
+                                     if at.is_integer() else ""))
             if stage.factor == 1 or stage.factor < 0:
                 raise ConfigError(f"{key}.factor: must be an integer >= 2 (0: growth.factor), got {stage.factor}")
+            if (stage.layers or self.layers) == "midas" and stage.factor:
+                raise ConfigError(f"{key}.factor: a 'midas' stage adds one copy of the middle block (the block "
+                                  f"size sets its depth); leave factor out")
             _choice(stage, key, "layers", ("", *LAYER_CHOICES))
             if stage.block < -1:
                 raise ConfigError(f"{key}.block: must be >= 0 (-1: growth.block), got {stage.block}")
@@ -635,7 +658,10 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 def _coerce(key: str, typ: Any, value: Any):
     if isinstance(typ, types.UnionType):  # e.g. int | str: the first member that accepts the value
-        for member in typ.__args__:
+        members = typ.__args__
+        if isinstance(value, float) and float in members:  # 1.0 is a float (growth.stages' at: a fraction)
+            members = (float, *[m for m in members if m is not float])
+        for member in members:
             try:
                 return _coerce(key, member, value)
             except ConfigError:

@@ -57,8 +57,14 @@ class OperatorSpec:
         return {o.name: getattr(getattr(cfg, o.field.split(".")[0]), o.field.split(".")[1])
                 for o in self.options if o.field}
 
-    def small_model(self, target, factor: int):
-        """The ModelConfig that growing by `factor` turns into `target` (a ModelConfig)."""
+    def small_model(self, target, factor: int | None, midas_block: int = 0):
+        """The ModelConfig that growing by `factor` turns into `target` (a ModelConfig); factor
+        None: a MIDAS step, which adds one block of `midas_block` layers."""
+        if factor is None:
+            if midas_block < 1 or target.n_layers % midas_block or target.n_layers < 2 * midas_block:
+                raise GrowthError(f"a MIDAS stage adds one block of block={midas_block} layers: model.n_layers "
+                                  f"{target.n_layers} must be a multiple of it, at least two blocks")
+            return dataclasses.replace(target, preset="", n_layers=target.n_layers - midas_block)
         if self.direction == "width":
             scale = width_scale(factor)
             sizes = {"hidden_size": target.hidden_size, "ffn_size": target.ffn_size,

@@ -6,13 +6,18 @@ The protocol (`tune`, `finals`) gives every recipe the same treatment:
 
 - the same search: each schedule kind (cosine, WSD) over a ladder of peak LRs, extended
   until the best LR of each kind is interior (never at the end of what was tried);
-- the search on seed 1, the reported runs on fresh seeds (2, 3, 4): the search's winner is
-  not also its own evidence;
-- a pinned thread count: the runs are bit-reproducible at a given setting (`run_many`
-  checks one repeat), and the thread count itself is the run-to-run noise floor: the same
-  seed at another thread count differs by float rounding alone (`noise_floor`);
-- a recipe beats another only beyond both the seed spread (lower in every seed) and that
-  noise floor; speedups are stated against the strongest scratch measured.
+- the search on seed 1, the reported runs on FINAL_SEEDS, five seeds no study had used
+  before: the search's winner is not also its own evidence;
+- arms compared paired by seed (the same seed gives every arm the same data order and the
+  same initialisation of what they share): `paired` takes the seed-by-seed differences and
+  their Student t confidence interval (CONFIDENCE, n - 1 degrees of freedom); one arm beats
+  another only when that interval excludes zero AND the mean difference exceeds the noise
+  floor;
+- a pinned thread count: the runs are bit-reproducible on one machine (the same CPU model
+  and instruction set, `machine`) at a given setting (`run_many` checks one repeat); another
+  thread count, or another CPU, changes a final loss by float rounding alone: the noise floor
+  is the largest such change measured (the same seed at 2 threads instead of 1);
+- speedups are stated against the strongest scratch measured, seed by seed.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import json
 import math
 import multiprocessing
 import os
+import platform
+import signal
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +42,17 @@ LR_LADDER = (1.2e-3, 2e-3, 3e-3, 5e-3, 8e-3, 1.2e-2, 2e-2, 3e-2, 5e-2, 8e-2)
 START = (5e-3, 8e-3, 1.2e-2)
 KINDS = ("cosine", "wsd")
 SEARCH_SEED = 1
-FINAL_SEEDS = (2, 3, 4)
+FINAL_SEEDS = (8, 9, 10, 11, 12)  # fresh: the earlier studies used 1-4, the issue 29 check 5-7
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One growth event of a recipe: the growth factor, the layers it repeats ('all', or
-    'middle' with a block of `block` layers: MIDAS) and, for recipes that place events by
-    FLOPs, the share of the budget spent before it."""
-    factor: int
+    """One growth event of a recipe: the growth factor (None: a MIDAS stage, one block of
+    `block` layers added), the layers it repeats ('all'; 'middle': a window of `block`
+    layers; 'midas') and, for recipes that place events by FLOPs, the share of the budget
+    spent before it."""
+    factor: int | None
     flop_share: float = 0.0
     layers: str = "all"
     block: int = 0
@@ -54,13 +63,13 @@ class Recipe:
     """How a run spends its FLOP budget. Without stages: the target (or, small=True, the
     small model of a x4 depth growth) from scratch. With stages: growth events (operator,
     G_stack by default) at their FLOP shares, or (prop=True) at Prop-1 stage lengths in
-    tokens (1 : 2 : 3 ...)."""
+    tokens (1 : 2 : 3 ...), under growth.schedule `schedule` (optim.py)."""
     name: str
     label: str
     stages: tuple[Stage, ...] = ()
     small: bool = False
     prop: bool = False
-    schedule: str = "continue"  # growth.schedule: one schedule over the run, or 'restart' at each event
+    schedule: str = "continue"
     operator: str = "stack"
     source: str = ""
 
@@ -77,20 +86,27 @@ LEARN_STEPS, RAMP_FRACTION = 20, 0.2
 RECIPES = {r.name: r for r in [
     Recipe("scratch", "scratch", source="the baseline"),
     Recipe("small", "small alone", small=True, source="the x4 small model alone: what growth must beat too"),
-    Recipe("stack_paper", "G_stack, the paper's (restart)", (Stage(4, 0.2),), schedule="restart",
-           source="Du et al. 2024: x4 at 20% of the FLOPs here, a fresh schedule after growth"),
+    Recipe("stack_paper", "G_stack as the paper ran it", (Stage(4, 0.2),), schedule="paper",
+           source="Du et al. 2024 as their code (prts) runs it: x4 at 20% of the FLOPs here; the small model on the "
+                  "first part of a long cosine (near its peak LR at growth), the grown model a fresh warmup + cosine"),
+    Recipe("stack_restart", "G_stack, small model on its own full schedule", (Stage(4, 0.2),), schedule="restart",
+           source="the same growth; the small model runs a complete schedule of its own and grows at the floor"),
     Recipe("stack_continue", "G_stack, one schedule", (Stage(4, 0.2),),
            source="G_stack with one schedule over the run (no re-warm), as WSD runs use it"),
-    Recipe("stack_late", "G_stack at 50%", (Stage(4, 0.5),), source="the same, growing at half the FLOPs"),
+    Recipe("stack_late", "G_stack at 50%, one schedule", (Stage(4, 0.5),),
+           source="the same, growing at half the FLOPs"),
     Recipe("doublings", "two doublings 2-4-8", (Stage(2), Stage(2)), prop=True,
            source="gradual stacking (Gong et al. 2019; MIDAS's Prop-1 stage lengths)"),
-    Recipe("midas", "MIDAS middle copies", (Stage(2), Stage(2, layers="middle", block=2)), prop=True,
-           source="Saunshi et al. 2024: the middle block repeated, Prop-1 stage lengths"),
-    # The paper's other operators, each as its G_stack recipe: x4 at 20% of the FLOPs, restart.
-    *[Recipe(name, name, (Stage(4, 0.2),), schedule="restart", operator=name, source=spec.summary)
+    Recipe("midas", "MIDAS 2-4-6-8", (Stage(None, layers="midas", block=2),) * 3, prop=True,
+           source="Saunshi et al. 2024: each stage adds one copy of the middle block of 2 layers, Prop-1 lengths"),
+    Recipe("middle_repeat", "middle window repeated 2-4-8", (Stage(2), Stage(2, layers="middle", block=2)),
+           prop=True, source="x2, then the middle 2 of 4 layers repeated 3 times (0 1 2 1 2 1 2 3); Prop-1 lengths"),
+    # The paper's other operators, each as its G_stack recipe: x4 at 20% of the FLOPs, the paper's schedule.
+    *[Recipe(name, name, (Stage(4, 0.2),), schedule="paper", operator=name, source=spec.summary)
       for name, spec in OPERATORS.items() if name != "stack"],
 ]}
-GROWTH_RECIPES = ("scratch", "small", "stack_paper", "stack_continue", "stack_late", "doublings", "midas")
+GROWTH_RECIPES = ("scratch", "small", "stack_paper", "stack_restart", "stack_continue", "stack_late", "doublings",
+                  "midas", "middle_repeat")
 OPERATOR_RECIPES = ("scratch", "small", "stack_paper", *(n for n in OPERATORS if n != "stack"))
 
 
@@ -100,7 +116,7 @@ def stage_models(target: ModelConfig, recipe: Recipe) -> list[ModelConfig]:
         return [OPERATORS["stack"].small_model(target, 4)]
     models = [target]
     for stage in reversed(recipe.stages):
-        models.insert(0, OPERATORS[recipe.operator].small_model(models[0], stage.factor))
+        models.insert(0, OPERATORS[recipe.operator].small_model(models[0], stage.factor, stage.block))
     return models
 
 
@@ -139,7 +155,7 @@ def recipe_config(sizing, recipe: Recipe, lr: float, kind: str, seed: int, devic
     growth = []
     if recipe.grows:
         stack = recipe.operator == "stack"  # only G_stack takes layers and block
-        tables = ", ".join(f'{{at = {at}, factor = {s.factor}'
+        tables = ", ".join(f'{{at = {at}' + (f", factor = {s.factor}" if s.factor else "")
                            + (f', layers = "{s.layers}", block = {s.block}}}' if stack else "}")
                            for at, s in zip(ats, recipe.stages))
         learns = OPERATORS[recipe.operator].learns
@@ -210,7 +226,8 @@ def run_many(trials: list[Trial], sizing, runs_dir: Path, device: str = "cpu", w
              done: dict | None = None) -> dict[Trial, dict]:
     """Run the trials not in `done` (Trial -> record), `workers` at a time, each process
     pinned to its trial's thread count; returns `done` with theirs added (and appends their
-    records to runs_dir/records.jsonl)."""
+    records to runs_dir/records.jsonl). The workers end with this process, whatever ends it
+    (_end_with_parent; a SIGTERM here also stops them first)."""
     done = {} if done is None else done
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
     todo = [t for t in dict.fromkeys(trials) if t not in done]
@@ -219,18 +236,69 @@ def run_many(trials: list[Trial], sizing, runs_dir: Path, device: str = "cpu", w
     threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(max(t.threads for t in todo))  # read by the workers' OpenMP at start
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool, _restore_env(threads):
-        futures = {pool.submit(_train_trial, t, sizing, str(runs_dir), device): t for t in todo}
-        for future in concurrent.futures.as_completed(futures):
-            trial = futures[future]
-            record = future.result()
-            done[trial] = record
-            with open(Path(runs_dir) / RECORDS, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"  {trial.recipe:<15} {trial.kind:<6} lr {trial.lr:<7g} seed {trial.seed}  "
-                  f"{record['run_flops']:.3g} FLOPs  {trial.threads} thread(s)  val loss {record['val_loss']:.4f}  "
-                  f"({record['wall_s']:.0f} s)", flush=True)
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_end_with_parent,
+                                                  initargs=(os.getpid(),))
+    try:
+        with _restore_env(threads), _sigterm_raises():
+            futures = {pool.submit(_train_trial, t, sizing, str(runs_dir), device): t for t in todo}
+            for future in concurrent.futures.as_completed(futures):
+                trial = futures[future]
+                record = future.result()
+                done[trial] = record
+                with open(Path(runs_dir) / RECORDS, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"  {trial.recipe:<15} {trial.kind:<6} lr {trial.lr:<7g} seed {trial.seed}  "
+                      f"{record['run_flops']:.3g} FLOPs  {trial.threads} thread(s)  val loss "
+                      f"{record['val_loss']:.4f}  ({record['wall_s']:.0f} s)", flush=True)
+    except BaseException:  # a signal, Ctrl-C or a failed run: the other runs stop now, not when they finish
+        # (the executor has no public way to stop work in progress: its processes are killed)
+        for process in list((pool._processes or {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return done
+
+
+def _end_with_parent(parent: int) -> None:
+    """A worker's first step: die with the process that started it. On Linux the kernel sends
+    SIGKILL when the parent ends (prctl PR_SET_PDEATHSIG; a parent already gone is caught by
+    the ppid check after it); elsewhere a thread polls the parent's pid once a second."""
+    import ctypes
+    import threading
+    import time
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        armed = False
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM (what `timeout` and job schedulers send) raises SystemExit(143) here, so that
+    run_many stops its workers before the process ends; the handler before is restored."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager
@@ -304,17 +372,88 @@ def stats(values: list[float]) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
 
 
-def verdict(a: dict, b: dict, noise: float) -> str:
-    """How losses `a` stand against `b`: lower or higher only beyond the seed spread (every
-    seed) and the noise floor (the means differ by more than it)."""
-    gap = a["mean"] - b["mean"]
-    if len(a["values"]) < 2 or len(b["values"]) < 2:
-        return ("lower" if gap < 0 else "higher") + " (one seed: no spread measured)"
-    if a["max"] < b["min"] and -gap > noise:
-        return "lower (every seed, beyond the noise floor)"
-    if a["min"] > b["max"] and gap > noise:
-        return "higher (every seed, beyond the noise floor)"
-    return "a tie (within the seed spread or the noise floor)"
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p in (0.5, 1)) of Student's t distribution with `df` degrees of
+    freedom: its density integrated by Simpson's rule and inverted by bisection (about 1e-9;
+    no scipy)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:  # P(T <= x) for x >= 0
+        h = x / n
+        f = [c * (1 + (k * h) ** 2 / df) ** (-(df + 1) / 2) for k in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+def paired(a: dict[int, float], b: dict[int, float], noise: float, confidence: float = CONFIDENCE) -> dict:
+    """Arm a against arm b, paired by seed (a, b: seed -> final loss; the seeds both have):
+    the differences a - b, their mean and its Student t interval (n - 1 degrees of freedom),
+    and the verdict: 'lower' or 'higher' only when the interval excludes zero and the mean
+    difference exceeds the noise floor, else a tie (and why)."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    sd = statistics.stdev(diffs) if n > 1 else math.nan
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) if n > 1 else math.inf
+    low, high = mean - half, mean + half
+    if n < 2:
+        verdict = "undecided (fewer than two seeds: no interval)"
+    elif (high < 0 or low > 0) and abs(mean) > noise:
+        verdict = "lower" if high < 0 else "higher"
+    elif high < 0 or low > 0:
+        verdict = f"a tie (the interval excludes zero, but the gap {abs(mean):.4f} is within the noise floor " \
+                  f"{noise:.4f})"
+    else:
+        verdict = "a tie (the interval includes zero)"
+    return {"seeds": seeds, "differences": diffs, "mean": mean, "std": sd, "interval": [low, high],
+            "confidence": confidence, "noise_floor": noise, "verdict": verdict,
+            "method": f"paired by seed; Student t interval on the mean difference, {n - 1} degrees of freedom"}
+
+
+def paired_line(name_a: str, name_b: str, result: dict) -> str:
+    """One line: a vs b, the mean paired difference with its interval, and the verdict."""
+    low, high = result["interval"]
+    return (f"{name_a} vs {name_b}: {result['mean']:+.4f} (a - b, {len(result['seeds'])} seeds paired, "
+            f"{100 * result['confidence']:.0f}% t interval [{low:+.4f}, {high:+.4f}]): {result['verdict']}")
+
+
+def losses_by_seed(runs: list[dict]) -> dict[int, float]:
+    """seed -> final validation loss of run records (one arm's)."""
+    return {r["seed"]: r["val_loss"] for r in runs}
+
+
+def machine() -> dict:
+    """The CPU the runs ran on, for bit-reproducibility: its model name and the vector
+    instruction sets that change float rounding in torch's CPU kernels (from /proc/cpuinfo on
+    Linux). A run is bit-reproducible on the same CPU model and instruction set at the same
+    thread count and versions; on another CPU its final loss differs by float rounding (one
+    rerun on another x86-64 moved 1.67654 to 1.67678)."""
+    model, flags = "", []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        if key.strip() == "flags" and not flags:
+            have = set(value.split())
+            flags = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+                     if f in have]
+    import torch
+    return {"cpu": model or platform.processor() or platform.machine(), "instruction_sets": flags, "machine": platform.machine(), "os_cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bit_reproducible": "on this CPU model and instruction set, at the pinned thread count and these "
+                                "versions; elsewhere within the noise floor, not bit for bit"}
 
 
 def speedups_per_seed(scratch: list[dict], half: list[dict], full: list[dict]) -> list[float | None]:

@@ -31,9 +31,14 @@ def test_plan_prints_the_formula_and_writes_a_config(tmp_path):
     again = stackfast("plan", "--params", "7e9", "--tokens", "300e9", "--out", tmp_path / "plan.toml")
     assert again.returncode == 2 and "already exists" in again.stderr
     assert stackfast("plan", "--params", "7e9").returncode == 2  # a budget is required
-    assert cfg.growth.schedule == "restart" and cfg.schedule.kind == "cosine"  # the paper's recipe by default
-    out = stackfast("plan", "--params", "7e9", "--tokens", "300e9", "--recipe", "doublings", "--out", tmp_path / "d.toml")
+    assert cfg.growth.schedule == "paper" and cfg.schedule.kind == "cosine"  # the paper's recipe by default
+    assert "small model   8 layers" in out.stdout and "grown model   32 layers" in out.stdout
+    # doublings does not grow at d: it neither prints d nor needs it to fit the budget
+    assert stackfast("plan", "--params", "7e9", "--tokens", "20e9").returncode == 2  # d beyond 20B tokens
+    out = stackfast("plan", "--params", "7e9", "--tokens", "20e9", "--recipe", "doublings", "--out", tmp_path / "d.toml")
     assert out.returncode == 0, out.stderr
+    assert "d =" not in out.stdout and "recipe        doublings: x2 twice" in out.stdout
+    assert [line.split()[2] for line in out.stdout.splitlines() if "model " in line[:13]] == ["8", "16", "32"]
     cfg = load_config(tmp_path / "d.toml")
     assert [s.at for s in cfg.growth.stages] == ["prop", "prop"] and cfg.growth.factor == 2
     assert (cfg.growth.schedule, cfg.schedule.kind, cfg.model.n_layers) == ("continue", "wsd", 32)

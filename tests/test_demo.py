@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stackfast.demo import (BEST, CPU_SIZING, NOISE_FLOOR, QUICK_DIVISOR, TOKENS_PER_PARAM, TUNED, demo_trials,
-                            largest_hidden, summarize, target_model)
+from stackfast.demo import (BEST, CPU_SIZING, DEMO_ARMS, NOISE_FLOOR, QUICK_DIVISOR, TOKENS_PER_PARAM, TUNED,
+                            demo_trials, largest_hidden, summarize, target_model)
 from stackfast.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,64 +18,62 @@ def record(arm, seed, loss, flops=100.0):
     return {"arm": arm, "seed": seed, "val_loss": loss, "run_flops": flops}
 
 
-def test_cpu_sizing_is_the_studies_choice():
-    # 8 x 32 byte-level target (the sizing study's): 117k parameters, ~10 tokens per parameter at 1e12
+# The studies committed before issue 29 (benchmarks/results) ran under the previous protocol at
+# 1e12 FLOPs (10 tokens per parameter); their 'stack_paper' is today's 'stack_restart' and their
+# 'midas' today's 'middle_repeat'. Until they are re-run, TUNED takes their settings by these names.
+PREVIOUS_NAMES = {"stack_paper": "stack_restart", "midas": "middle_repeat"}
+
+
+def test_cpu_sizing_is_near_compute_optimal_and_takes_the_studies_settings():
+    # 8 x 32 byte-level target (the studies'): 117k parameters, 20 tokens per parameter at 2e12
     target = CPU_SIZING.target
     assert (target.vocab_size, target.n_layers, target.hidden_size, target.ffn_size) == (256, 8, 32, 88)
-    assert target.num_params() == 117_280
-    sizing = json.loads((REPO / "benchmarks" / "results" / "sizing_study.json").read_text())
-    assert CPU_SIZING.flops == sizing["budget"] and sizing["target_params"] == target.num_params()
-    for budget in sizing["at"].values():  # G_stack ahead of scratch and of the small model alone at both budgets
-        assert budget["stack_vs_scratch"].startswith("lower") and budget["stack_vs_small"].startswith("lower")
-    # every recipe's schedule and LR, the best recipe and the noise floor: the recipe study's
+    assert target.num_params() == 117_280 and CPU_SIZING.tokens_per_param() >= TOKENS_PER_PARAM == 20
     study = json.loads((REPO / "benchmarks" / "results" / "recipe_study-cpu.json").read_text())
-    assert {r["recipe"]: (r["schedule"], r["lr"]) for r in study["rows"]} == TUNED
-    grown = [r for r in study["rows"] if RECIPES[r["recipe"]].grows]
-    assert BEST == min(grown, key=lambda r: r["final_val_loss"])["recipe"]
+    if "previous_protocol" in study:  # not re-run yet: its settings under today's names
+        assert {PREVIOUS_NAMES.get(r["recipe"], r["recipe"]): (r["schedule"], r["lr"]) for r in study["rows"]} \
+            == {r: TUNED[r] for r in TUNED if r not in ("stack_paper", "midas")}
+        assert TUNED["stack_paper"] == TUNED["stack_restart"]  # no search of the paper's schedule yet
+    else:
+        assert {r["recipe"]: (r["schedule"], r["lr"]) for r in study["rows"]} == TUNED
+        assert CPU_SIZING.flops == study["sizing"]["flops"]
+        grown = [r for r in study["rows"] if RECIPES[r["recipe"]].grows]
+        assert BEST == min(grown, key=lambda r: r["final_val_loss"])["recipe"]
     assert NOISE_FLOOR == pytest.approx(study["noise_floor"], abs=5e-6) and study["bit_reproducible"]
-    assert CPU_SIZING.flops == study["sizing"]["flops"]
 
 
-def test_demo_runs_every_arm_at_its_tuned_setting():
-    trials = demo_trials(CPU_SIZING, 2)
-    arms = [(arm, t.seed) for arm, t in trials]
-    assert sorted(set(arms)) == sorted(arms)  # no run twice
-    for recipe in dict.fromkeys(("scratch", "stack_paper", BEST)):
-        assert {(recipe, 1), (recipe, 2)} <= set(arms)
-    assert ("small", 1) in arms and ("small", 2) not in arms
+def test_demo_runs_every_arm_on_every_seed_at_its_tuned_setting():
+    trials = demo_trials(CPU_SIZING, 3)
+    assert sorted((arm, t.seed) for arm, t in trials) == sorted((a, s) for a in DEMO_ARMS for s in (1, 2, 3))
     for arm, t in trials:
-        assert (t.kind, t.lr) == TUNED[t.recipe] and t.threads == 1
-        assert t.flops == (CPU_SIZING.flops / 2 if arm.endswith("_half") else CPU_SIZING.flops)
+        assert arm == t.recipe and (t.kind, t.lr) == TUNED[t.recipe] and t.threads == 1 and t.flops == CPU_SIZING.flops
     assert CPU_SIZING.with_lr(1e-3).settings["scratch"] == (TUNED["scratch"][0], 1e-3)
     assert CPU_SIZING.flops / QUICK_DIVISOR >= CPU_SIZING.min_flops()  # `demo --quick` runs
 
 
-def test_summary_gives_each_recipes_speedup_seed_by_seed():
-    runs = [record("scratch", 1, 4.5), record("stack_paper", 1, 4.0), record("stack_paper_half", 1, 5.0, 50.0),
-            record("scratch", 2, 4.2), record("stack_paper", 2, 4.0), record("stack_paper_half", 2, 5.0, 50.0),
-            record("small", 1, 4.1)]
+def test_summary_compares_arms_paired_by_seed_and_says_when_it_cannot_tell():
+    # G_stack 0.05 below the small model on every seed (the differences -0.04, -0.05, -0.06)
+    runs = [record("scratch", s, 4.5 + 0.1 * s) for s in (1, 2, 3)]
+    runs += [record("small", s, 4.2 + 0.1 * s) for s in (1, 2, 3)]
+    runs += [record("stack_paper", s, 4.2 + 0.1 * s - 0.05 + 0.01 * (s - 2)) for s in (1, 2, 3)]
     s = summarize(runs, noise=0.01)
-    # seed 1: 4.5 halfway between 5.0 and 4.0 -> budget sqrt(50 * 100); seed 2: 80% of the way
-    expected = [100 / 70.7107 - 1, 100 / (50 * 2 ** 0.8) - 1]
-    assert s["speedups"]["stack_paper"] == pytest.approx(expected, rel=1e-4)
+    versus = s["comparisons"]["stack_paper vs small"]
+    half = 4.302653 * 0.01 / 3 ** 0.5  # t(0.975, 2 df) * sd / sqrt(3)
+    assert versus["mean"] == pytest.approx(-0.05) and versus["interval"] == pytest.approx([-0.05 - half, -0.05 + half])
+    assert versus["verdict"] == "lower" and s["comparisons"]["small vs scratch"]["verdict"] == "lower"
     label = RECIPES["stack_paper"].label
-    assert f"{label}: speedup to scratch's final loss +28% ± 13%" in s["verdict"][-1]
-    assert s["verdict"][0].startswith(f"{label} vs scratch: 4.0000 ± 0.0000 vs 4.3500") \
-        and s["verdict"][0].endswith("lower (every seed, beyond the noise floor)")
-    assert s["verdict"][1] == f"{label} vs small alone: 4.0000 vs 4.1000: lower (one seed: no spread measured)"
-    for r in runs:
-        r["val_loss"] -= 0.9 * (r["arm"] == "stack_paper_half")  # both halves reach scratch's loss
-    assert "speedup to scratch's final loss >= +100% in every seed" in summarize(runs)["verdict"][-1]
-    runs[1]["val_loss"] = 4.6  # seed 1's G_stack misses scratch's loss: no speedup claimed
-    s = summarize(runs)
-    assert s["verdict"][-1] == f"{label}: no speedup: in 1 of 2 seeds it did not reach scratch's final loss " \
-        "within the same budget"
+    assert s["verdict"][1].startswith(f"{label} vs small alone: -0.0500 (a - b, 3 seeds paired, 95% t interval")
+    assert not any("cannot be told apart" in line for line in s["verdict"])
+    runs[-1]["val_loss"] += 0.2  # seed 3 of G_stack now above the small model: the interval holds zero
+    s = summarize(runs, noise=0.01)
+    assert s["comparisons"]["stack_paper vs small"]["verdict"] == "a tie (the interval includes zero)"
+    assert s["verdict"][-1].startswith(f"{label} cannot be told apart from (or loses to) the small model alone")
 
 
 def test_largest_hidden_follows_the_tokens_per_parameter_rule():
     seq = 128
-    # at the CPU budget the 8 x 32 target is the widest at >= 10 tokens per parameter
-    assert largest_hidden(CPU_SIZING.flops, seq, 10**9, 10.0) == 32
+    # at the CPU budget the 8 x 32 target is the widest at >= 20 tokens per parameter
+    assert largest_hidden(CPU_SIZING.flops, seq, 10**9, TOKENS_PER_PARAM) == 32
     hidden = largest_hidden(1e16, seq, 10**12, TOKENS_PER_PARAM)
     model, wider = target_model(hidden), target_model(hidden + (64 if hidden >= 256 else 16))
     assert 1e16 / model.flops_per_token(seq) / model.num_params() >= TOKENS_PER_PARAM
@@ -114,9 +112,12 @@ def test_gpu_plan_prefers_two_seeds_then_one_then_says_under_sized():
     finally:
         sys.path.pop(0)
     preset = growth_study.GpuPreset()
-    # 8 minutes at 1 PFLOP/s: two seeds of a >= 20M target (width 512: 25.5M) at >= 15 tokens/param fit
+    # 8 minutes at 1 PFLOP/s: two seeds of a >= 20M target at >= 10 tokens/param fit (not at 20)
     sizing, seeds, why = growth_study.plan_gpu(1e15, 480, preset, 10**9)
-    assert seeds == 2 and sizing.target.num_params() >= 20e6 and sizing.tokens_per_param() >= TOKENS_PER_PARAM
+    assert seeds == 2 and sizing.target.num_params() >= 20e6 and sizing.tokens_per_param() >= 10
+    assert why == "2 seed(s) fit at >= 10 tokens/param"
+    # at 4 PFLOP/s the rule itself: >= 20 tokens/param
+    assert growth_study.plan_gpu(4e15, 480, preset, 10**10)[0].tokens_per_param() >= TOKENS_PER_PARAM
     assert sizing.seq_len == 1024 and sizing.settings["stack_paper"][1] < TUNED["stack_paper"][1]
     # at 300 TFLOP/s: one seed, at >= 10 tokens/param
     sizing, seeds, why = growth_study.plan_gpu(3e14, 480, preset, 10**9)

@@ -32,7 +32,9 @@ def check_growth(operator: str, factor: int, options: dict) -> None:
     """Refuse an unknown operator, a factor below 2, or an option the operator does not take
     or of the wrong type (one line naming the operator's options), before any work."""
     spec = operator_spec(operator)
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+    if factor is None and options.get("layers") == "midas":
+        pass  # MIDAS adds one block: the block size, not a factor, sets the grown depth
+    elif isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise GrowthError(f"growth factor must be an integer >= 2, got {factor!r}")
     hints = get_type_hints(_function(operator))
     valid = ", ".join(f"{o.name}={o.default!r}" for o in spec.options)

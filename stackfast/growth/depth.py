@@ -27,19 +27,40 @@ from stackfast.ops import replicate_
 from stackfast.parallel import init_parameters, local, local_part
 
 PARTIAL = ("all", "front", "middle", "back")
+MIDAS = "midas"
 
 
-def layer_map(n_layers: int, factor: int, layers: str | list[int] = "all", order: str = "stack",
+def midas_map(n_layers: int, block: int) -> list[int]:
+    """MIDAS's growth step (Saunshi et al. 2024): a model of i blocks of `block` layers,
+    B_1 ... B_i, becomes B_1 ... B_m B_m ... B_i with m = ceil(i / 2), one copy of its middle
+    block beside it: i + 1 blocks (b -> 2b -> 3b ... over the stages)."""
+    if block < 1 or n_layers % block:
+        raise GrowthError(f"layers='midas': the model's {n_layers} layers are not a whole number of blocks of "
+                          f"block={block} layers")
+    middle = math.ceil(n_layers // block / 2)  # the middle block, counted from 1
+    end = middle * block
+    return list(range(end)) + list(range(end - block, n_layers))
+
+
+def layer_map(n_layers: int, factor: int | None, layers: str | list[int] = "all", order: str = "stack",
               block: int = 0) -> list[int]:
     """The grown model's layer map.
 
     layers: 'all' repeats the whole stack (the paper's best); 'front', 'middle', 'back'
-    repeat only that part of the layers (the partial-stacking ablation; MIDAS with 'middle')
-    so that the grown depth is still n_layers * factor: `block` layers of it (0: half the
-    layers); an explicit list is the map itself.
+    repeat only a window of `block` layers (0: half the layers) so that the grown depth is
+    still n_layers * factor (the partial-stacking ablation; 'middle' is the middle-window
+    repeat); 'midas' adds one copy of the middle block of `block` layers (midas_map; no
+    factor: None); an explicit list is the map itself.
     order: 'stack' repeats the block of layers as a whole (0 1 2 0 1 2 ...),
     'interpolate' repeats each layer in place (0 0 1 1 2 2 ...).
     """
+    if layers == MIDAS:
+        if factor is not None or order != "stack":
+            raise GrowthError("layers='midas' adds one copy of the middle block: it takes no factor (None) and "
+                              "order 'stack'")
+        return midas_map(n_layers, block)
+    if factor is None:
+        raise GrowthError(f"layers={layers!r} needs a growth factor (only layers='midas' takes none)")
     if isinstance(layers, (list, tuple)):
         bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < n_layers)]
         if bad:
@@ -49,7 +70,8 @@ def layer_map(n_layers: int, factor: int, layers: str | list[int] = "all", order
                               f"got {len(layers)} entries")
         return list(layers)
     if layers not in PARTIAL:
-        raise GrowthError(f"layers: expected one of {', '.join(PARTIAL)} or a list of indices, got {layers!r}")
+        raise GrowthError(f"layers: expected one of {', '.join(PARTIAL)}, {MIDAS} or a list of indices, got "
+                          f"{layers!r}")
     if order not in ("stack", "interpolate"):
         raise GrowthError(f"order: expected 'stack' or 'interpolate', got {order!r}")
     if block and layers == "all":
@@ -180,7 +202,7 @@ def copy_optimizer_state(old_state: dict[str, dict], grown: Transformer, mapping
     return new_state
 
 
-def stack(model: Transformer, factor: int, *, layers: str | list[int] = "all", order: str = "stack",
+def stack(model: Transformer, factor: int | None, *, layers: str | list[int] = "all", order: str = "stack",
           block: int = 0, noise: float = 0.0, seed: int = 0, shard=None, in_place: bool = False) -> Growth:
     """G_stack: the grown model's blocks are copies of the small model's, by layer map.
 

@@ -47,7 +47,7 @@ def grow_stage(cfg: Config, stage: Stage, target: ModelConfig, model: Transforme
         strip_block_options(model)  # operators copy plain blocks
     loss_before = probe(model)
     started = time.perf_counter()
-    options = {**operator.options_from(cfg), **stage.options}
+    options = stage.operator_options(cfg)  # the stage's layers and block over [growth]'s
     if operator.learns:
         options["batches"] = batch
     if world.distributed:

@@ -38,13 +38,9 @@ def nearest_preset(params: float) -> str:
     return min(PAPER_PRESETS, key=lambda name: abs(math.log(ModelConfig(**PRESETS[name]).num_params() / params)))
 
 
-def plan(params: float, tokens: float | None = None, flops: float | None = None) -> dict:
-    """The recommended growth for a target size and budget (tokens or FLOPs).
-
-    Returns the budget, d, g, the small model's shape and the expected compute split:
-    the small model trains on d tokens, the grown model on the remaining tokens; total
-    FLOPs include the small model's (docs/method.md).
-    """
+def budget(params: float, tokens: float | None = None, flops: float | None = None) -> dict:
+    """A target size and budget (tokens or FLOPs, one of them), checked: the preset nearest
+    the size, the budget in both units and its tokens per parameter."""
     if (tokens is None) == (flops is None):
         raise GrowthError("give exactly one of the token budget and the FLOP budget")
     for name, value in (("token budget", tokens), ("FLOP budget", flops), ("target parameters", params)):
@@ -58,20 +54,31 @@ def plan(params: float, tokens: float | None = None, flops: float | None = None)
                           f"formula was fitted on 410M-3B models; the presets are {', '.join(PAPER_PRESETS)})")
     flops = flops if flops is not None else 6.0 * params * tokens
     tokens = tokens if tokens is not None else flops / (6.0 * params)
-    d = growth_timing(params, flops)
+    preset = nearest_preset(params)
+    return {"target_params": params, "tokens": tokens, "flops": flops, "preset": preset,
+            "target": dataclasses.asdict(ModelConfig.from_preset(preset)), "tokens_per_param": tokens / params}
+
+
+def plan(params: float, tokens: float | None = None, flops: float | None = None) -> dict:
+    """The recommended growth for a target size and budget (tokens or FLOPs).
+
+    Returns the budget, d, g, the small model's shape and the expected compute split:
+    the small model trains on d tokens, the grown model on the remaining tokens; total
+    FLOPs include the small model's (docs/method.md).
+    """
+    p = budget(params, tokens, flops)
+    tokens = p["tokens"]
+    d = growth_timing(params, p["flops"])
     if d >= tokens:
         raise GrowthError(f"the recommended growth point d = {d:.3g} tokens is beyond the whole budget "
                           f"of {tokens:.3g} tokens: train a smaller target or with more tokens")
-    preset = nearest_preset(params)
-    target = ModelConfig.from_preset(preset)
+    target = ModelConfig(**p["target"])
     small = OPERATORS["stack"].small_model(target, GROWTH_FACTOR)
     small_flops = 6.0 * small.num_params() * d
     grown_flops = 6.0 * target.num_params() * (tokens - d)
     return {
-        "target_params": params, "tokens": tokens, "flops": flops, "growth_tokens": d,
-        "factor": GROWTH_FACTOR, "preset": preset, "target": dataclasses.asdict(target),
+        **p, "growth_tokens": d, "factor": GROWTH_FACTOR,
         "small": dataclasses.asdict(small), "small_params": small.num_params(),
         "small_flops": small_flops, "grown_flops": grown_flops,
         "small_flop_share": small_flops / (small_flops + grown_flops),
-        "tokens_per_param": tokens / params,
     }

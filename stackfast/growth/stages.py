@@ -11,18 +11,32 @@ Prop-alpha lengths ('prop': stage k of K trains for a share proportional to k **
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 from stackfast.config import Config, ConfigError, GrowthStage, ModelConfig
+from stackfast.errors import GrowthError
+from stackfast.growth import check_growth
+from stackfast.growth.depth import MIDAS, layer_map
 from stackfast.growth.guidelines import growth_timing
 from stackfast.growth_operators import OPERATORS
+from stackfast.optim import warmup_note
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One growth event, resolved: its factor and the operator options it overrides."""
-    factor: int
+    """One growth event, resolved: its factor (None: a MIDAS stage, which adds one block) and
+    the operator options it overrides."""
+    factor: int | None
     options: dict  # stack: layers and block of this stage; {} for the other operators
+
+    def small_model(self, operator: str, target: ModelConfig) -> ModelConfig:
+        """The model that this stage grows into `target`."""
+        return OPERATORS[operator].small_model(target, self.factor, self.options.get("block", 0))
+
+    def operator_options(self, cfg: Config) -> dict:
+        """The options the growth event passes: [growth]'s, then this stage's own over them."""
+        return {**OPERATORS[cfg.growth.operator].options_from(cfg), **self.options}
 
 
 def listed_stages(cfg: Config) -> list[GrowthStage]:
@@ -39,26 +53,51 @@ def stages_of(cfg: Config) -> list[Stage]:
     g = cfg.growth
     listed = listed_stages(cfg)
     takes_layers = bool(listed) and "layers" in OPERATORS[g.operator].accepted_options()
-    return [Stage(factor=s.factor or g.factor,
-                  options={"layers": s.layers or g.layers, "block": g.block if s.block == -1 else s.block}
-                  if takes_layers else {})
-            for s in listed]
+    stages = []
+    for s in listed:
+        layers = (s.layers or g.layers) if takes_layers else ""
+        stages.append(Stage(factor=None if layers == MIDAS else s.factor or g.factor,
+                            options={"layers": layers, "block": g.block if s.block == -1 else s.block}
+                            if takes_layers else {}))
+    return stages
 
 
 def stage_models(cfg: Config) -> list[ModelConfig]:
     """The model of each stage, the first (smallest) to the last ([model]); one entry more
-    than stages_of(cfg). A shape that a stage cannot grow into is a GrowthError."""
+    than stages_of(cfg). Every stage's operator and options are checked against the shape it
+    grows (a block of 6 layers in a 4-layer model, say): one line naming the stage, before
+    the run starts rather than at the growth event."""
     models = [cfg.model]
-    if cfg.growth.operator != "none":
-        operator = OPERATORS[cfg.growth.operator]
-        for stage in reversed(stages_of(cfg)):
-            models.insert(0, operator.small_model(models[0], stage.factor))
+    g = cfg.growth
+    stages = stages_of(cfg)
+    where = [f"growth.stages[{i}]" for i in range(len(stages))] if g.stages else ["[growth]"]
+    for i in reversed(range(len(stages))):
+        try:
+            models.insert(0, stages[i].small_model(g.operator, models[0]))
+        except GrowthError as e:
+            raise ConfigError(f"{where[i]}: {e}") from None
+    for i, stage in enumerate(stages):
+        options = stage.operator_options(cfg)
+        try:
+            check_growth(g.operator, stage.factor, options)
+            if "layers" in options:  # the stack operator: its layer map for this stage's model
+                layer_map(models[i].n_layers, stage.factor, options["layers"], options["order"], options["block"])
+        except GrowthError as e:
+            raise ConfigError(f"{where[i]}: growing the {models[i].n_layers}-layer model: {e}") from None
     return models
 
 
 def growth_steps(cfg: Config, total_steps: int) -> list[int]:
     """The optimizer step after which each stage grows, strictly increasing and within the
-    run (one line naming the stage otherwise)."""
+    run (one line naming the stage otherwise). Says so if a warmup is longer than its stage."""
+    steps = _growth_steps(cfg, total_steps)
+    note = warmup_note(cfg, total_steps, steps)
+    if note:  # said once, where the run starts (lr_at clamps the warmup)
+        print(f"stackfast: {note}", file=sys.stderr)
+    return steps
+
+
+def _growth_steps(cfg: Config, total_steps: int) -> list[int]:
     g = cfg.growth
     listed = listed_stages(cfg)
     if not listed:
@@ -75,7 +114,7 @@ def growth_steps(cfg: Config, total_steps: int) -> list[int]:
                 target = cfg.model.num_params()
                 steps.append(math.ceil(growth_timing(target, 6.0 * target * total_steps * tokens_per_step)
                                        / tokens_per_step))
-            elif isinstance(stage.at, float):
+            elif isinstance(stage.at, float):  # the nearest step boundary (at = 0.3 of 10 steps: after step 3)
                 steps.append(round(stage.at * total_steps))
             else:
                 steps.append(-(-stage.at // tokens_per_step))  # the first step boundary at or after the tokens
