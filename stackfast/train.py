@@ -63,7 +63,7 @@ from stackfast.growth.stages import Stage, growth_steps, stage_models, stages_of
 from stackfast.growth_operators import OPERATORS, operators_where
 from stackfast.metrics import MFU_CONVENTION, MetricsLog, Progress, Throughput, peak_flops
 from stackfast.model import Transformer, check_kernels
-from stackfast.optim import build_optimizer, scheduled_lr
+from stackfast.optim import build_optimizer, scheduled_lr, warmup_note
 from stackfast.parallel import (World, barrier, init_distributed, init_parameters, set_gradient_sync, shutdown,
                                 wrap_model)
 from stackfast.runs import RunLock, check_resume, prepare_fresh, run_sampling
@@ -175,6 +175,8 @@ def run(cfg: Config) -> dict:
     try:
         cfg.batch_split(world.world_size)  # an uneven split is an error before anything is written
         find_resume(cfg)  # so is a resume folder that is not there (the lock below creates the run folder)
+        # and a stage no model can grow into, or an impossible stage timing
+        stage_models(cfg), growth_steps(cfg, cfg.total_steps())
         with StopSignal() as stop, contextlib.ExitStack() as held:
             lock = None
             if world.main:  # one job per run folder, for as long as this one runs
@@ -421,7 +423,7 @@ def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None 
                           f"(FSDP) would gather the whole model on every process; it runs in a single process "
                           f"only. Under torchrun use {', '.join(operators_where('sharded'))}, or grow with "
                           f"`stackfast grow` and continue from its output with checkpoint.init_from")
-    stages, models = stages_of(cfg), stage_models(cfg)  # a shape no stage can grow into: an error now
+    stages, models = stages_of(cfg), stage_models(cfg)
 
     if not world.main:
         barrier(world)  # rank 0 opens the data first: it may build the built-in corpus's cache
@@ -430,7 +432,10 @@ def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None 
         barrier(world)
     micro, accum = cfg.batch_split(world.world_size)
     total_steps = cfg.total_steps()
-    planned = growth_steps(cfg, total_steps)  # an impossible stage timing: an error before anything is written
+    planned = growth_steps(cfg, total_steps)
+    note = warmup_note(cfg, total_steps, planned)
+    if note and world.main:  # said once, where the run starts (the schedule clamps the warmup)
+        print(f"stackfast: {note}", file=sys.stderr)
 
     # A run keeps the sampling it started with ('auto': the checkpoint's, epoch for a fresh run). Read
     # from the checkpoint's config now, so that the loader's checks below fail before

@@ -13,7 +13,7 @@ from stackfast.config import ConfigError, load_config  # noqa: E402
 from stackfast.growth.depth import layer_map  # noqa: E402
 from stackfast.growth.stages import growth_steps, stage_models, stages_of  # noqa: E402
 from stackfast.metrics import read_metrics  # noqa: E402
-from stackfast.optim import lr_at, scheduled_lr  # noqa: E402
+from stackfast.optim import lr_at, scheduled_lr, warmup_note  # noqa: E402
 from stackfast.train import run  # noqa: E402
 
 # tiny target of 4 layers: 1 -> 2 -> 4 layers in two doublings; 4 x 32 = 128 tokens a step
@@ -115,18 +115,25 @@ def test_schedule_over_two_stages_restarts_or_continues(tmp_path):
     assert lrs == pytest.approx([3.0, 3.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0])
 
 
-def test_a_warmup_longer_than_its_stage_is_clamped_and_said(tmp_path, capsys):
+def test_a_warmup_longer_than_its_stage_is_clamped_and_said(tmp_path):
     cfg = job(tmp_path, "schedule.warmup_steps=4", 'growth.schedule="restart"', "optim.lr=1.0", "growth.small_lr=1.0")
     assert growth_steps(cfg, 8) == [2, 5]
-    err = capsys.readouterr().err
     assert "warmup_steps = 4 is longer than stage 1 (steps 1-2), 2 steps; stage 2 (steps 3-5), 3 steps; stage 3 " \
-           "(steps 6-8), 3 steps: the warmup is clamped" in err
+           "(steps 6-8), 3 steps: the warmup is clamped" in warmup_note(cfg, 8, [2, 5])
     lrs = [scheduled_lr(cfg, s, 8, [2, 5]) for s in range(8)]
     assert lrs == pytest.approx([0.5, 1.0, 1 / 3, 2 / 3, 1.0, 1 / 3, 2 / 3, 1.0])  # every stage reaches its peak
-    growth_steps(job(tmp_path, "schedule.warmup_steps=3", 'growth.schedule="paper"'), 8)
-    assert capsys.readouterr().err == ""  # the paper's small model warms up over its own share
-    growth_steps(job(tmp_path, 'growth.operator="none"', "growth.stages=[]", "schedule.warmup_steps=9"), 8)
-    assert "longer than the run, 8 steps" in capsys.readouterr().err
+    paper = job(tmp_path, "schedule.warmup_steps=3", 'growth.schedule="paper"')
+    assert not warmup_note(paper, 8, growth_steps(paper, 8))  # the paper's small model warms up over its own share
+    alone = job(tmp_path, 'growth.operator="none"', "growth.stages=[]", "schedule.warmup_steps=9")
+    assert "longer than the run, 8 steps" in warmup_note(alone, 8, growth_steps(alone, 8))
+
+
+def test_the_warmup_note_is_said_once_and_a_bad_stage_refused_before_anything_is_written(tmp_path, capsys):
+    run(job(tmp_path / "ok", "schedule.warmup_steps=4", 'growth.schedule="restart"', "train.max_steps=8"))
+    assert capsys.readouterr().err.count("the warmup is clamped") == 1
+    with pytest.raises(ConfigError, match="block"):  # a block of 6 layers in a 4-layer stage
+        run(job(tmp_path / "bad", 'growth.stages=[{at = 2, layers = "middle", block = 6}]', "train.max_steps=8"))
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("total,expected", [(10, 3), (9, 3), (7, 2), (20, 6), (11, 3)])

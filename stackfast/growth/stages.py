@@ -11,7 +11,6 @@ Prop-alpha lengths ('prop': stage k of K trains for a share proportional to k **
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 from stackfast.config import Config, ConfigError, GrowthStage, ModelConfig
@@ -20,7 +19,6 @@ from stackfast.growth import check_growth
 from stackfast.growth.depth import MIDAS, layer_map
 from stackfast.growth.guidelines import growth_timing
 from stackfast.growth_operators import OPERATORS
-from stackfast.optim import warmup_note
 
 
 @dataclass(frozen=True)
@@ -89,15 +87,8 @@ def stage_models(cfg: Config) -> list[ModelConfig]:
 
 def growth_steps(cfg: Config, total_steps: int) -> list[int]:
     """The optimizer step after which each stage grows, strictly increasing and within the
-    run (one line naming the stage otherwise). Says so if a warmup is longer than its stage."""
-    steps = _growth_steps(cfg, total_steps)
-    note = warmup_note(cfg, total_steps, steps)
-    if note:  # said once, where the run starts (lr_at clamps the warmup)
-        print(f"stackfast: {note}", file=sys.stderr)
-    return steps
-
-
-def _growth_steps(cfg: Config, total_steps: int) -> list[int]:
+    run (one line naming the stage otherwise). A warmup longer than its stage is clamped by
+    the schedule; optim.warmup_note says so, where the run starts."""
     g = cfg.growth
     listed = listed_stages(cfg)
     if not listed:
