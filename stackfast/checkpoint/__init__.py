@@ -18,7 +18,7 @@ The public names are importable from here, as they were before this was a packag
 is imported from its module on first use (PEP 562 `__getattr__` below), so
 `from stackfast.checkpoint import list_checkpoints` does not import torch.
 """
-import importlib
+from stackfast.lazy import lazy_exports
 
 # Public name -> the module that defines it, imported when the name is first asked for.
 _LAZY = {
@@ -35,14 +35,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"stackfast.checkpoint.{_LAZY[name]}"), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'stackfast.checkpoint' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    """`dir(stackfast.checkpoint)` and tab completion list the lazy names before their first use."""
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

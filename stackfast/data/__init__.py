@@ -18,9 +18,8 @@ import TokenLoader` loads loader.py and torch; `import stackfast.data.pipeline` 
 The tunables read at call time (readers.PIECE_CHARS, pipeline.BATCH_DOCUMENTS...) are not
 re-exported: set them on their own module, where the code reads them.
 """
-import importlib
-
 from stackfast.errors import DataError
+from stackfast.lazy import lazy_exports
 
 _MODULES = {
     "tokenizer": ["EOS_NAMES", "Tokenizer", "train_bpe"],
@@ -40,13 +39,4 @@ _HOME = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = ["DataError", *_HOME]
 
 
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    globals()[name] = value  # asked for once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, globals())

@@ -8,10 +8,10 @@ The Triton modules are imported on first use (PEP 562 `__getattr__` below), so
 triton is not installed; `from stackfast.ops import attention` then raises the
 ImportError naming triton.
 """
-import importlib
 import sys
 import types
 
+from stackfast.lazy import lazy_exports
 from stackfast.ops.replicate import extension_info, extension_summary, replicate_, replicate_ref
 
 # Public name -> the module that defines it, imported when the name is first asked for.
@@ -24,17 +24,7 @@ _LAZY = {"attention": "attention", "attention_ref": "attention",
          "apply_stackfast_kernels": "hf", "patch_llama": "hf", "patch_mistral": "hf", "patch_qwen2": "hf"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"stackfast.ops.{_LAZY[name]}"), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'stackfast.ops' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    """`dir(stackfast.ops)` and tab completion list the lazy names before their first use."""
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 class _Ops(types.ModuleType):
@@ -52,6 +42,6 @@ sys.modules[__name__].__class__ = _Ops
 
 # Every public name: the eager ones imported above and the lazy ones (tests/test_packaging.py
 # checks that this list, _LAZY and dir() agree).
-__all__ = ["apply_stackfast_kernels", "attention", "attention_ref", "attention_varlen", "extension_info", "extension_summary",
-           "linear_cross_entropy", "linear_cross_entropy_ref", "patch_llama", "patch_mistral", "patch_qwen2",
+__all__ = ["apply_stackfast_kernels", "attention", "attention_ref", "attention_varlen", "extension_info",
+           "extension_summary", "linear_cross_entropy", "linear_cross_entropy_ref", "patch_llama", "patch_mistral", "patch_qwen2",
            "replicate_", "replicate_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref", "swiglu", "swiglu_ref"]
