@@ -305,6 +305,7 @@ def _agree(error: BaseException | None, world: World, group) -> BaseException | 
     wrapped.__cause__ = first  # write_failure looks through the chain for an OSError
     return wrapped
 
+
 def _interrupt(thread: threading.Thread) -> None:
     """Raise _Abandoned in `thread` at its next Python instruction (CPython's documented
     PyThreadState_SetAsyncExc). A thread inside a torch call gets it when the call returns:
