@@ -63,7 +63,8 @@ class Recipe:
     """How a run spends its FLOP budget. Without stages: the target (or, small=True, the
     small model of a x4 depth growth) from scratch. With stages: growth events (operator,
     G_stack by default) at their FLOP shares, or (prop=True) at Prop-1 stage lengths in
-    tokens (1 : 2 : 3 ...), under growth.schedule `schedule` (optim.py)."""
+    tokens (1 : 2 : 3 ...), under growth.schedule `schedule` (optim.py). `overrides`: --set
+    overrides the recipe adds to every run (a data study's arms differ in data settings alone)."""
     name: str
     label: str
     stages: tuple[Stage, ...] = ()
@@ -72,6 +73,7 @@ class Recipe:
     schedule: str = "continue"
     operator: str = "stack"
     source: str = ""
+    overrides: tuple[str, ...] = ()
 
     @property
     def grows(self) -> bool:
@@ -104,7 +106,19 @@ RECIPES = {r.name: r for r in [
     # The paper's other operators, each as its G_stack recipe: x4 at 20% of the FLOPs, the paper's schedule.
     *[Recipe(name, name, (Stage(4, 0.2),), schedule="paper", operator=name, source=spec.summary)
       for name, spec in OPERATORS.items() if name != "stack"],
+    # The data study's arms (benchmarks/data_study.py): scratch, differing in how rows are read.
+    Recipe("scratch_random", "scratch, random sampling", overrides=('data.sampling="random"',),
+           source="windows drawn with replacement (the sampling before issue 28)"),
+    Recipe("scratch_epoch", "scratch, epoch sampling", overrides=('data.sampling="epoch"',),
+           source="every window once per epoch, in a shuffled order"),
+    Recipe("scratch_docmask", "scratch, epoch sampling, document mask",
+           overrides=('data.sampling="epoch"', "data.document_mask=true"),
+           source="attention kept within each document of a row"),
+    Recipe("scratch_rope_reset", "scratch, epoch sampling, document mask, RoPE reset",
+           overrides=('data.sampling="epoch"', "data.document_mask=true", "model.rope_reset=true"),
+           source="the same, positions restarting at 0 at each document"),
 ]}
+DATA_RECIPES = ("scratch_random", "scratch_epoch", "scratch_docmask", "scratch_rope_reset")
 GROWTH_RECIPES = ("scratch", "small", "stack_paper", "stack_restart", "stack_continue", "stack_late", "doublings",
                   "midas", "middle_repeat")
 OPERATOR_RECIPES = ("scratch", "small", "stack_paper", *(n for n in OPERATORS if n != "stack"))
@@ -169,7 +183,7 @@ def recipe_config(sizing, recipe: Recipe, lr: float, kind: str, seed: int, devic
              f"optim.lr={lr}", f'schedule.kind="{kind}"', f"train.seed={seed}", f"train.max_steps={steps}",
              f"train.eval_every={eval_every}", "train.eval_batches=8", f"schedule.warmup_steps={max(1, steps // 10)}",
              f'train.device="{device}"', f"logging.log_every={eval_every}", "logging.progress=false",
-             "logging.overwrite=true"])
+             "logging.overwrite=true", *recipe.overrides])
 
 
 @dataclass(frozen=True)
@@ -314,12 +328,12 @@ def _restore_env(threads: str | None):
 
 
 def tune(recipes: list[str], sizing, runs_dir: Path, device: str = "cpu", workers: int = 2,
-         done: dict | None = None) -> tuple[dict, dict]:
-    """The search: every recipe, every schedule kind, LRs from START stepped out along
+         done: dict | None = None, kinds: tuple[str, ...] = KINDS) -> tuple[dict, dict]:
+    """The search: every recipe, every schedule kind of `kinds`, LRs from START stepped out along
     LR_LADDER until the best is interior; seed SEARCH_SEED. Returns ({recipe: {kind: best
     trial}}, every record)."""
     done = {} if done is None else done
-    tried = {(r, k): list(START) for r in recipes for k in KINDS}
+    tried = {(r, k): list(START) for r in recipes for k in kinds}
     while True:
         trials = [Trial(r, k, lr, SEARCH_SEED, sizing.flops) for (r, k), lrs in tried.items() for lr in lrs]
         done = run_many(trials, sizing, runs_dir, device, workers, done)

@@ -48,6 +48,9 @@ def test_every_recipe_spends_the_budget(name):
         assert [m.n_layers for m in models] == [2, 4, 6, 8] and cfg.growth.schedule == "continue"
         assert [(s.layers, s.block, s.factor) for s in cfg.growth.stages] == [("midas", 2, 0)] * 3
         assert bounds[1:4] == [round(total / 10), round(total * 3 / 10), round(total * 6 / 10)]
+    data = {"scratch_random": ("random", False, False), "scratch_epoch": ("epoch", False, False),
+            "scratch_docmask": ("epoch", True, False), "scratch_rope_reset": ("epoch", True, True)}
+    assert (cfg.data.sampling, cfg.data.document_mask, cfg.model.rope_reset) == data.get(name, ("auto", False, False))
 
 
 def test_the_search_steps_out_until_each_best_lr_is_interior(monkeypatch, tmp_path):
