@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -464,7 +465,10 @@ def check_kernels_now(config: str | None, overrides: list[str]) -> tuple[str, di
     from stackfast.train import resolve_device, use_bf16
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.train.device)
-    check_kernels("triton", device)  # one line where the kernels cannot run (CPU without TRITON_INTERPRET=1)
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # said for this command, not model.kernels
+        raise StackfastError(f"info --check runs the Triton kernels on train.device ({device.type}): it needs a CUDA "
+                             f"device, or TRITON_INTERPRET=1 to check them in the (slow) Triton interpreter")
+    check_kernels("triton", device)  # and the triton package
     shapes = kernel_check.Shapes.of(cfg.model, torch.bfloat16 if use_bf16(cfg.train.dtype, device) else torch.float32)
     verdicts = kernel_check.cached_checks(shapes, device, kernel_check.OPS, fresh=True)
     return f"{kernel_check.device_key(device)}; {shapes.key()}", verdicts

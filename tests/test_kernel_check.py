@@ -9,7 +9,7 @@ import torch
 
 import stackfast.model as model_module
 from stackfast import kernel_check
-from stackfast.cli import build_parser
+from stackfast.cli import build_parser, main
 from stackfast.config import ModelConfig
 from stackfast.model import Transformer
 
@@ -159,3 +159,11 @@ def test_the_cache_folder_is_the_users(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / "stackfast"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_dir() == tmp_path.home() / ".cache" / "stackfast"
+
+
+def test_info_check_where_the_kernels_cannot_run_is_one_line(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert main(["info", "--check"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "stackfast: error: info --check runs the Triton kernels on train.device (cpu): it needs a CUDA device, or "
+        "TRITON_INTERPRET=1 to check them in the (slow) Triton interpreter")
