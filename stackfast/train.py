@@ -344,11 +344,10 @@ def should_stop(stop: StopSignal, world: World, device: torch.device, host_sync:
     return host_sync and agree_to_stop(stop.requested, device)
 
 
-def start_or_resume(cfg: Config, world: World, run_dir: Path,
+def start_or_resume(cfg: Config, world: World, run_dir: Path, resume_from: Path | None,
                     lock: RunLock | None = None) -> tuple[TrainState, Path | None, list[str]]:
-    """The run's state, fresh or read from the checkpoint to resume from (its checksums
+    """The run's state, fresh or read from `resume_from` (find_resume's; its checksums
     verified first); that checkpoint (None: a fresh start) and the settings changed since."""
-    resume_from = find_resume(cfg)
     state = TrainState(seed=cfg.train.seed, world_size=world.world_size)
     # A fresh run, or a resume from another folder's checkpoint, must not mix into a run here.
     if resume_from is None or resume_from.resolve().parent != (run_dir / "checkpoints").resolve():
@@ -447,7 +446,7 @@ def setup(cfg: Config, world: World, device: torch.device, lock: RunLock | None 
                          document_mask=cfg.data.document_mask)
     loader.check_validation()  # a validation split too short fails now, not after training
 
-    state, resume_from, changes = start_or_resume(cfg, world, run_dir, lock)
+    state, resume_from, changes = start_or_resume(cfg, world, run_dir, resuming, lock)
     if resume_from is not None and state.step >= total_steps:
         if world.main:
             print(f"stackfast: the run in {resume_from} is finished ({state.step} of {total_steps} steps); "
