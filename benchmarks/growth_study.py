@@ -1,7 +1,8 @@
 """Growth studies at equal FLOPs under one protocol (stackfast/recipes.py): every arm gets the
-same search over schedule (cosine, WSD) and peak LR, extended until each best LR is interior
-(seed 1), then five fresh seeds (recipes.FINAL_SEEDS) at its best setting; the grown arms run
-at half the budget too (the speedup, read from complete runs against the strongest scratch,
+same search over schedule (cosine, WSD; cosine alone for the paper's schedule, which runs
+cosine) and peak LR, extended until each best LR is interior (seed 1), then five fresh seeds
+(recipes.FINAL_SEEDS) at its best setting; in the recipe study the grown arms run at half the
+budget too (the speedup, read from complete runs against the strongest scratch,
 seed by seed); arms are compared paired by seed, with a Student t interval on the mean
 difference, and a verdict only beyond zero and the noise floor (recipes.paired); the strongest
 scratch again at 2 threads (the noise floor: every run is pinned to 1 thread and
@@ -13,9 +14,10 @@ run, 20 tokens per parameter) on the built-in byte-level corpus:
 
     python benchmarks/growth_study.py             # the operators: scratch, small alone and the
                                                   # paper's eight, each x4 at 20% of the FLOPs
+                                                  # (losses at B alone: no half-budget runs)
     python benchmarks/growth_study.py --recipes   # the recipes: G_stack as the paper ran it, on its
-                                                  # own full schedule, under one schedule, at 50%;
-                                                  # two doublings, MIDAS, the middle-window repeat
+                                                  # own full schedule, under one schedule; two
+                                                  # doublings, MIDAS (recipes.GROWTH_RECIPES)
     python benchmarks/growth_study.py --recipes scratch doublings --flops 3e11   # a quick look
 
 Each study continues where it stopped (its runs folder keeps a record of every finished run).
@@ -132,10 +134,11 @@ def report(name: str, runs: list[dict], extra: dict, out: str | None, title: str
     return result
 
 
-def protocol_study(args, names: list[str], result_name: str, title: str) -> dict:
+def protocol_study(args, names: list[str], result_name: str, title: str, speedups: bool = True) -> dict:
     """Every arm (a recipe) through the same search, then the best setting of each on fresh
-    seeds at B (and B/2 for the grown ones: the speedup), the strongest scratch again at
-    another thread count (the noise floor) and one repeat (the runs are bit-reproducible)."""
+    seeds at B (and, with `speedups`, B/2 for the grown ones: the speedup), the strongest
+    scratch again at another thread count (the noise floor) and one repeat (the runs are
+    bit-reproducible)."""
     started = time.perf_counter()
     check_recipes(names)
     if "scratch" not in names:
@@ -150,7 +153,8 @@ def protocol_study(args, names: list[str], result_name: str, title: str) -> dict
     best, done = tune(names, sizing, runs_dir, device, args.workers, done)
     chosen = chosen_settings(best, done)
     finals = final_trials(chosen, sizing.flops)
-    halves = {r: [dataclasses.replace(t, flops=t.flops / 2) for t in finals[r]] for r in names if RECIPES[r].grows}
+    halves = {r: [dataclasses.replace(t, flops=t.flops / 2) for t in finals[r]] for r in names
+              if RECIPES[r].grows and speedups}
     done = run_many([t for ts in [*finals.values(), *halves.values()] for t in ts], sizing, runs_dir, device,
                     args.workers, done)
     final_stats = {r: stats([done[t]["val_loss"] for t in ts]) for r, ts in finals.items()}
@@ -304,7 +308,8 @@ def main(argv=None) -> dict:
         return gpu_study(args)
     if args.recipes is not None:
         return protocol_study(args, args.recipes or list(GROWTH_RECIPES), "recipe_study-cpu", "recipe study")
-    return protocol_study(args, list(OPERATOR_RECIPES), "growth_study-cpu", "growth study")
+    # the operators compared by their losses at B (the recipe study measures the speedups)
+    return protocol_study(args, list(OPERATOR_RECIPES), "growth_study-cpu", "growth study", speedups=False)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,13 @@ class Recipe:
     def grows(self) -> bool:
         return bool(self.stages)
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The schedule kinds the search tries for this recipe: cosine alone under the paper's
+        schedule (the paper's code runs cosine; a WSD arm would be another recipe), both
+        otherwise. The baselines thus get at least the tuning a growth arm gets."""
+        return ("cosine",) if self.schedule == "paper" else KINDS
+
 
 # The LiGO operators train their expansion for LEARN_STEPS steps (each costs one grown-model
 # step, so their runs train that many steps less: equal budgets); G_random's new parts fade
@@ -119,8 +126,9 @@ RECIPES = {r.name: r for r in [
            source="the same, positions restarting at 0 at each document"),
 ]}
 DATA_RECIPES = ("scratch_random", "scratch_epoch", "scratch_docmask", "scratch_rope_reset")
-GROWTH_RECIPES = ("scratch", "small", "stack_paper", "stack_restart", "stack_continue", "stack_late", "doublings",
-                  "midas", "middle_repeat")
+# The recipe study's arms: the baselines, the paper's recipe and its schedule variants, the
+# gradual recipes. stack_late and middle_repeat run by name (growth_study.py --recipes NAME ...).
+GROWTH_RECIPES = ("scratch", "small", "stack_paper", "stack_restart", "stack_continue", "doublings", "midas")
 OPERATOR_RECIPES = ("scratch", "small", "stack_paper", *(n for n in OPERATORS if n != "stack"))
 
 
@@ -329,11 +337,11 @@ def _restore_env(threads: str | None):
 
 def tune(recipes: list[str], sizing, runs_dir: Path, device: str = "cpu", workers: int = 2,
          done: dict | None = None, kinds: tuple[str, ...] = KINDS) -> tuple[dict, dict]:
-    """The search: every recipe, every schedule kind of `kinds`, LRs from START stepped out along
-    LR_LADDER until the best is interior; seed SEARCH_SEED. Returns ({recipe: {kind: best
-    trial}}, every record)."""
+    """The search: every recipe, every schedule kind of `kinds` the recipe allows (Recipe.kinds),
+    LRs from START stepped out along LR_LADDER until the best is interior; seed SEARCH_SEED.
+    Returns ({recipe: {kind: best trial}}, every record)."""
     done = {} if done is None else done
-    tried = {(r, k): list(START) for r in recipes for k in kinds}
+    tried = {(r, k): list(START) for r in recipes for k in kinds if k in RECIPES[r].kinds}
     while True:
         trials = [Trial(r, k, lr, SEARCH_SEED, sizing.flops) for (r, k), lrs in tried.items() for lr in lrs]
         done = run_many(trials, sizing, runs_dir, device, workers, done)

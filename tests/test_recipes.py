@@ -78,6 +78,11 @@ def test_the_search_steps_out_until_each_best_lr_is_interior(monkeypatch, tmp_pa
     assert chosen.lr in (2e-2, 3e-3)
     finals = recipes.final_trials({"scratch": chosen}, 5.0)["scratch"]
     assert [t.seed for t in finals] == [8, 9, 10, 11, 12] and all(t.flops == 5.0 and t.lr == chosen.lr for t in finals)
+    # the paper's schedule runs cosine (its code's): its arm and the operators' search no WSD
+    ran.clear()
+    best, _ = recipes.tune(["stack_paper", "depth_zero"], CPU_SIZING, tmp_path)
+    assert {r: list(kinds) for r, kinds in best.items()} == {"stack_paper": ["cosine"], "depth_zero": ["cosine"]}
+    assert {t.kind for t in ran} == {"cosine"}
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.706205), (2, 4.302653), (4, 2.776445), (9, 2.262157),
