@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -461,11 +460,11 @@ def check_kernels_now(config: str | None, overrides: list[str]) -> tuple[str, di
     Returns what was checked (device, versions, shapes) and the verdicts."""
     import torch
     from stackfast import kernel_check
-    from stackfast.model import check_kernels
+    from stackfast.model import check_kernels, triton_runs_on
     from stackfast.train import resolve_device, use_bf16
     cfg = load_config(config, overrides)
     device = resolve_device(cfg.train.device)
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # said for this command, not model.kernels
+    if not triton_runs_on(device):  # said for this command, not model.kernels
         raise StackfastError(f"info --check runs the Triton kernels on train.device ({device.type}): it needs a CUDA "
                              f"device, or TRITON_INTERPRET=1 to check them in the (slow) Triton interpreter")
     check_kernels("triton", device)  # and the triton package

@@ -51,6 +51,12 @@ def triton_ops(cfg: ModelConfig, dtype: torch.dtype) -> tuple[str, ...]:
         ("rope", True), ("swiglu", True), ("linear_cross_entropy", True)] if used)
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on `device`: CUDA tensors, or any device under the
+    interpreter (TRITON_INTERPRET=1)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def check_kernels(kernels: str, device: torch.device) -> None:
     """Refuse, before a run writes anything, a `kernels` setting that cannot run on `device`:
     'triton' needs triton, and CUDA tensors unless the interpreter (TRITON_INTERPRET=1) is on."""
@@ -59,7 +65,7 @@ def check_kernels(kernels: str, device: torch.device) -> None:
     if importlib.util.find_spec("triton") is None:
         raise ConfigError("model.kernels = 'triton' needs the triton package (not installed); "
                           "use 'auto' or 'torch'")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_runs_on(device):
         raise ConfigError(f"model.kernels = 'triton' needs a CUDA device (train.device is {device.type}); "
                           "use 'auto' or 'torch' on CPU, or set TRITON_INTERPRET=1 to run the kernels "
                           "in the (slow) Triton interpreter")
