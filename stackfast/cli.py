@@ -470,7 +470,7 @@ def check_kernels_now(config: str | None, overrides: list[str]) -> tuple[str, di
     check_kernels("triton", device)  # and the triton package
     shapes = kernel_check.Shapes.of(cfg.model, torch.bfloat16 if use_bf16(cfg.train.dtype, device) else torch.float32)
     verdicts = kernel_check.cached_checks(shapes, device, kernel_check.OPS, fresh=True)
-    return f"{kernel_check.device_key(device)}; {shapes.key()}", verdicts
+    return kernel_check.cache_key(shapes, device), verdicts
 
 
 def cmd_info(args) -> int:

@@ -39,6 +39,9 @@ CACHE_FILE = "kernel_check.json"
 # sums in another order.
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Part of the cache key: raised when a check changes, so that verdicts of an older check are not
+# reused (2: attention checked with the document mask too).
+CHECKS = 2
 
 
 def enabled() -> bool:
@@ -98,6 +101,11 @@ def device_key(device: torch.device) -> str:
     return f"{where}, triton {triton.__version__}, torch {torch.__version__}, stackfast {__version__}"
 
 
+def cache_key(shapes: Shapes, device: torch.device) -> str:
+    """What a cached verdict holds for: the device and versions, the shapes, the checks' version."""
+    return f"{device_key(device)}; {shapes.key()}; checks {CHECKS}"
+
+
 def _cases(shapes: Shapes, device: torch.device) -> dict[str, tuple]:
     """op -> (kernel function, reference function taking upcast=, inputs, names of the outputs and
     then of the inputs' gradients): small odd shapes
@@ -123,10 +131,18 @@ def _cases(shapes: Shapes, device: torch.device) -> dict[str, tuple]:
 
     def norm(fn):  # both forms the model runs: with the fused residual add, and without
         return lambda x, w, r, **kw: (*fn(x, w, eps, residual=r, **kw), fn(x, w, eps, **kw))
+
+    # the document-masked kernel (data.document_mask) is compiled apart: documents of 30, 1, 50
+    # and 16 positions, so boundaries fall inside key blocks and one document is a single token
+    documents = torch.repeat_interleave(torch.arange(4), torch.tensor([30, 1, 50, 16]))[None].to(device)
+
+    def attend(fn):  # both forms the model runs: causal, and causal within documents
+        return lambda q, k, v, **kw: (fn(q, k, v, causal=True, **kw),
+                                      fn(q, k, v, causal=True, document_ids=documents, **kw))
     return {
-        "attention": (lambda q, k, v: ops.attention(q, k, v, causal=True),
-                      lambda q, k, v, upcast: ops.attention_ref(q, k, v, causal=True, upcast=upcast),
-                      [randn(1, 97, g, d), randn(1, 97, 1, d), randn(1, 97, 1, d)], ["out", "dq", "dk", "dv"]),
+        "attention": (attend(ops.attention), attend(ops.attention_ref),
+                      [randn(1, 97, g, d), randn(1, 97, 1, d), randn(1, 97, 1, d)],
+                      ["out", "out (documents)", "dq", "dk", "dv"]),
         "rms_norm": (norm(ops.rms_norm), norm(ops.rms_norm_ref),
                      [randn(7, shapes.hidden_size), randn(shapes.hidden_size, scale=0.1) + 1,
                       randn(7, shapes.hidden_size)],
@@ -217,7 +233,7 @@ def cached_checks(shapes: Shapes, device: torch.device, ops: tuple[str, ...] = O
     that cannot be written only means checking again next time."""
     from stackfast.data import cache_dir
     path = cache_dir() / CACHE_FILE
-    key = f"{device_key(device)}; {shapes.key()}"
+    key = cache_key(shapes, device)
     entry = _read(path).get(key, {})
     missing = tuple(op for op in ops if fresh or op not in entry)
     if missing:

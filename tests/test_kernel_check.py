@@ -57,7 +57,7 @@ def test_every_kernel_passes_and_the_verdicts_are_cached(fresh, checks_run):
     assert checks_run == [kernel_check.OPS]
     saved = json.loads(fresh.read_text())
     (key, entry), = saved.items()
-    assert kernel_check.device_key(DEVICE) in key and SHAPES.key() in key
+    assert key == kernel_check.cache_key(SHAPES, DEVICE) and f"checks {kernel_check.CHECKS}" in key
     assert all(entry[op]["ok"] for op in kernel_check.OPS)
     # the second time: read from the cache, no kernel run
     assert kernel_check.failed_ops(SHAPES, DEVICE, kernel_check.OPS) == set()
@@ -87,6 +87,20 @@ def test_every_check_can_fail(monkeypatch):
         _wrong(monkeypatch, op)
     for op, verdict in kernel_check.run_checks(SHAPES, DEVICE).items():
         assert not verdict.ok and verdict.error > verdict.allowed, op
+
+
+def test_the_document_masked_attention_is_checked_too(monkeypatch):
+    """The document-masked kernel (a separate compile) made wrong, the unmasked one right: the
+    attention check fails, at the masked output."""
+    module = importlib.import_module("stackfast.ops.attention")
+    real = module.attention
+
+    def wrong_with_documents(*args, document_ids=None, **kwargs):
+        out = real(*args, document_ids=document_ids, **kwargs)
+        return out if document_ids is None else out + 1e-2
+    monkeypatch.setattr(module, "attention", wrong_with_documents)
+    verdict = kernel_check.run_checks(SHAPES, DEVICE, ("attention",))["attention"]
+    assert not verdict.ok and verdict.output == "out (documents)"
 
 
 def test_a_kernel_that_raises_fails_its_check(monkeypatch):
