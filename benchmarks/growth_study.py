@@ -148,6 +148,7 @@ def protocol_study(args, names: list[str], result_name: str, title: str, speedup
     device = str(resolve_device(args.device))
     builtin_dataset(byte_level=True)  # built once here, not by two workers at the same time
     done = load_records(runs_dir)
+    reused = len(done)
     print(f"{title}: {', '.join(names)}; {sizing.flops:.3g} FLOPs a run, {args.workers} runs at a time, "
           f"1 thread each{f'; {len(done)} runs already done' if done else ''}", flush=True)
     best, done = tune(names, sizing, runs_dir, device, args.workers, done)
@@ -172,7 +173,9 @@ def protocol_study(args, names: list[str], result_name: str, title: str, speedup
         st = final_stats[r]
         row = {"recipe": r, "label": RECIPES[r].label, "schedule": chosen[r].kind, "lr": chosen[r].lr,
                "seeds": len(st["values"]), "final_val_loss": st["mean"], "std": st["std"]}
-        for other in ("scratch", "small"):  # paired by seed: the mean difference, its interval, the verdict
+        # paired by seed against the baselines and the paper's recipe: the mean difference, its
+        # interval, the verdict
+        for other in ("scratch", "small", "stack_paper"):
             if r != other and other in by_seed:
                 versus = paired(by_seed[r], by_seed[other], noise)
                 row[f"vs_{other}"], row[f"vs_{other}_interval"] = versus["mean"], versus["interval"]
@@ -193,7 +196,10 @@ def protocol_study(args, names: list[str], result_name: str, title: str, speedup
                            f"floor"},
               "recipes": {r: {"label": RECIPES[r].label, "source": RECIPES[r].source} for r in names},
               "search": search_table(best, done), "noise_floor": noise, "bit_reproducible": reproducible,
-              "rows": rows, "runs": list(done.values()), "wall_s": time.perf_counter() - started}
+              "rows": rows, "runs": list(done.values()), "wall_s": time.perf_counter() - started,
+              # runs recorded by an earlier invocation (a study continued) are not in wall_s; every
+              # run's own seconds are in run_seconds (2 at a time: about twice the wall time)
+              "runs_reused": reused, "run_seconds": sum(r["wall_s"] for r in done.values())}
     folder = results_folder(args.out)
     path = folder / f"{result_name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -205,8 +211,8 @@ def protocol_study(args, names: list[str], result_name: str, title: str, speedup
     except StackfastError as e:  # matplotlib missing: the JSON stands alone
         png = f"none ({e})"
     print(markdown_table(rows, ["label", "schedule", "lr", "seeds", "final_val_loss", "std", "vs_scratch",
-                                "verdict_vs_scratch", "vs_small", "verdict_vs_small", "speedup_pct",
-                                "speedup_half_range_pct"]))
+                                "verdict_vs_scratch", "vs_small", "verdict_vs_small", "vs_stack_paper",
+                                "verdict_vs_stack_paper", "speedup_pct", "speedup_half_range_pct"]))
     print(f"noise floor (1 vs 2 threads, same seeds): {noise:.4f}; bit-reproducible at 1 thread: {reproducible}")
     print(f"results: {path}, plot: {png}; {result['wall_s'] / 60:.0f} minutes")
     return result

@@ -18,27 +18,16 @@ def record(arm, seed, loss, flops=100.0):
     return {"arm": arm, "seed": seed, "val_loss": loss, "run_flops": flops}
 
 
-# The studies committed before issue 29 (benchmarks/results) ran under the previous protocol at
-# 1e12 FLOPs (10 tokens per parameter); their 'stack_paper' is today's 'stack_restart' and their
-# 'midas' today's 'middle_repeat'. Until they are re-run, TUNED takes their settings by these names.
-PREVIOUS_NAMES = {"stack_paper": "stack_restart", "midas": "middle_repeat"}
-
-
 def test_cpu_sizing_is_near_compute_optimal_and_takes_the_studies_settings():
     # 8 x 32 byte-level target (the studies'): 117k parameters, 20 tokens per parameter at 2e12
     target = CPU_SIZING.target
     assert (target.vocab_size, target.n_layers, target.hidden_size, target.ffn_size) == (256, 8, 32, 88)
     assert target.num_params() == 117_280 and CPU_SIZING.tokens_per_param() >= TOKENS_PER_PARAM == 20
     study = json.loads((REPO / "benchmarks" / "results" / "recipe_study-cpu.json").read_text())
-    if "previous_protocol" in study:  # not re-run yet: its settings under today's names
-        assert {PREVIOUS_NAMES.get(r["recipe"], r["recipe"]): (r["schedule"], r["lr"]) for r in study["rows"]} \
-            == {r: TUNED[r] for r in TUNED if r not in ("stack_paper", "midas")}
-        assert TUNED["stack_paper"] == TUNED["stack_restart"]  # no search of the paper's schedule yet
-    else:
-        assert {r["recipe"]: (r["schedule"], r["lr"]) for r in study["rows"]} == TUNED
-        assert CPU_SIZING.flops == study["sizing"]["flops"]
-        grown = [r for r in study["rows"] if RECIPES[r["recipe"]].grows]
-        assert BEST == min(grown, key=lambda r: r["final_val_loss"])["recipe"]
+    assert {r["recipe"]: (r["schedule"], r["lr"]) for r in study["rows"]} == TUNED
+    assert CPU_SIZING.flops == study["sizing"]["flops"]
+    grown = [r for r in study["rows"] if RECIPES[r["recipe"]].grows]
+    assert BEST == min(grown, key=lambda r: r["final_val_loss"])["recipe"]
     assert NOISE_FLOOR == pytest.approx(study["noise_floor"], abs=5e-6) and study["bit_reproducible"]
 
 
