@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import sysconfig
 import time
@@ -60,7 +59,8 @@ from stackfast.metrics import read_metrics  # noqa: E402
 from stackfast.plot import plot_runs, speedup_vs, val_curve  # noqa: E402
 from stackfast.recipes import (CONFIDENCE, FINAL_SEEDS, GROWTH_RECIPES, LR_LADDER, OPERATOR_RECIPES,  # noqa: E402
                                RECIPES, Trial, check_recipes, chosen_settings, final_trials, load_records,
-                               losses_by_seed, machine, paired, run_many, search_table, speedups_per_seed, stats, tune)
+                               losses_by_seed, machine, paired, run_many, search_table, speedups_per_seed, stats,
+                               t_interval, tune)
 from stackfast.train import resolve_device  # noqa: E402
 
 
@@ -185,7 +185,8 @@ def protocol_study(args, names: list[str], result_name: str, title: str, speedup
                                     [done[t] for t in finals[r]])
             row["speedup_per_seed"] = sps
             if all(sp is not None for sp in sps):
-                row["speedup_pct"] = 100 * statistics.fmean(sps)
+                mean, _, interval = t_interval(sps)
+                row["speedup_pct"], row["speedup_interval_pct"] = 100 * mean, [100 * x for x in interval]
                 row["speedup_half_range_pct"] = 100 * (max(sps) - min(sps)) / 2
         rows.append(row)
     result = {"environment": environment(), "machine": machine(), "sizing": sizing.describe(), "threads": 1,
@@ -212,7 +213,8 @@ def protocol_study(args, names: list[str], result_name: str, title: str, speedup
         png = f"none ({e})"
     print(markdown_table(rows, ["label", "schedule", "lr", "seeds", "final_val_loss", "std", "vs_scratch",
                                 "verdict_vs_scratch", "vs_small", "verdict_vs_small", "vs_stack_paper",
-                                "verdict_vs_stack_paper", "speedup_pct", "speedup_half_range_pct"]))
+                                "verdict_vs_stack_paper", "speedup_pct", "speedup_interval_pct",
+                                "speedup_half_range_pct"]))
     print(f"noise floor (1 vs 2 threads, same seeds): {noise:.4f}; bit-reproducible at 1 thread: {reproducible}")
     print(f"results: {path}, plot: {png}; {result['wall_s'] / 60:.0f} minutes")
     return result

@@ -414,6 +414,16 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
+def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, tuple[float, float]]:
+    """The mean of `values`, their sample std and the Student t interval on the mean (n - 1
+    degrees of freedom; nan and an infinite interval below two values)."""
+    n = len(values)
+    mean = statistics.fmean(values) if values else math.nan
+    sd = statistics.stdev(values) if n > 1 else math.nan
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) if n > 1 else math.inf
+    return mean, sd, (mean - half, mean + half)
+
+
 def paired(a: dict[int, float], b: dict[int, float], noise: float, confidence: float = CONFIDENCE) -> dict:
     """Arm a against arm b, paired by seed (a, b: seed -> final loss; the seeds both have):
     the differences a - b, their mean and its Student t interval (n - 1 degrees of freedom),
@@ -422,10 +432,7 @@ def paired(a: dict[int, float], b: dict[int, float], noise: float, confidence: f
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
     n = len(diffs)
-    mean = statistics.fmean(diffs) if diffs else math.nan
-    sd = statistics.stdev(diffs) if n > 1 else math.nan
-    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) if n > 1 else math.inf
-    low, high = mean - half, mean + half
+    mean, sd, (low, high) = t_interval(diffs, confidence)
     if n < 2:
         verdict = "undecided (fewer than two seeds: no interval)"
     elif (high < 0 or low > 0) and abs(mean) > noise:

@@ -14,7 +14,7 @@ from stackfast.config import load_config  # noqa: E402
 from stackfast.demo import CPU_SIZING, target_model  # noqa: E402
 from stackfast.growth.stages import growth_steps, stage_models  # noqa: E402
 from stackfast.recipes import (LR_LADDER, RECIPES, Trial, load_records, machine, paired, recipe_config,  # noqa: E402
-                               run_many, speedup, stats, t_quantile)
+                               run_many, speedup, stats, t_interval, t_quantile)
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -107,6 +107,8 @@ def test_a_win_needs_a_paired_interval_beyond_zero_and_the_noise_floor():
     assert paired(a, mixed, noise=0.0)["verdict"] == "a tie (the interval includes zero)"
     assert paired({1: 1.0}, {1: 2.0}, noise=0.0)["verdict"].startswith("undecided")
     assert stats([1.40, 1.42])["std"] == pytest.approx(0.014142, rel=1e-3)
+    mean, sd, interval = t_interval([0.3, 0.4, 0.5])  # a one-sample interval: the speedups' over seeds
+    assert (mean, sd) == pytest.approx((0.4, 0.1)) and interval == pytest.approx((0.4 - 0.248414, 0.4 + 0.248414), abs=1e-6)
 
 
 def test_results_say_which_cpu_they_are_reproducible_on():
