@@ -189,6 +189,7 @@ def protocol_study(args, names: list[str], result_name: str, title: str, speedup
                 row["speedup_pct"], row["speedup_interval_pct"] = 100 * mean, [100 * x for x in interval]
                 row["speedup_half_range_pct"] = 100 * (max(sps) - min(sps)) / 2
         rows.append(row)
+    runs = [r for t, r in done.items() if t.recipe in names]  # a shared runs folder holds other studies' too
     result = {"environment": environment(), "machine": machine(), "sizing": sizing.describe(), "threads": 1,
               "workers": args.workers,
               "protocol": {"kinds": ["cosine", "wsd"], "search_seed": 1, "final_seeds": list(FINAL_SEEDS),
@@ -197,10 +198,10 @@ def protocol_study(args, names: list[str], result_name: str, title: str, speedup
                            f"floor"},
               "recipes": {r: {"label": RECIPES[r].label, "source": RECIPES[r].source} for r in names},
               "search": search_table(best, done), "noise_floor": noise, "bit_reproducible": reproducible,
-              "rows": rows, "runs": list(done.values()), "wall_s": time.perf_counter() - started,
+              "rows": rows, "runs": runs, "wall_s": time.perf_counter() - started,
               # runs recorded by an earlier invocation (a study continued) are not in wall_s; every
               # run's own seconds are in run_seconds (2 at a time: about twice the wall time)
-              "runs_reused": reused, "run_seconds": sum(r["wall_s"] for r in done.values())}
+              "runs_reused": reused, "run_seconds": sum(r["wall_s"] for r in runs)}
     folder = results_folder(args.out)
     path = folder / f"{result_name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
